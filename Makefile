@@ -1,0 +1,41 @@
+# Two entry points do all setup on a fresh machine:
+#   make run   -> create/refresh .venv, then `python -m signal_drift.spectra --dim 64`
+#   make test  -> create/refresh .venv, then the test suite (doctests included)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OUT ?= experiments/spectra_dim64
+
+.PHONY: env run test lint bench verify clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# CPU build of torch first: an open range would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev,notebooks]'
+	touch $(STAMP)
+
+env: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m signal_drift.spectra --dim 64 --out $(OUT)
+
+verify: $(STAMP)
+	$(BIN)/python -m signal_drift.verify --dim 8
+	$(BIN)/python -m signal_drift.verify --dim 32
+
+test: $(STAMP)
+	$(BIN)/python -m ruff check signal_drift tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check signal_drift tests benchmarks
+	$(BIN)/python -m ruff format --check signal_drift tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

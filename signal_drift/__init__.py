@@ -1,0 +1,83 @@
+"""signal-drift: exact LoRA curvature, the signal/drift decomposition and the LoRA-α rule.
+
+See the README for the two setup commands and ``PAPER_NOTES.md`` for the math.
+"""
+
+from ._errors import DenseTooLargeError, InputError
+
+# curvature operators
+from .decomposition import (
+    Curvature,
+    DriftOperator,
+    MappingJacobian,
+    SignalOperator,
+    UpdateDecomposition,
+    block_indices,
+    curvature,
+    decompose_update,
+)
+from .hessian import (
+    HessianOperator,
+    dense_hessian,
+    fft_gradient,
+    fft_hessian,
+    lora_gradient,
+    lora_hessian,
+)
+
+# models and adapters
+from .lora import AdapterSpec, LoraProblem, attach_lora, init_theta
+from .model import Task, make_mlp, make_task, mse_loss
+from .operators import FunctionOperator, LinearOperator, ParamLayout
+
+# optimiser directions
+from .optim import gd_direction, muon_direction, sign_direction
+
+# scaling rules
+from .scaling import Rule, effective_alpha, init_variance, lora_scale, table6, variant_ii_alpha
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # errors
+    "InputError",
+    "DenseTooLargeError",
+    # models and adapters
+    "make_mlp",
+    "make_task",
+    "mse_loss",
+    "Task",
+    "AdapterSpec",
+    "LoraProblem",
+    "attach_lora",
+    "init_theta",
+    # curvature operators
+    "LinearOperator",
+    "FunctionOperator",
+    "ParamLayout",
+    "HessianOperator",
+    "dense_hessian",
+    "fft_hessian",
+    "lora_hessian",
+    "fft_gradient",
+    "lora_gradient",
+    "MappingJacobian",
+    "SignalOperator",
+    "DriftOperator",
+    "Curvature",
+    "curvature",
+    "block_indices",
+    "UpdateDecomposition",
+    "decompose_update",
+    # optimiser directions
+    "gd_direction",
+    "sign_direction",
+    "muon_direction",
+    # scaling rules
+    "Rule",
+    "lora_scale",
+    "init_variance",
+    "effective_alpha",
+    "variant_ii_alpha",
+    "table6",
+]

@@ -1,0 +1,77 @@
+"""User-facing errors and the thin CLI wrapper that turns them into one-line messages."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["InputError", "DenseTooLargeError", "check_finite", "run_cli"]
+
+
+class InputError(ValueError):
+    """Invalid user input (bad shape, rank, dim, dtype, non-finite data).
+
+    The message always names the offending argument and the allowed range.
+    """
+
+
+class DenseTooLargeError(InputError, MemoryError):
+    """A dense matrix was requested that would not fit in the memory budget."""
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise :class:`InputError` if ``tensor`` holds NaN or Inf.
+
+    Args:
+        name: argument name used in the message.
+        tensor: any tensor.
+
+    Raises:
+        InputError: naming ``name`` and how many entries are not finite.
+
+    """
+    if tensor.is_floating_point() or tensor.is_complex():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        if bad:
+            raise InputError(f"{name}: {bad} of {tensor.numel()} entries are NaN or Inf")
+
+
+def check_positive_int(name: str, value: int, upper: int | None = None) -> int:
+    """Validate ``1 <= value <= upper`` and return it as ``int``."""
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        rng = f"1..{upper}" if upper is not None else ">= 1"
+        raise InputError(f"{name}={value!r} is invalid: must be an integer in {rng}")
+    if upper is not None and value > upper:
+        raise InputError(f"{name}={value} is invalid: must be an integer in 1..{upper}")
+    return int(value)
+
+
+def check_positive_float(name: str, value: float) -> float:
+    """Validate that ``value`` is a finite number > 0 and return it as ``float``."""
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise InputError(f"{name}={value!r} is invalid: must be a finite number > 0")
+    return v
+
+
+def run_cli(
+    main: Callable[[Sequence[str] | None], int],
+    argv: Sequence[str] | None = None,
+    prog: str = "signal_drift",
+) -> None:
+    """Run a CLI ``main`` and exit; :class:`InputError` becomes one line on stderr and exit 2.
+
+    Ctrl-C exits with status 130 after ``main`` had the chance to flush finished results.
+    """
+    try:
+        code = main(argv)
+    except InputError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; finished results were kept", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,258 @@
+r"""Signal–drift decomposition of LoRA curvature and updates (Prop. 1).
+
+Because ``θ -> w`` is bilinear, for any step ``Δθ = (ΔA, ΔB)`` (per adapted layer,
+``s = γ α / r``):
+
+.. math::
+
+    Δw = J Δθ + ½ Δθ^T T Δθ,\quad Δw_{signal} = s(ΔB A + B ΔA),\quad Δw_{drift} = s ΔB ΔA
+
+    H_θ = J^T H J + Σ_k g_k T_k = H_{signal} + H_{drift}
+
+Matrix-free products used here (per layer, ``G = ∂L/∂W``, ``v = (V_A, V_B)``):
+
+- ``J v = s (V_B A + B V_A)``; ``J^T U = (s B^T U, s U A^T)``.
+- ``H_drift v = (s V_B^T G, s G V_A^T)`` — block off-diagonal in the (A, B) split.
+- ``H_signal v = J^T (H (J v))`` — never materialises ``H`` or ``T``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .hessian import HessianOperator, fft_gradient, fft_hessian, lora_hessian
+from .lora import LoraProblem
+from .operators import LinearOperator
+
+__all__ = [
+    "MappingJacobian",
+    "DriftOperator",
+    "SignalOperator",
+    "Curvature",
+    "curvature",
+    "UpdateDecomposition",
+    "decompose_update",
+    "block_indices",
+]
+
+TensorDict = dict[str, torch.Tensor]
+
+
+class MappingJacobian(LinearOperator):
+    """The mapping Jacobian ``J = ∂w/∂θ``, shape ``[|w|, |θ|]`` (PAPER_NOTES §1).
+
+    With column-major vec, ``J_B = s (A^T ⊗ I_m)`` and ``J_A = s (I_n ⊗ B)``.
+    """
+
+    def __init__(self, problem: LoraProblem, theta: Mapping[str, torch.Tensor]):
+        self.problem = problem
+        self.theta = {k: v.detach() for k, v in theta.items()}
+        self.in_layout, self.out_layout = problem.theta_layout, problem.weight_layout
+        self.shape = (self.out_layout.numel, self.in_layout.numel)
+        self.dtype, self.device = problem.dtype, problem.device
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        v = self.in_layout.unflatten(V.T)  # {key: [k, ...]}
+        out = {}
+        for a in self.problem.adapters:
+            A, B = self.theta[a.key_A], self.theta[a.key_B]
+            out[a.name] = a.scale * (v[a.key_B] @ A + B @ v[a.key_A])
+        return self.out_layout.flatten(out, batch_dims=1).T
+
+    def _rmatmat(self, U: torch.Tensor) -> torch.Tensor:
+        u = self.out_layout.unflatten(U.T)
+        out = {}
+        for a in self.problem.adapters:
+            A, B = self.theta[a.key_A], self.theta[a.key_B]
+            out[a.key_A] = a.scale * (B.T @ u[a.name])
+            out[a.key_B] = a.scale * (u[a.name] @ A.T)
+        return self.in_layout.flatten(out, batch_dims=1).T
+
+
+class DriftOperator(LinearOperator):
+    """``H_drift = Σ_k g_k T_k``, shape ``[|θ|, |θ|]`` (Prop. 1; block off-diagonal, Prop. 2(ii)).
+
+    Args:
+        problem: the LoRA problem.
+        theta: the point.
+        g: ``{layer: G}``, the task gradient at ``w(θ)`` (computed if omitted).
+
+    """
+
+    symmetric = True
+
+    def __init__(self, problem: LoraProblem, theta: Mapping[str, torch.Tensor], g: TensorDict | None = None):
+        self.problem = problem
+        self.g = fft_gradient(problem, theta) if g is None else g
+        self.in_layout = self.out_layout = problem.theta_layout
+        P = self.in_layout.numel
+        self.shape, self.dtype, self.device = (P, P), problem.dtype, problem.device
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        v = self.in_layout.unflatten(V.T)
+        out = {}
+        for a in self.problem.adapters:
+            G = self.g[a.name]
+            out[a.key_A] = a.scale * (v[a.key_B].transpose(-1, -2) @ G)
+            out[a.key_B] = a.scale * (G @ v[a.key_A].transpose(-1, -2))
+        return self.in_layout.flatten(out, batch_dims=1).T
+
+
+class SignalOperator(LinearOperator):
+    """``H_signal = J^T H J``, shape ``[|θ|, |θ|]`` (Prop. 1), through ``H``'s matvec."""
+
+    symmetric = True
+
+    def __init__(self, J: MappingJacobian, H: LinearOperator):
+        self.J, self.H = J, H
+        self.in_layout = self.out_layout = J.in_layout
+        P = J.shape[1]
+        self.shape, self.dtype, self.device = (P, P), J.dtype, J.device
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.J._rmatmat(self.H.matmat(self.J._matmat(V)))
+
+
+@dataclass(frozen=True)
+class Curvature:
+    """All curvature objects at one point ``θ`` (each a :class:`LinearOperator`).
+
+    Attributes:
+        H: task Hessian over ``w``, ``[|w|, |w|]``.
+        H_theta: LoRA Hessian by plain autograd, ``[|θ|, |θ|]``.
+        J: mapping Jacobian, ``[|w|, |θ|]``.
+        signal: ``J^T H J``.
+        drift: ``Σ g_k T_k``.
+        g: task gradient ``{layer: [m, n]}``.
+
+    """
+
+    H: LinearOperator
+    H_theta: LinearOperator
+    J: MappingJacobian
+    signal: SignalOperator
+    drift: DriftOperator
+    g: TensorDict
+
+
+def curvature(
+    problem: LoraProblem, theta: Mapping[str, torch.Tensor], H: LinearOperator | None = None
+) -> Curvature:
+    """Build every curvature operator at ``θ`` (nothing dense is formed).
+
+    Args:
+        problem: the LoRA problem.
+        theta: the point.
+        H: an FFT Hessian operator to reuse (default: :func:`~signal_drift.hessian.fft_hessian`).
+
+    """
+    H = fft_hessian(problem, theta) if H is None else H
+    g = H.gradient if isinstance(H, HessianOperator) else fft_gradient(problem, theta)
+    J = MappingJacobian(problem, theta)
+    return Curvature(
+        H=H,
+        H_theta=lora_hessian(problem, theta),
+        J=J,
+        signal=SignalOperator(J, H),
+        drift=DriftOperator(problem, theta, g),
+        g=g,
+    )
+
+
+def block_indices(problem: LoraProblem, which: str = "all", layer: str | None = None) -> torch.Tensor:
+    """Flat indices of a block of ``θ``: ``which`` in {"all", "A", "B"}, optionally one layer.
+
+    Use with :meth:`LinearOperator.restrict` to get e.g. the B-only block of ``H_θ``.
+    """
+    keys = []
+    for a in problem.adapters:
+        if layer is not None and a.name != layer:
+            continue
+        if which in ("all", "A"):
+            keys.append(a.key_A)
+        if which in ("all", "B"):
+            keys.append(a.key_B)
+    if which not in ("all", "A", "B"):
+        from ._errors import InputError
+
+        raise InputError(f"which={which!r} is invalid: use 'all', 'A' or 'B'")
+    return problem.theta_layout.indices(keys)
+
+
+@dataclass(frozen=True)
+class UpdateDecomposition:
+    """Decomposition of one LoRA step ``Δθ`` in weight space (Prop. 1, Prop. 2).
+
+    Attributes:
+        delta_w: exact ``w(θ+Δθ) - w(θ)`` per layer.
+        signal: ``Δw_signal = s(ΔB A + B ΔA)`` per layer.
+        drift: ``Δw_drift = s ΔB ΔA`` per layer.
+        norm_signal: ``‖Δw_signal‖`` (Frobenius over all layers).
+        norm_drift: ``‖Δw_drift‖``.
+        sdr: signal-to-drift ratio ``‖Δw_signal‖ / ‖Δw_drift‖`` (``inf`` if drift is 0).
+        align_signal: ``⟨Δw_signal, -g⟩`` (None if ``g`` not given).
+        align_drift: ``⟨Δw_drift, -g⟩`` (None if ``g`` not given).
+
+    """
+
+    delta_w: TensorDict
+    signal: TensorDict
+    drift: TensorDict
+    norm_signal: float
+    norm_drift: float
+    sdr: float
+    align_signal: float | None
+    align_drift: float | None
+
+
+def _norm(d: TensorDict) -> float:
+    return float(torch.sqrt(sum((t**2).sum() for t in d.values())))
+
+
+def decompose_update(
+    problem: LoraProblem,
+    theta: Mapping[str, torch.Tensor],
+    delta_theta: Mapping[str, torch.Tensor],
+    g: TensorDict | None = None,
+) -> UpdateDecomposition:
+    """Split a LoRA step into signal and drift in weight space.
+
+    Args:
+        problem: the LoRA problem.
+        theta: the point ``θ`` before the step.
+        delta_theta: the step ``Δθ`` (same keys/shapes as ``θ``).
+        g: task gradient ``{layer: G}``; if given, the alignments ``⟨Δw_·, -g⟩`` are returned.
+
+    Returns:
+        An :class:`UpdateDecomposition`.
+
+    """
+    problem.check_theta(theta)
+    problem.check_theta(delta_theta)
+    sig, dri = {}, {}
+    for a in problem.adapters:
+        A, B = theta[a.key_A], theta[a.key_B]
+        dA, dB = delta_theta[a.key_A], delta_theta[a.key_B]
+        sig[a.name] = a.scale * (dB @ A + B @ dA)
+        dri[a.name] = a.scale * (dB @ dA)
+    w0 = problem.weights(theta)
+    w1 = problem.weights({k: theta[k] + delta_theta[k] for k in theta})
+    dw = {k: w1[k] - w0[k] for k in w0}
+    ns, nd = _norm(sig), _norm(dri)
+    al_s = al_d = None
+    if g is not None:
+        al_s = float(-sum((sig[k] * g[k]).sum() for k in sig))
+        al_d = float(-sum((dri[k] * g[k]).sum() for k in dri))
+    return UpdateDecomposition(
+        delta_w=dw,
+        signal=sig,
+        drift=dri,
+        norm_signal=ns,
+        norm_drift=nd,
+        sdr=ns / nd if nd > 0 else float("inf"),
+        align_signal=al_s,
+        align_drift=al_d,
+    )
