@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["InputError", "DenseTooLargeError", "check_finite", "run_cli"]
+__all__ = ["InputError", "DenseTooLargeError", "DivergenceError", "check_finite", "run_cli"]
 
 
 class InputError(ValueError):
@@ -16,6 +16,14 @@ class InputError(ValueError):
 
     The message always names the offending argument and the allowed range.
     """
+
+
+class DivergenceError(RuntimeError):
+    """Training diverged (NaN/Inf or blow-up); ``step`` is the 1-based step where it happened."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 class DenseTooLargeError(InputError, MemoryError):

@@ -30,6 +30,11 @@ __all__ = ["AdapterSpec", "LoraProblem", "attach_lora", "init_theta"]
 Theta = dict[str, torch.Tensor]
 
 
+def _join(module: str, leaf: str) -> str:
+    """Parameter path of ``leaf`` in submodule ``module`` (``""`` is the root module)."""
+    return f"{module}.{leaf}" if module else leaf
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """One adapted ``nn.Linear``: ``W = W0 + γ (α/r) B A``.
@@ -73,12 +78,12 @@ class AdapterSpec:
     @property
     def key_A(self) -> str:  # noqa: N802
         """Key of ``A`` (``[r, n]``) in ``θ``."""
-        return f"{self.name}.lora_A"
+        return _join(self.name, "lora_A")
 
     @property
     def key_B(self) -> str:  # noqa: N802
         """Key of ``B`` (``[m, r]``) in ``θ``."""
-        return f"{self.name}.lora_B"
+        return _join(self.name, "lora_B")
 
 
 @dataclass(frozen=True)
@@ -120,29 +125,29 @@ class LoraProblem:
     @property
     def dtype(self) -> torch.dtype:
         """Dtype of the adapted weights."""
-        return self.base[f"{self.adapters[0].name}.weight"].dtype
+        return self.base[_join(self.adapters[0].name, "weight")].dtype
 
     @property
     def device(self) -> torch.device:
         """Device of the adapted weights."""
-        return self.base[f"{self.adapters[0].name}.weight"].device
+        return self.base[_join(self.adapters[0].name, "weight")].device
 
     def base_weights(self) -> dict[str, torch.Tensor]:
         """``{layer: W0}`` for the adapted layers."""
-        return {a.name: self.base[f"{a.name}.weight"] for a in self.adapters}
+        return {a.name: self.base[_join(a.name, "weight")] for a in self.adapters}
 
     # -- pure functions ---------------------------------------------------------------------
     def weights(self, theta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The map ``θ -> w``: ``{layer: W0 + γ(α/r) B A}`` (each ``[m, n]``)."""
         return {
-            a.name: self.base[f"{a.name}.weight"] + a.scale * (theta[a.key_B] @ theta[a.key_A])
+            a.name: self.base[_join(a.name, "weight")] + a.scale * (theta[a.key_B] @ theta[a.key_A])
             for a in self.adapters
         }
 
     def output_w(self, w: Mapping[str, torch.Tensor], X: torch.Tensor | None = None) -> torch.Tensor:
         """Network output with the adapted weights replaced by ``w``."""
         params = dict(self.base)
-        params.update({f"{k}.weight": v for k, v in w.items()})
+        params.update({_join(k, "weight"): v for k, v in w.items()})
         return functional_call(self.module, params, (self.X if X is None else X,))
 
     def loss_w(self, w: Mapping[str, torch.Tensor]) -> torch.Tensor:

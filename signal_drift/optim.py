@@ -6,12 +6,14 @@ Each returns a direction ``D`` with the step ``Δθ = -η D``; inputs and output
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
 
-__all__ = ["gd_direction", "sign_direction", "muon_direction", "newton_schulz_orthogonalize"]
+from ._errors import DivergenceError
+
+__all__ = ["adam_steps", "gd_direction", "sign_direction", "muon_direction", "newton_schulz_orthogonalize"]
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -65,3 +67,52 @@ def muon_direction(
         else:
             out[k] = newton_schulz_orthogonalize(G)
     return out
+
+
+def adam_steps(
+    loss: Callable[[TensorDict], torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    steps: int,
+    lr: float,
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    progress: bool = False,
+    desc: str = "adam",
+) -> TensorDict:
+    """Run ``steps`` Adam steps on ``loss`` from ``params`` (pure: returns new tensors).
+
+    Args:
+        loss: scalar function of a ``{name: tensor}`` dict.
+        params: starting point.
+        steps: number of steps (0 returns a copy).
+        lr: learning rate ``η``.
+        betas: Adam's ``(β1, β2)``.
+        eps: Adam's ``ε``.
+        progress: show a tqdm bar.
+        desc: bar label.
+
+    Returns:
+        The parameters after ``steps`` steps.
+
+    Raises:
+        DivergenceError: when the loss or the parameters become NaN/Inf, naming the step.
+    """
+    from tqdm.auto import tqdm
+
+    p = {k: v.detach().clone() for k, v in params.items()}
+    m = {k: torch.zeros_like(v) for k, v in p.items()}
+    v2 = {k: torch.zeros_like(v) for k, v in p.items()}
+    value_and_grad = torch.func.grad_and_value(loss)
+    b1, b2 = betas
+    for t in tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False):
+        g, value = value_and_grad(p)
+        if not torch.isfinite(value):
+            raise DivergenceError(f"{desc}: loss became {float(value)} at step {t}", step=t)
+        for k in p:
+            m[k].mul_(b1).add_(g[k], alpha=1 - b1)
+            v2[k].mul_(b2).addcmul_(g[k], g[k], value=1 - b2)
+            mhat = m[k] / (1 - b1**t)
+            vhat = v2[k] / (1 - b2**t)
+            p[k] = p[k] - lr * mhat / (vhat.sqrt() + eps)
+    return p
