@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .hessian import HessianOperator, fft_gradient, fft_hessian, lora_hessian
+from .hessian import fft_gradient, fft_hessian, lora_hessian
 from .lora import LoraProblem
 from .operators import LinearOperator
 
@@ -150,7 +150,7 @@ def curvature(
 
     """
     H = fft_hessian(problem, theta) if H is None else H
-    g = H.gradient if isinstance(H, HessianOperator) else fft_gradient(problem, theta)
+    g = getattr(H, "gradient", None) or fft_gradient(problem, theta)
     J = MappingJacobian(problem, theta)
     return Curvature(
         H=H,

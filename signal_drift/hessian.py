@@ -13,11 +13,12 @@ including ``nn.SiLU``, where forward-over-reverse compositions can fail.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 import torch
 from torch.func import grad, jacrev, vjp
 
-from ._errors import check_finite
+from ._errors import InputError, check_finite
 from ._memory import check_dense
 from .lora import LoraProblem
 from .operators import LinearOperator, ParamLayout
@@ -106,14 +107,42 @@ def dense_hessian(
     return torch.cat(rows, dim=0)
 
 
-def fft_hessian(problem: LoraProblem, theta: Mapping[str, torch.Tensor]) -> HessianOperator:
+Backend = Literal["auto", "autograd", "mlp"]
+
+
+def fft_hessian(
+    problem: LoraProblem, theta: Mapping[str, torch.Tensor], backend: Backend = "auto"
+) -> LinearOperator:
     """The task Hessian ``H = ∇²_w L`` over the adapted weights at ``w(θ)``.
 
-    Shape ``[|w|, |w|]``, layout :attr:`LoraProblem.weight_layout`.
+    Shape ``[|w|, |w|]``, layout :attr:`LoraProblem.weight_layout`. The returned operator has a
+    ``gradient`` attribute (``{layer: [m, n]}``, the task gradient ``g``).
+
+    Args:
+        problem: the LoRA problem.
+        theta: the point.
+        backend: ``"autograd"`` (reverse-over-reverse on any module), ``"mlp"`` (batched exact
+            R-operator for ``nn.Sequential`` MLPs with MSE, see :mod:`signal_drift._mlp`), or
+            ``"auto"`` (``"mlp"`` where it applies).
+
+    Raises:
+        InputError: ``backend="mlp"`` on a model it does not support, or an unknown backend.
     """
+    from ._mlp import MLPHessianOperator, supports_fast_path
+
     problem.check_theta(theta)
     with torch.no_grad():
-        w = problem.weights(theta)
+        w = {k: v.detach() for k, v in problem.weights(theta).items()}
+    if backend not in ("auto", "autograd", "mlp"):
+        raise InputError(f"backend={backend!r} is invalid: use 'auto', 'autograd' or 'mlp'")
+    fast = supports_fast_path(problem)
+    if backend == "mlp" and not fast:
+        raise InputError(
+            "backend='mlp' needs an nn.Sequential of nn.Linear and elementwise activations with "
+            "mse_loss; use backend='autograd'"
+        )
+    if backend == "mlp" or (backend == "auto" and fast):
+        return MLPHessianOperator(problem, w)
     return HessianOperator(problem.loss_w, w)
 
 

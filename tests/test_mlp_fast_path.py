@@ -1,0 +1,55 @@
+"""The batched R-operator fast path (signal_drift/_mlp.py) against plain autograd."""
+
+import pytest
+import torch
+from cases import assert_close, mlp_problem, trained_theta
+from torch import nn
+
+from signal_drift import InputError, attach_lora, fft_hessian, init_theta, make_mlp, make_task
+from signal_drift._mlp import MLPHessianOperator, supports_fast_path
+
+
+@pytest.mark.parametrize("activation", [nn.SiLU, nn.GELU, nn.Tanh, nn.ReLU])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fast_hessian_equals_autograd(activation, bias):
+    problem = mlp_problem(activation=activation, bias=bias)
+    theta = trained_theta(problem)
+    fast = fft_hessian(problem, theta, backend="mlp")
+    ref = fft_hessian(problem, theta, backend="autograd")
+    assert isinstance(fast, MLPHessianOperator)
+    assert_close(fast.to_dense(), ref.to_dense())
+    for k in ref.gradient:
+        assert_close(fast.gradient[k], ref.gradient[k])
+
+
+def test_fast_hessian_with_a_subset_of_adapted_layers():
+    model = make_mlp(5, 4, bias=True, seed=1)
+    task = make_task(5, 20, seed=1)
+    problem = attach_lora(model, task.X, task.y, targets=["2", "6"], rank=2)
+    theta = init_theta(problem)
+    assert_close(
+        fft_hessian(problem, theta, backend="mlp").to_dense(),
+        fft_hessian(problem, theta, backend="autograd").to_dense(),
+    )
+
+
+def test_partial_traces_are_exact():
+    problem = mlp_problem(bias=True)
+    theta = trained_theta(problem)
+    H = fft_hessian(problem, theta, backend="mlp")
+    Hd = H.to_dense()
+    K = H.partial_traces(chunk=4)
+    lay = problem.weight_layout
+    for a in problem.adapters:
+        sl = lay.slice(a.name)
+        block = Hd[sl, sl].reshape(a.fan_out, a.fan_in, a.fan_out, a.fan_in)
+        assert_close(K[a.name], torch.einsum("ijik->jk", block))
+
+
+def test_custom_loss_or_module_is_not_routed_to_the_fast_path():
+    model = make_mlp(4, 2)
+    task = make_task(4, 10)
+    problem = attach_lora(model, task.X, task.y, loss_fn=lambda o, y: ((o - y) ** 4).mean())
+    assert not supports_fast_path(problem)
+    with pytest.raises(InputError, match="backend='autograd'"):
+        fft_hessian(problem, init_theta(problem), backend="mlp")
