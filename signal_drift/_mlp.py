@@ -63,6 +63,7 @@ class MLPHessianOperator(LinearOperator):
     """
 
     symmetric = True
+    chunk_size = 32
 
     def __init__(self, problem: LoraProblem, w: Mapping[str, torch.Tensor]):
         self.problem = problem
@@ -101,15 +102,17 @@ class MLPHessianOperator(LinearOperator):
             else:
                 gh = gh * op[2]
         self.gradient = {a.name: self.gradient[a.name] for a in problem.adapters}
+        self._g_d2 = {i: self._g_in[i] * op[3] for i, op in enumerate(ops) if op[0] == "act"}
         self._ops = ops
         self._first = next(i for i, op in enumerate(ops) if op[0] == "lin" and op[4])
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        # R-tensors are laid out [N, k, width] so that every product is one large GEMM.
         k = V.shape[1]
         v = self.in_layout.unflatten(V.T)  # {layer: [k, m, n]}
-        ops, n = self._ops, self._n
-        # R-forward: Rh = directional derivative of the activations
-        Rh: torch.Tensor | None = None  # zero until the first adapted layer
+        ops, N = self._ops, self._n
+        # R-forward: Rh = directional derivative of the activations (None = still zero)
+        Rh: torch.Tensor | None = None
         R_in: list[torch.Tensor | None] = [None] * len(ops)
         for i, op in enumerate(ops):
             R_in[i] = Rh
@@ -117,32 +120,35 @@ class MLPHessianOperator(LinearOperator):
                 _, name, W, h_in, is_adapted = op
                 Rz = None if Rh is None else Rh @ W.T
                 if is_adapted:
-                    hv = torch.matmul(h_in, v[name].transpose(1, 2))  # [k, N, m]
-                    Rz = hv if Rz is None else Rz + hv
+                    m = W.shape[0]
+                    hv = (h_in @ v[name].reshape(k * m, -1).T).view(N, k, m)
+                    Rz = hv if Rz is None else Rz.add_(hv)
                 Rh = Rz
             elif Rh is not None:
-                Rh = Rh * op[2]
+                Rh = Rh * op[2].unsqueeze(1)
         assert Rh is not None
-        # R-backward: Rg = directional derivative of the backpropagated gradient
-        Rg = Rh / n
+        # R-backward: Rg = directional derivative of the back-propagated gradient
+        Rg = Rh / N
         out: dict[str, torch.Tensor] = {}
         for i in range(len(ops) - 1, self._first - 1, -1):
             op = ops[i]
             g = self._g_in[i]
             if op[0] == "act":
-                Rz = R_in[i]
-                Rg = Rg * op[2] if Rz is None else Rg * op[2] + g * op[3] * Rz
+                Rg = Rg * op[2].unsqueeze(1)
+                if R_in[i] is not None:
+                    Rg.addcmul_(self._g_d2[i].unsqueeze(1), R_in[i])
             else:
                 _, name, W, h_in, is_adapted = op
+                m, n = W.shape
                 if is_adapted:
-                    Rw = torch.matmul(Rg.transpose(1, 2), h_in)  # [k, m, n]
+                    Rw = (Rg.reshape(N, k * m).T @ h_in).view(k, m, n)
                     if R_in[i] is not None:
-                        Rw = Rw + torch.matmul(g.T, R_in[i])
+                        Rw = Rw + (g.T @ R_in[i].reshape(N, k * n)).view(m, k, n).transpose(0, 1)
                     out[name] = Rw
                 if i > self._first:
                     Rg_new = Rg @ W
                     if is_adapted:
-                        Rg_new = Rg_new + torch.matmul(g, v[name])
+                        Rg_new.add_((g @ v[name].transpose(0, 1).reshape(m, k * n)).view(N, k, n))
                     Rg = Rg_new
         for a in self.problem.adapters:
             out.setdefault(a.name, torch.zeros(k, a.fan_out, a.fan_in, dtype=V.dtype, device=V.device))
@@ -153,7 +159,7 @@ class MLPHessianOperator(LinearOperator):
         return self.in_layout.flatten(self.gradient)
 
     def _r_backward_from(self, start: int, Rz0: torch.Tensor) -> torch.Tensor:
-        """Inject ``Rz0: [k, N, m]`` after linear op ``start``; return ``R(∂L/∂z)`` there.
+        """Inject ``Rz0: [N, k, m]`` after linear op ``start``; return ``R(∂L/∂z)`` there.
 
         The perturbation is pushed forward through the rest of the network and back.
         """
@@ -163,12 +169,12 @@ class MLPHessianOperator(LinearOperator):
         for i in range(start + 1, len(ops)):
             op = ops[i]
             R_in[i] = Rh
-            Rh = Rh @ op[2].T if op[0] == "lin" else Rh * op[2]
+            Rh = Rh @ op[2].T if op[0] == "lin" else Rh * op[2].unsqueeze(1)
         Rg = Rh / self._n
         for i in range(len(ops) - 1, start, -1):
             op = ops[i]
             if op[0] == "act":
-                Rg = Rg * op[2] + self._g_in[i] * op[3] * R_in[i]
+                Rg = Rg * op[2].unsqueeze(1) + self._g_d2[i].unsqueeze(1) * R_in[i]
             else:
                 Rg = Rg @ op[2]
         return Rg
@@ -197,9 +203,9 @@ class MLPHessianOperator(LinearOperator):
             trM = torch.zeros(N, dtype=W.dtype, device=W.device)
             for i0 in range(0, m, chunk):
                 ii = torch.arange(i0, min(i0 + chunk, m), device=W.device)
-                Rz0 = torch.zeros(len(ii), N, m, dtype=W.dtype, device=W.device)
-                Rz0[torch.arange(len(ii)), :, ii] = 1.0
-                Rg = self._r_backward_from(idx, Rz0)  # [k, N, m]; Rg[k, n, i_k] = (M_n)_{ii}
-                trM += Rg[torch.arange(len(ii)), :, ii].sum(0)
+                Rz0 = torch.zeros(N, len(ii), m, dtype=W.dtype, device=W.device)
+                Rz0[:, torch.arange(len(ii)), ii] = 1.0
+                Rg = self._r_backward_from(idx, Rz0)  # [N, k, m]; Rg[n, k, i_k] = (M_n)_{ii}
+                trM += Rg[:, torch.arange(len(ii)), ii].sum(1)
             out[name] = (h_in * trM[:, None]).T @ h_in
         return out

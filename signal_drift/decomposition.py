@@ -115,6 +115,28 @@ class SignalOperator(LinearOperator):
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.J._rmatmat(self.H.matmat(self.J._matmat(V)))
 
+    def to_dense(self, budget: int | None = None) -> torch.Tensor:
+        """Dense ``JᵀHJ``, pushing through ``H`` only the columns of ``J`` that are non-zero.
+
+        At ``B = 0`` every ``A`` column of ``J`` vanishes (``J_A = s(I ⊗ B) = 0``), which halves
+        the number of Hessian-vector products.
+        """
+        from ._memory import check_dense
+
+        P = self.shape[0]
+        check_dense("H_signal", P, P, self.dtype, alternative="the matrix-free SignalOperator", budget=budget)
+        out = torch.zeros(P, P, dtype=self.dtype, device=self.device)
+        step = self.chunk_size
+        for i in range(0, P, step):
+            k = min(step, P - i)
+            E = torch.zeros(P, k, dtype=self.dtype, device=self.device)
+            E[torch.arange(i, i + k), torch.arange(k)] = 1
+            Jc = self.J._matmat(E)
+            nz = torch.nonzero(Jc.abs().amax(0) > 0).flatten()
+            if len(nz):
+                out[:, i + nz] = self.J._rmatmat(self.H.matmat(Jc[:, nz]))
+        return 0.5 * (out + out.T)
+
 
 @dataclass(frozen=True)
 class Curvature:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ._errors import InputError, check_finite, check_positive_float, check_positive_int
 
-__all__ = ["make_mlp", "Task", "make_task", "mse_loss", "linear_names"]
+__all__ = ["make_mlp", "Task", "make_task", "mse_loss", "linear_names", "pretrain"]
 
 Decay = Literal["power", "geometric"]
 
@@ -156,3 +156,42 @@ def check_data(X: torch.Tensor, y: torch.Tensor) -> None:
         raise InputError(f"X has {X.shape[0]} rows but y has {y.shape[0]}: they must match")
     check_finite("X", X)
     check_finite("y", y)
+
+
+def pretrain(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    lr: float = 1e-2,
+    loss_fn=mse_loss,
+    progress: bool = False,
+) -> nn.Module:
+    """Fit every parameter of a copy of ``model`` on ``(X, y)`` with ``steps`` Adam steps.
+
+    Makes ``W0`` a real "pre-trained" weight (small residual, ``H`` close to PSD) before
+    adapters are attached (PAPER_NOTES §5, the spectra command's ``--pretrain-steps``).
+
+    Returns:
+        A new module; ``model`` is left untouched.
+
+    Raises:
+        DivergenceError: if the loss becomes NaN/Inf, naming the step.
+    """
+    import copy
+
+    from torch.func import functional_call
+
+    from .optim import adam_steps
+
+    out = copy.deepcopy(model)
+    params = {k: v.detach() for k, v in out.named_parameters()}
+
+    def loss(p):
+        return loss_fn(functional_call(out, p, (X,)), y)
+
+    trained = adam_steps(loss, params, steps, lr, progress=progress, desc="pretrain")
+    with torch.no_grad():
+        for k, v in out.named_parameters():
+            v.copy_(trained[k])
+    return out
