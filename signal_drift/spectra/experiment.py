@@ -206,6 +206,11 @@ def run_spectra(
         "point": "init (B = 0)" if cfg.train_steps == 0 else f"{cfg.train_steps} Adam steps per α",
     }  # fmt: skip
     warnings: list[str] = []
+    if cfg.dtype == "float32":
+        warnings.append(
+            "float32: eigenvalues below ~1e-6·λ_max, slopes and the Prop. 1 residual are at round-off; "
+            "use float64 to verify the theory"
+        )
     H0 = fft_hessian(problem, theta0)
     log(f"FFT Hessian H: {P_w} x {P_w} (matrix-free, {type(H0).__name__}); LoRA H_θ: {P_t} x {P_t} (dense)")
     fft, fft_arrays, warn = _fft_summary(H0, cfg, progress)

@@ -1,0 +1,163 @@
+"""Spectral engine against dense eigendecompositions, and the Figure 8 experiment."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from cases import mlp_problem, trained_theta
+
+from signal_drift import curvature
+from signal_drift.spectra import (
+    SpectraConfig,
+    eigsh,
+    hutchinson,
+    hutchpp,
+    lanczos_eigs,
+    run_spectra,
+    slq,
+)
+
+
+@pytest.fixture(scope="module")
+def h_theta():
+    torch.set_default_dtype(torch.float64)
+    problem = mlp_problem(dim=6, depth=3, rank=2)
+    op = curvature(problem, trained_theta(problem)).H_theta
+    return op, torch.linalg.eigvalsh(op.to_dense())
+
+
+def test_torch_lanczos_finds_both_extremes_of_an_indefinite_operator(h_theta):
+    op, eig = h_theta
+    res = lanczos_eigs(op, k=2, which="BE", steps=op.shape[0])
+    np.testing.assert_allclose(res.values, [eig[0], eig[1], eig[-2], eig[-1]], rtol=1e-8)
+    assert res.residuals.max() < 1e-8 * float(eig.abs().max())
+
+
+def test_scipy_eigsh_bridge_matches_dense(h_theta):
+    op, eig = h_theta
+    top = eigsh(op, k=3, which="LA")
+    bottom = eigsh(op, k=2, which="SA")
+    np.testing.assert_allclose(top.values, eig[-3:].numpy(), rtol=1e-8)
+    np.testing.assert_allclose(bottom.values, eig[:2].numpy(), rtol=1e-8)
+    assert top.residuals.max() < 1e-7 * float(eig.abs().max())
+
+
+def test_slq_trace_and_negative_fraction_agree_with_dense(h_theta):
+    op, eig = h_theta
+    res = slq(op, probes=30, steps=30)
+    tr, se = res.trace()
+    assert abs(tr - float(eig.sum())) < 4 * se + 1e-9
+    frac, fse = res.negative_fraction()
+    assert abs(frac - float((eig < 0).double().mean())) < 4 * fse + 0.02
+    sigma = 0.05 * float(eig.abs().max())
+    grid = np.linspace(float(eig[0]) - 8 * sigma, float(eig[-1]) + 8 * sigma, 4000)
+    dens, _ = res.density(grid, sigma=sigma)
+    assert abs(np.trapezoid(dens, grid) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("estimator", [hutchinson, hutchpp])
+def test_trace_estimators_are_within_their_error_bars(h_theta, estimator):
+    op, eig = h_theta
+    est = estimator(op, 90, seed=3)
+    assert est.stderr > 0
+    assert abs(est.value - float(eig.sum())) < 4 * est.stderr
+
+
+@pytest.fixture(scope="module")
+def small_run():
+    cfg = SpectraConfig(dim=8, rank=2, samples=128, a_draws=2000, slq_probes=4, slq_steps=30)
+    return run_spectra(cfg, progress=False, log=lambda m: None)
+
+
+def test_spectra_slopes_are_two_and_one_at_init(small_run):
+    s = small_run.summary
+    assert abs(s["slope_signal"] - 2) < 1e-6
+    assert abs(s["slope_drift"] - 1) < 1e-6
+    assert abs(s["slope_drift_to_signal"] + 1) < 1e-6
+
+
+def test_spectra_trace_rule_within_reported_monte_carlo_error(small_run):
+    s = small_run.summary
+    rows = zip(s["trace_signal_mc_mean"], s["trace_signal_mc_se"], s["trace_rule_predicted"], strict=True)
+    for mean, se, pred in rows:
+        assert se < 0.05 * pred
+        assert abs(mean - pred) < 4 * se
+    assert s["trace_identity_residual"] < 1e-10
+
+
+def test_spectra_assembled_lora_hessian_matches_autograd(small_run):
+    assert max(small_run.summary["autograd_check_residual"].values()) < 1e-10
+
+
+def test_spectra_drift_dominates_small_alpha_and_purifies_at_large_alpha(small_run):
+    s = small_run.summary
+    assert s["drift_to_signal"][0] > 1 > s["drift_to_signal"][-1]
+    # drift-dominated: near-symmetric ± spectrum; purified: λ(H_θ) → λ(H_signal)
+    assert abs(s["lambda_min_lora"][0] + s["lambda_max_lora"][0]) < 0.5 * s["lambda_max_lora"][0]
+    assert math.isclose(s["lambda_max_lora"][-1], s["lambda_max_signal"][-1], rel_tol=0.1)
+    i = int(np.argmin([abs(math.log(a / s["rank"])) for a in s["alphas"]]))
+    assert s["lambda_max_lora"][i] < s["lambda_max_fft"]
+
+
+def test_spectra_at_trained_points_reports_every_alpha():
+    cfg = SpectraConfig(
+        dim=6, rank=2, samples=64, alphas=(2.0, 8.0), train_steps=3, slq_probes=2, slq_steps=10
+    )
+    s = run_spectra(cfg, progress=False, log=lambda m: None).summary
+    assert len(s["lambda_max_lora"]) == 2 and all(np.isfinite(s["lambda_max_lora"]))
+    assert s["point"].startswith("3 Adam steps")
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "signal_drift.spectra", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def test_spectra_cli_writes_figures_and_is_deterministic(tmp_path):
+    args = ["--dim", "6", "--rank", "2", "--samples", "64", "--slq-probes", "2", "--slq-steps", "12"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    r1 = _cli(*args, "--out", str(a))
+    assert r1.returncode == 0, r1.stderr
+    r2 = _cli(*args, "--out", str(b), "--no-plot")
+    assert r2.returncode == 0, r2.stderr
+    for name in ["fig8.png", "fig8a.png", "fig8b.png", "fig8c.png", "fig8d.png", "spectra.json"]:
+        assert (a / name).stat().st_size > 0
+    ja, jb = json.loads((a / "spectra.json").read_text()), json.loads((b / "spectra.json").read_text())
+    ja.pop("timings"), jb.pop("timings")
+    assert ja == jb
+    required = (
+        "dim rank alphas lambda_max_fft trace_fft lambda_max_lora lambda_min_lora lambda_max_signal"
+        " lambda_min_drift lambda_max_drift trace_lora trace_signal trace_rule_predicted norm_signal"
+        " norm_drift slope_signal slope_drift config"
+    ).split()
+    assert all(k in ja for k in required)
+    assert "(d) slopes" in r1.stdout
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--rank", "0"], "--rank=0"),
+        (["--dim", "4", "--rank", "5"], "1..4"),
+        (["--dim", "0"], "--dim=0"),
+        (["--dtype", "float16"], "--dtype"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+        (["--alphas", "1", "-2"], "--alphas"),
+    ],
+)
+def test_spectra_cli_rejects_bad_input_with_one_line_and_no_output(tmp_path, args, needle):
+    out = tmp_path / "o"
+    r = _cli(*args, "--out", str(out))
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
