@@ -14,7 +14,7 @@ from torch import nn
 
 from ._errors import InputError, check_finite, check_positive_float, check_positive_int
 
-__all__ = ["make_mlp", "Task", "make_task", "mse_loss", "linear_names", "pretrain"]
+__all__ = ["make_mlp", "Task", "make_task", "mse_loss", "linear_names", "pretrain", "shifted_task"]
 
 Decay = Literal["power", "geometric"]
 
@@ -195,3 +195,24 @@ def pretrain(
         for k, v in out.named_parameters():
             v.copy_(trained[k])
     return out
+
+
+def shifted_task(task: Task, shift: float, seed: int = 1) -> Task:
+    """A downstream task on the same inputs: ``W*_ft = W* + shift · W*_other``.
+
+    ``W*_other`` has the same singular values as ``W*`` and independent random singular
+    vectors. Used to fine-tune a model pre-trained on ``task`` (so that ``g ≠ 0`` at ``W0``).
+
+    Args:
+        task: the pre-training task.
+        shift: size of the shift (0 returns the same targets).
+        seed: seed of ``W*_other``.
+    """
+    if not shift >= 0:
+        raise InputError(f"shift={shift} is invalid: must be >= 0")
+    dim_out, dim_in = task.W_star.shape
+    if dim_out != dim_in:
+        raise InputError("shifted_task needs a square W*")
+    other = make_task(dim_in, 1, seed=seed + 7919, dtype=task.X.dtype).W_star
+    W = task.W_star + float(shift) * other
+    return Task(X=task.X, y=task.X @ W.T, W_star=W)

@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate for --train-steps")
     p.add_argument("--pretrain-steps", type=int, default=0, help="first fit W0 on the task with K Adam steps")
     p.add_argument("--pretrain-lr", type=float, default=1e-2)
+    p.add_argument(
+        "--task-shift", type=float, default=0.25, help="with --pretrain-steps: fine-tune target shift"
+    )
     p.add_argument("--a-draws", type=int, default=512, help="A draws for the trace-rule Monte Carlo")
     p.add_argument("--slq-probes", type=int, default=8)
     p.add_argument("--slq-steps", type=int, default=80)
@@ -53,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dim=args.dim, rank=args.rank, depth=args.depth, alphas=tuple(args.alphas) if args.alphas else None,
         samples=args.samples, seed=args.seed, dtype=args.dtype, device=args.device,
         train_steps=args.train_steps, lr=args.lr, pretrain_steps=args.pretrain_steps,
-        pretrain_lr=args.pretrain_lr, a_draws=args.a_draws, slq_probes=args.slq_probes,
+        pretrain_lr=args.pretrain_lr, task_shift=args.task_shift, a_draws=args.a_draws,
+        slq_probes=args.slq_probes,
         slq_steps=args.slq_steps, exact_fft=args.exact_fft, init=args.init,
     )  # fmt: skip
     cfg.validate()

@@ -25,7 +25,7 @@ from .._memory import format_bytes
 from ..decomposition import curvature
 from ..hessian import fft_hessian, lora_hessian
 from ..lora import LoraProblem, attach_lora, init_theta
-from ..model import make_mlp, make_task, pretrain
+from ..model import make_mlp, make_task, pretrain, shifted_task
 from ..optim import adam_steps
 from ..scaling import InitKind, init_variance, variant_ii_alpha
 from ..theory import loglog_slope, trace_rule
@@ -51,6 +51,7 @@ class SpectraConfig:
     lr: float = 1e-3
     pretrain_steps: int = 0
     pretrain_lr: float = 1e-2
+    task_shift: float = 0.25
     a_draws: int = 512
     slq_probes: int = 8
     slq_steps: int = 80
@@ -72,6 +73,8 @@ class SpectraConfig:
             check_positive_float("--alphas", a)
         if self.alphas is not None and len(self.alphas) < 2:
             raise InputError("--alphas: give at least 2 values (slopes are fitted across α)")
+        if not self.task_shift >= 0:
+            raise InputError(f"--task-shift={self.task_shift} is invalid: must be >= 0")
         if self.train_steps < 0 or self.pretrain_steps < 0:
             raise InputError("--train-steps/--pretrain-steps must be >= 0")
         check_positive_float("--lr", self.lr)
@@ -105,6 +108,13 @@ class SpectraResult:
     lines: list[str] = field(default_factory=list)
 
 
+def _point_label(cfg: SpectraConfig) -> str:
+    label = "init (B = 0)" if cfg.train_steps == 0 else f"{cfg.train_steps} Adam steps per α"
+    if cfg.pretrain_steps:
+        label += f", W0 pre-trained {cfg.pretrain_steps} steps, task shift {cfg.task_shift}"
+    return label
+
+
 def _neg_mass(eig: torch.Tensor) -> float:
     """``Σ|λ_i<0| / Σ|λ_i|``: the share of spectral mass that is negative."""
     tot = float(eig.abs().sum())
@@ -117,7 +127,9 @@ def _build(cfg: SpectraConfig, dtype: torch.dtype, progress: bool) -> LoraProble
     X, y = task.X.to(cfg.device), task.y.to(cfg.device)
     model = model.to(cfg.device)
     if cfg.pretrain_steps:
+        # pre-train W0 on the source task, fine-tune on a shifted target (g ≠ 0 at W0)
         model = pretrain(model, X, y, cfg.pretrain_steps, cfg.pretrain_lr, progress=progress)
+        y = shifted_task(task, cfg.task_shift, seed=cfg.seed).y.to(cfg.device)
     return attach_lora(model, X, y, rank=cfg.rank, alpha=1.0, init=cfg.init)
 
 
@@ -203,7 +215,7 @@ def run_spectra(
         "dim": cfg.dim, "rank": cfg.rank, "depth": cfg.depth, "samples": cfg.samples,
         "alphas": list(alphas), "alpha_star_variant_ii": variant_ii_alpha(cfg.rank, sigma2),
         "rho": sigma2 / cfg.rank, "params_fft": P_w, "params_lora": P_t,
-        "point": "init (B = 0)" if cfg.train_steps == 0 else f"{cfg.train_steps} Adam steps per α",
+        "point": _point_label(cfg),
     }  # fmt: skip
     warnings: list[str] = []
     if cfg.dtype == "float32":
