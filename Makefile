@@ -34,7 +34,12 @@ lint: $(STAMP)
 	$(BIN)/python -m ruff check signal_drift tests benchmarks
 	$(BIN)/python -m ruff format --check signal_drift tests benchmarks
 
+# Benchmark peers, installed without their CUDA-pulling dependencies (torch stays 2.13.0 CPU).
+PEERS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 hessian-eigenthings==1.0.0a5 \
+	einops einconv opt-einsum linear_operator unfoldNd jaxtyping wadler_lindig
+
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps $(PEERS)
 	$(BIN)/python benchmarks/run.py
 
 clean:

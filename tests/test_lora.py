@@ -1,0 +1,95 @@
+import pytest
+import torch
+from cases import mlp_problem
+from torch import nn
+
+from signal_drift import InputError, attach_lora, init_theta, make_mlp, make_task
+
+
+def _data(d=6, n=10):
+    t = make_task(d, n)
+    return t.X, t.y
+
+
+def test_init_gives_zero_b_and_a_with_the_declared_variance():
+    problem = attach_lora(make_mlp(64, 2), *_data(64, 8), rank=8, init="kaiming_uniform")
+    theta = init_theta(problem, 0)
+    a = problem.adapters[0]
+    assert theta[a.key_B].abs().max() == 0
+    A = theta[a.key_A]
+    assert A.abs().max() <= 1 / 64**0.5
+    # sample variance of 512 entries within 5 standard errors of 1/(3n)
+    var, se = A.var().item(), (2 / 512) ** 0.5 * a.sigma2
+    assert abs(var - a.sigma2) < 5 * se
+
+
+def test_weights_follow_w0_plus_gamma_alpha_over_r_ba():
+    problem = mlp_problem(alpha=6.0)
+    theta = {k: torch.randn_like(v) for k, v in init_theta(problem).items()}
+    a = problem.adapters[0]
+    expected = problem.base[f"{a.name}.weight"] + 6.0 / 2 * theta[a.key_B] @ theta[a.key_A]
+    torch.testing.assert_close(problem.weights(theta)[a.name], expected, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("rank", [0, -1, 7])
+def test_rank_outside_one_to_min_dims_is_rejected(rank):
+    with pytest.raises(InputError, match=r"rank.*1\.\.6"):
+        attach_lora(make_mlp(6, 2), *_data(), rank=rank)
+
+
+def test_nan_in_data_or_weights_is_rejected():
+    X, y = _data()
+    X[0, 0] = float("nan")
+    with pytest.raises(InputError, match="X: 1 of 60 entries are NaN or Inf"):
+        attach_lora(make_mlp(6, 2), X, y)
+    model = make_mlp(6, 2)
+    with torch.no_grad():
+        model[0].weight[1, 1] = float("inf")
+    with pytest.raises(InputError, match="0.weight"):
+        attach_lora(model, *_data())
+
+
+def test_mismatched_shapes_are_rejected():
+    X, y = _data()
+    with pytest.raises(InputError, match="10 rows but y has 9"):
+        attach_lora(make_mlp(6, 2), X, y[:9])
+    with pytest.raises(InputError, match="output has shape"):
+        attach_lora(make_mlp(6, 2), X, torch.zeros(10, 5))
+    problem = attach_lora(make_mlp(6, 2), X, y, rank=2)
+    theta = init_theta(problem)
+    theta["0.lora_A"] = torch.zeros(3, 6)
+    with pytest.raises(InputError, match="shape"):
+        problem.check_theta(theta)
+
+
+def test_unknown_targets_and_patterns_are_rejected():
+    with pytest.raises(InputError, match="not an nn.Linear"):
+        attach_lora(make_mlp(6, 2), *_data(), targets=["1"])
+    with pytest.raises(InputError, match="rank_pattern"):
+        attach_lora(make_mlp(6, 2), *_data(), targets=["0"], rank_pattern={"2": 3})
+
+
+def test_per_layer_rank_and_alpha_patterns():
+    problem = attach_lora(
+        make_mlp(6, 3), *_data(), rank=2, alpha=4.0, rank_pattern={"2": 3}, alpha_pattern={"4": 9.0}
+    )
+    specs = {a.name: (a.rank, a.alpha) for a in problem.adapters}
+    assert specs == {"0": (2, 4.0), "2": (3, 4.0), "4": (2, 9.0)}
+
+
+def test_user_module_with_custom_loss_and_selected_layers():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.act, self.head = nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.head(self.act(self.enc(x)))
+
+    X, _ = _data()
+    y = torch.randn(10, 1)
+    problem = attach_lora(
+        Net().double(), X, y, targets=["head"], rank=1, loss_fn=nn.functional.smooth_l1_loss
+    )
+    assert [a.name for a in problem.adapters] == ["head"]
+    assert problem.loss_theta(init_theta(problem)).ndim == 0
