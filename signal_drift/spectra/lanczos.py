@@ -10,6 +10,7 @@ Both report the true residual ``‖A v − λ v‖`` of every returned pair.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,10 +60,17 @@ class EigResult:
     matvecs: int
 
 
-def lanczos(op: LinearOperator, v0: torch.Tensor, steps: int) -> LanczosTridiag:
+def lanczos(
+    op: LinearOperator,
+    v0: torch.Tensor,
+    steps: int,
+    stop: Callable[[torch.Tensor, torch.Tensor, float], bool] | None = None,
+    check_every: int = 10,
+) -> LanczosTridiag:
     """``steps`` Lanczos iterations from ``v0`` with full (twice) reorthogonalisation.
 
-    Stops early on an invariant subspace (``β < 1e-12 ‖T‖``).
+    Stops early on an invariant subspace (``β < 1e-12 ‖T‖``), or when
+    ``stop(alpha, beta, beta_next)`` returns True (checked every ``check_every`` steps).
 
     >>> A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
     >>> from signal_drift.operators import FunctionOperator
@@ -96,6 +104,9 @@ def lanczos(op: LinearOperator, v0: torch.Tensor, steps: int) -> LanczosTridiag:
             break
         beta[j] = b
         q = w / b
+        if stop is not None and (j + 1) % check_every == 0 and stop(alpha[: j + 1], beta[:j], float(b)):
+            m = j + 1
+            break
     return LanczosTridiag(alpha[:m], beta[: max(m - 1, 0)], Q[:, :m])
 
 
@@ -105,14 +116,26 @@ def lanczos_eigs(
     which: Literal["LA", "SA", "BE"] = "LA",
     steps: int = 100,
     seed: int = 0,
+    tol: float = 1e-10,
 ) -> EigResult:
     """Extreme eigenpairs by torch-native Lanczos (GPU-capable), with true residuals.
 
     ``which="BE"`` returns ``k`` pairs from each end of the spectrum out of one Krylov space.
+    Iterates until the wanted Ritz pairs' residual estimates ``|β_m s_{m,i}|`` fall below
+    ``tol · max|θ|`` (checked every 10 steps) or ``steps`` is reached.
     """
     gen = torch.Generator().manual_seed(seed)
     v0 = torch.randn(op.shape[0], generator=gen, dtype=op.dtype)
-    tri = lanczos(op, v0, steps)
+
+    def converged(alpha: torch.Tensor, beta: torch.Tensor, b_next: float) -> bool:
+        T = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
+        th, S = torch.linalg.eigh(T)
+        if len(th) < 2 * k + 2:
+            return False
+        ends = {"SA": S[-1, :k], "LA": S[-1, -k:], "BE": torch.cat([S[-1, :k], S[-1, -k:]])}[which]
+        return bool((b_next * ends.abs()).max() < tol * th.abs().max())
+
+    tri = lanczos(op, v0, steps, stop=converged if tol > 0 else None)
     theta, S = torch.linalg.eigh(tri.T())
     lo, hi = torch.arange(k), torch.arange(len(theta) - k, len(theta))
     idx = {"SA": lo, "LA": hi, "BE": torch.cat([lo, hi])}[which]
