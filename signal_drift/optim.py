@@ -7,11 +7,12 @@ Each returns a direction ``D`` with the step ``Δθ = -η D``; inputs and output
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from ._errors import DivergenceError
+from ._errors import DivergenceError, InputError
 
 __all__ = ["adam_steps", "gd_direction", "sign_direction", "muon_direction", "newton_schulz_orthogonalize"]
 
@@ -28,7 +29,7 @@ def sign_direction(grad: Mapping[str, torch.Tensor]) -> TensorDict:
     return {k: torch.sign(v) for k, v in grad.items()}
 
 
-def newton_schulz_orthogonalize(G: torch.Tensor, steps: int = 30) -> torch.Tensor:
+def newton_schulz_orthogonalize(G: torch.Tensor, steps: int = 60) -> torch.Tensor:
     """Approximate ``U V^T`` of ``G = U Σ V^T`` by the cubic Newton–Schulz iteration.
 
     Converges to the exact polar factor for full-rank ``G`` (singular values mapped to 1);
@@ -116,3 +117,58 @@ def adam_steps(
             vhat = v2[k] / (1 - b2**t)
             p[k] = p[k] - lr * mhat / (vhat.sqrt() + eps)
     return p
+
+
+OptimizerName = Literal["adam", "sgd", "signsgd", "muon"]
+
+
+@dataclass(frozen=True)
+class OptState:
+    """Optimizer state (step count and moment estimates); immutable, replaced at each step."""
+
+    t: int
+    m: TensorDict
+    v: TensorDict
+
+
+def init_opt_state(params: Mapping[str, torch.Tensor]) -> OptState:
+    """Zero moments for ``params``."""
+    return OptState(
+        0,
+        {k: torch.zeros_like(p) for k, p in params.items()},
+        {k: torch.zeros_like(p) for k, p in params.items()},
+    )
+
+
+def step_direction(
+    name: OptimizerName,
+    grad: Mapping[str, torch.Tensor],
+    state: OptState,
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    momentum: float = 0.95,
+) -> tuple[TensorDict, OptState]:
+    """One optimizer step's direction ``D`` (the step is ``Δθ = −η D``) and the next state.
+
+    - ``adam``: bias-corrected ``m̂ / (sqrt(v̂) + ε)``;
+    - ``sgd``: ``∇θ L``;
+    - ``signsgd``: ``sign(∇θ L)`` (Adam abstracted as sign descent, paper Eq. 24);
+    - ``muon``: momentum ``m ← μ m + g``, then ``D = U Vᵀ`` of ``m`` per matrix (exact polar
+      factor by Newton–Schulz, checked against an SVD in the tests).
+    """
+    t = state.t + 1
+    if name == "adam":
+        b1, b2 = betas
+        m = {k: b1 * state.m[k] + (1 - b1) * g for k, g in grad.items()}
+        v = {k: b2 * state.v[k] + (1 - b2) * g * g for k, g in grad.items()}
+        D = {k: (m[k] / (1 - b1**t)) / ((v[k] / (1 - b2**t)).sqrt() + eps) for k in grad}
+        return D, OptState(t, m, v)
+    if name == "sgd":
+        return gd_direction(grad), OptState(t, state.m, state.v)
+    if name == "signsgd":
+        return sign_direction(grad), OptState(t, state.m, state.v)
+    if name == "muon":
+        m = {k: momentum * state.m[k] + g for k, g in grad.items()}
+        return muon_direction(m, method="newton_schulz"), OptState(t, m, state.v)
+    raise InputError(f"optimizer={name!r} is invalid: use adam, sgd, signsgd or muon")

@@ -154,3 +154,75 @@ def plot_fig8(summary: dict, arrays: dict, out_dir: str | Path) -> list[Path]:
         paths.append(out / f"fig8{key}.png")
         _save(f, paths[-1])
     return paths
+
+
+def plot_fig2(summary: dict, runs: dict, out_dir: str | Path) -> Path:
+    """Write ``fig2.png``: loss curves of both paths, SDR curves, final loss vs multiplier.
+
+    Args:
+        summary: the ``dynamics.json`` content.
+        runs: ``{"eta_scaling"|"alpha_scaling": {k: Run}}``.
+        out_dir: output folder.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
+    cmap = plt.get_cmap("plasma")
+    ks = sorted(runs["eta_scaling"])
+    for col, path in enumerate(("eta_scaling", "alpha_scaling")):
+        ax = axes[0, col]
+        for i, k in enumerate(ks):
+            r = runs[path].get(k)
+            if r is None:
+                continue
+            lab = f"k={k:g}" + (f" (diverged @ {r.diverged_step})" if r.diverged else "")
+            ax.semilogy(r.loss, color=cmap(i / max(len(ks) - 1, 1)), label=lab)
+        name = "η-scaling (α0, k·η0)" if path == "eta_scaling" else "α-scaling (k·α0, η0)"
+        ax.set_title(f"loss, {name}")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    ax = axes[1, 0]
+    for path, ls in (("eta_scaling", "-"), ("alpha_scaling", "--")):
+        for i, k in enumerate(ks):
+            r = runs[path].get(k)
+            if r is None or not r.sdr:
+                continue
+            ax.semilogy(
+                r.sdr, ls=ls, color=cmap(i / max(len(ks) - 1, 1)), lw=1, label=f"{path.split('_')[0]} k={k:g}"
+            )
+    se, sa = summary["sdr_slope_eta"], summary["sdr_slope_alpha"]
+    ax.set_title(
+        "SDR = ‖Δw_signal‖/‖Δw_drift‖ per step (solid: η-path, dashed: α-path)\n"
+        f"one-step probes: slope vs η {se:.3f} (exp. −1), vs α {sa:.3f} (exp. 0)",
+        fontsize=9,
+    )
+    ax.set_xlabel("step")
+    ax.legend(fontsize=6, ncol=2)
+    ax = axes[1, 1]
+    for path, mk in (("eta_scaling", "o-"), ("alpha_scaling", "s-")):
+        rows = summary[path]
+        xs = [float(k) for k in rows]
+        ys = [rows[k]["final_loss"] for k in rows]
+        ax.loglog(xs, ys, mk, label=path.replace("_", " "))
+        for x, k in zip(xs, rows, strict=True):
+            if rows[k]["diverged"]:
+                ax.axvline(x, color="C0" if path == "eta_scaling" else "C1", ls=":", lw=1)
+                ax.text(
+                    x,
+                    ax.get_ylim()[1] if ax.get_ylim()[1] < 1e300 else 1,
+                    " diverged",
+                    rotation=90,
+                    fontsize=7,
+                    va="top",
+                )
+    ax.set_xlabel("multiplier k")
+    ax.set_ylabel("final loss")
+    ax.set_title("final loss against the multiplier (U-curves; dotted: diverged)")
+    ax.legend(fontsize=8)
+    c = summary["config"]
+    fig.suptitle(f"Figure 2 — {c['depth']}-layer SiLU MLP, d={c['dim']}, r={c['rank']}, {c['optimizer']}, "
+                 f"α0={c['alpha0']:g}, η0={c['lr0']:g}, {c['steps']} steps")  # fmt: skip
+    fig.tight_layout()
+    path = out / "fig2.png"
+    _save(fig, path)
+    return path

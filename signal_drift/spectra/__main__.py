@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,15 +12,10 @@ import numpy as np
 import torch
 
 from .._errors import run_cli
+from ..io import atomic_write_text
 from .experiment import SpectraConfig, run_spectra
 
 PROG = "python -m signal_drift.spectra"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "spectra_arrays.npz", **res.arrays)
-    _atomic_write(out / "spectra.json", json.dumps(res.summary, indent=1, default=float) + "\n")
+    atomic_write_text(out / "spectra.json", json.dumps(res.summary, indent=1, default=float) + "\n")
     if not args.no_plot:
         from ..plotting import plot_fig8
 

@@ -1,0 +1,296 @@
+"""Training dynamics of LoRA seen through the signal–drift decomposition (Fig. 2, Prop. 4).
+
+- :func:`train_lora`: optimizer steps on ``θ`` recording, per step, the loss, ``‖Δw_signal‖``,
+  ``‖Δw_drift‖``, SDR, ``⟨Δw_signal, −g⟩``, ``⟨Δw_drift, −g⟩`` and, every ``K`` steps,
+  ``λ_max(H_θ)`` (matrix-free Lanczos) against the GD stability bound ``2/η`` (Lemma 1).
+  Divergence (NaN/Inf or loss blow-up) stops the run and is reported with its step.
+- :func:`sdr_probes`: one-step SDR probes from common checkpoints, varying only ``η`` or only
+  ``α`` (PAPER_NOTES §2, Prop. 4: SDR ∝ 1/η, α-invariant).
+- :func:`run_dynamics`: the η-scaling path ``(α0, k η0)`` against the α-scaling path
+  ``(k α0, η0)`` for every multiplier ``k`` (paper Eq. 2).
+
+CLI: ``python -m signal_drift.dynamics``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch.func import grad_and_value
+from tqdm.auto import tqdm
+
+from .._errors import InputError, check_positive_float, check_positive_int
+from ..decomposition import DriftOperator, MappingJacobian, SignalOperator, decompose_update
+from ..hessian import fft_hessian
+from ..lora import LoraProblem, attach_lora, init_theta
+from ..model import make_mlp, make_task
+from ..optim import OptimizerName, OptState, init_opt_state, step_direction
+from ..theory import loglog_slope
+
+__all__ = ["Run", "train_lora", "sdr_probes", "DynamicsConfig", "run_dynamics"]
+
+TensorDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class Run:
+    """One training run: per-step records and its outcome.
+
+    Attributes:
+        loss: loss before each step ``[steps]`` (plus the final loss at the end).
+        norm_signal, norm_drift, sdr, align_signal, align_drift: per step.
+        lambda_max: ``[(step, λ_max(H_θ), residual)]`` every ``curvature_every`` steps.
+        diverged_step: 1-based step at which the run diverged, or None.
+        checkpoints: ``{step: (θ, OptState)}`` at the requested steps.
+    """
+
+    loss: list[float] = field(default_factory=list)
+    norm_signal: list[float] = field(default_factory=list)
+    norm_drift: list[float] = field(default_factory=list)
+    sdr: list[float] = field(default_factory=list)
+    align_signal: list[float] = field(default_factory=list)
+    align_drift: list[float] = field(default_factory=list)
+    lambda_max: list[tuple[int, float, float]] = field(default_factory=list)
+    diverged_step: int | None = None
+    checkpoints: dict[int, tuple[TensorDict, OptState]] = field(default_factory=dict)
+
+    @property
+    def diverged(self) -> bool:
+        """Whether the run diverged."""
+        return self.diverged_step is not None
+
+    def summary(self) -> dict:
+        """JSON-ready outcome: final/best loss, divergence, mean SDR."""
+        finite = [x for x in self.loss if math.isfinite(x)]
+        sdr = [x for x in self.sdr if math.isfinite(x)]
+        return {
+            "final_loss": self.loss[-1] if not self.diverged else float("nan"),
+            "best_loss": min(finite) if finite else float("nan"),
+            "diverged": self.diverged,
+            "diverged_step": self.diverged_step,
+            "sdr_mean": float(np.exp(np.mean(np.log(sdr)))) if sdr else float("nan"),
+        }
+
+
+def _grad_theta(
+    problem: LoraProblem, theta: Mapping[str, torch.Tensor], G: Mapping[str, torch.Tensor]
+) -> TensorDict:
+    """Chain rule through the bilinear map: ``∇_A = s Bᵀ G``, ``∇_B = s G Aᵀ``."""
+    out = {}
+    for a in problem.adapters:
+        out[a.key_A] = a.scale * theta[a.key_B].T @ G[a.name]
+        out[a.key_B] = a.scale * G[a.name] @ theta[a.key_A].T
+    return out
+
+
+def lora_hessian_operator(problem: LoraProblem, theta: Mapping[str, torch.Tensor]):
+    """``H_θ = JᵀHJ + Σ g_k T_k`` matrix-free, with the fastest available ``H`` (Prop. 1)."""
+    H = fft_hessian(problem, theta)
+    J = MappingJacobian(problem, theta)
+    return SignalOperator(J, H) + DriftOperator(problem, theta, H.gradient)
+
+
+def train_lora(
+    problem: LoraProblem,
+    theta0: Mapping[str, torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    optimizer: OptimizerName = "adam",
+    curvature_every: int = 0,
+    lanczos_steps: int = 20,
+    blowup: float = 1e3,
+    checkpoints: Sequence[int] = (),
+    progress: bool = False,
+    desc: str = "train",
+) -> Run:
+    """Train ``θ`` for ``steps`` optimizer steps, recording the signal–drift view of every step.
+
+    Args:
+        problem: the LoRA problem (α, γ, r per adapter).
+        theta0: starting point.
+        steps: number of steps.
+        lr: learning rate ``η``.
+        optimizer: ``adam``, ``sgd``, ``signsgd`` or ``muon``.
+        curvature_every: every this many steps, ``λ_max(H_θ)`` by Lanczos (0: never).
+        lanczos_steps: Lanczos steps for ``λ_max``.
+        blowup: divergence when the loss exceeds ``blowup ×`` the initial loss (or is NaN/Inf).
+        checkpoints: steps (0-based, before the step) at which ``(θ, state)`` is kept.
+        progress: show a tqdm bar.
+        desc: bar label.
+
+    Returns:
+        A :class:`Run`; a diverged run stops at the step where it diverged.
+    """
+    from ..spectra.lanczos import lanczos_eigs
+
+    check_positive_int("steps", steps)
+    check_positive_float("lr", lr)
+    theta = {k: v.detach().clone() for k, v in theta0.items()}
+    state = init_opt_state(theta)
+    vg = grad_and_value(problem.loss_w)
+    run = Run()
+    loss0 = None
+    for t in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        w = {k: v.detach() for k, v in problem.weights(theta).items()}
+        G, value = vg(w)
+        loss = float(value)
+        loss0 = loss if loss0 is None else loss0
+        run.loss.append(loss)
+        if not math.isfinite(loss) or loss > blowup * loss0:
+            run.diverged_step = t + 1
+            return run
+        if t in checkpoints:
+            run.checkpoints[t] = ({k: v.clone() for k, v in theta.items()}, state)
+        if curvature_every and t % curvature_every == 0:
+            res = lanczos_eigs(lora_hessian_operator(problem, theta), 1, "LA", steps=lanczos_steps, tol=1e-6)
+            run.lambda_max.append((t, float(res.values[-1]), float(res.residuals[-1])))
+        D, state = step_direction(optimizer, _grad_theta(problem, theta, G), state)
+        step = {k: -lr * d for k, d in D.items()}
+        dec = decompose_update(problem, theta, step, g=G)
+        run.norm_signal.append(dec.norm_signal)
+        run.norm_drift.append(dec.norm_drift)
+        run.sdr.append(dec.sdr)
+        run.align_signal.append(dec.align_signal)
+        run.align_drift.append(dec.align_drift)
+        theta = {k: theta[k] + step[k] for k in theta}
+        if not all(torch.isfinite(v).all() for v in theta.values()):
+            run.diverged_step = t + 1
+            return run
+    final = float(problem.loss_theta(theta))
+    run.loss.append(final)
+    if not math.isfinite(final) or final > blowup * loss0:
+        run.diverged_step = steps
+    return run
+
+
+def sdr_probes(
+    problem: LoraProblem,
+    checkpoint: tuple[TensorDict, OptState],
+    alpha0: float,
+    lr0: float,
+    multipliers: Sequence[float],
+    optimizer: OptimizerName = "adam",
+) -> dict:
+    """One-step SDR from a fixed state, changing only ``η`` (``k η0``) or only ``α`` (``k α0``).
+
+    With ``(A, B)`` and the optimizer state held fixed, ``Δθ ∝ η`` exactly, so SDR ∝ 1/η; the
+    α-probe recomputes the gradient and the optimizer direction at ``k α0``.
+
+    Returns:
+        ``{"sdr_eta": [...], "sdr_alpha": [...], "slope_eta": s, "slope_alpha": s}``.
+    """
+    theta, state = checkpoint
+    out = {"sdr_eta": [], "sdr_alpha": []}
+    for which in ("eta", "alpha"):
+        for k in multipliers:
+            alpha, lr = (alpha0, k * lr0) if which == "eta" else (k * alpha0, lr0)
+            p = problem.with_alpha(alpha)
+            G, _ = grad_and_value(p.loss_w)({n: v.detach() for n, v in p.weights(theta).items()})
+            D, _ = step_direction(optimizer, _grad_theta(p, theta, G), state)
+            out[f"sdr_{which}"].append(decompose_update(p, theta, {n: -lr * d for n, d in D.items()}).sdr)
+    out["slope_eta"] = loglog_slope(multipliers, out["sdr_eta"])
+    out["slope_alpha"] = loglog_slope(multipliers, out["sdr_alpha"])
+    return out
+
+
+@dataclass(frozen=True)
+class DynamicsConfig:
+    """Settings of :func:`run_dynamics` (the CLI's flags)."""
+
+    dim: int = 256
+    rank: int = 4
+    depth: int = 5
+    samples: int = 1024
+    steps: int = 100
+    optimizer: OptimizerName = "adam"
+    alpha0: float | None = None
+    lr0: float = 1e-2
+    multipliers: tuple[float, ...] = (1, 2, 4, 8, 16)
+    curvature_every: int = 25
+    lanczos_steps: int = 20
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` naming the first invalid field."""
+        check_positive_int("--dim", self.dim)
+        check_positive_int("--rank", self.rank, self.dim)
+        check_positive_int("--depth", self.depth)
+        check_positive_int("--samples", self.samples)
+        check_positive_int("--steps", self.steps)
+        check_positive_float("--lr0", self.lr0)
+        if self.alpha0 is not None:
+            check_positive_float("--alpha0", self.alpha0)
+        if self.optimizer not in ("adam", "sgd", "signsgd", "muon"):
+            raise InputError(f"--optimizer={self.optimizer!r} is invalid: use adam, sgd, signsgd or muon")
+        if not self.multipliers or any(not (m > 0) for m in self.multipliers):
+            raise InputError(f"--multipliers={list(self.multipliers)} is invalid: need positive values")
+        if self.curvature_every < 0:
+            raise InputError("--curvature-every must be >= 0")
+
+
+def run_dynamics(cfg: DynamicsConfig, progress: bool = False) -> tuple[dict, dict[str, dict[float, Run]]]:
+    """η-scaling vs α-scaling paths from a common baseline ``(α0, η0)`` (paper Eq. 2, Fig. 2).
+
+    Returns:
+        ``(summary, runs)``: the JSON-ready summary and ``{"eta_scaling"|"alpha_scaling": {k: Run}}``.
+    """
+    cfg.validate()
+    torch.set_default_dtype(torch.float64)
+    model = make_mlp(cfg.dim, cfg.depth, seed=cfg.seed)
+    task = make_task(cfg.dim, cfg.samples, seed=cfg.seed)
+    alpha0 = float(cfg.rank) if cfg.alpha0 is None else cfg.alpha0
+    problem = attach_lora(model, task.X, task.y, rank=cfg.rank, alpha=alpha0)
+    theta0 = init_theta(problem, cfg.seed)
+    ks = sorted(set(float(k) for k in cfg.multipliers))
+    ckpts = sorted({cfg.steps // 4, cfg.steps // 2, (3 * cfg.steps) // 4})
+    runs: dict[str, dict[float, Run]] = {"eta_scaling": {}, "alpha_scaling": {}}
+    jobs = [("eta_scaling", k) for k in ks] + [("alpha_scaling", k) for k in ks if k != 1.0]
+    for path, k in tqdm(jobs, desc="runs", disable=not progress):
+        alpha, lr = (alpha0, k * cfg.lr0) if path == "eta_scaling" else (k * alpha0, cfg.lr0)
+        runs[path][k] = train_lora(
+            problem.with_alpha(alpha), theta0, steps=cfg.steps, lr=lr, optimizer=cfg.optimizer,
+            curvature_every=cfg.curvature_every, lanczos_steps=cfg.lanczos_steps,
+            checkpoints=ckpts if (path, k) == ("eta_scaling", 1.0) else (), desc=f"{path} k={k:g}",
+        )  # fmt: skip
+    if 1.0 in runs["eta_scaling"]:
+        runs["alpha_scaling"][1.0] = runs["eta_scaling"][1.0]
+    base = runs["eta_scaling"].get(1.0)
+    probes = (
+        [
+            sdr_probes(problem, base.checkpoints[c], alpha0, cfg.lr0, ks, cfg.optimizer)
+            for c in sorted(base.checkpoints)
+        ]
+        if base
+        else []
+    )
+    summary: dict = {
+        "config": asdict(cfg) | {"alpha0": alpha0},
+        "eta_scaling": {f"{k:g}": runs["eta_scaling"][k].summary() for k in ks},
+        "alpha_scaling": {
+            f"{k:g}": runs["alpha_scaling"][k].summary() for k in ks if k in runs["alpha_scaling"]
+        },
+        "sdr_slope_eta": float(np.mean([p["slope_eta"] for p in probes])) if probes else None,
+        "sdr_slope_alpha": float(np.mean([p["slope_alpha"] for p in probes])) if probes else None,
+        "sdr_probes": {"checkpoints": sorted(base.checkpoints) if base else [], "probes": probes},
+    }
+    for path in ("eta_scaling", "alpha_scaling"):
+        ok = [
+            (k, runs[path][k].summary()["sdr_mean"])
+            for k in ks
+            if k in runs[path] and not runs[path][k].diverged
+        ]
+        summary[f"trajectory_sdr_slope_{path.split('_')[0]}"] = (
+            loglog_slope(*zip(*ok, strict=True)) if len(ok) > 1 else None
+        )
+    summary["curvature"] = {
+        path: {f"{k:g}": {"lambda_max": [x[1] for x in r.lambda_max], "steps": [x[0] for x in r.lambda_max],
+                          "stability_bound": 2.0 / (k * cfg.lr0 if path == "eta_scaling" else cfg.lr0)}
+               for k, r in runs[path].items()}
+        for path in runs
+    }  # fmt: skip
+    return summary, runs
