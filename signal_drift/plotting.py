@@ -226,3 +226,64 @@ def plot_fig2(summary: dict, runs: dict, out_dir: str | Path) -> Path:
     path = out / "fig2.png"
     _save(fig, path)
     return path
+
+
+def plot_fig1(analysis: dict, records: list[dict], out_dir: str | Path) -> Path:
+    """Write ``fig1.png``: (a) loss vs η per α, (b) best loss vs α per rank, (c) α*(r) fit."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    ranks = sorted({rec["cell"]["rank"] for rec in records})
+    r_mid = ranks[len(ranks) // 2]
+    alphas = sorted({rec["cell"]["alpha"] for rec in records})
+    cmap = plt.get_cmap("viridis")
+    metric = analysis["metric"]
+    ax = axes[0]
+    for i, a in enumerate(alphas):
+        rows = sorted((rec["cell"]["lr"], rec.get(metric, np.nan)) for rec in records
+                      if rec["cell"]["rank"] == r_mid and rec["cell"]["alpha"] == a)  # fmt: skip
+        ax.loglog(
+            [x for x, _ in rows],
+            [y for _, y in rows],
+            "o-",
+            color=cmap(i / max(len(alphas) - 1, 1)),
+            label=f"α={a:g}",
+        )
+    ax.set_xlabel("learning rate η")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title(f"(a) loss vs η per α (r={r_mid}); gaps: diverged")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for i, r in enumerate(ranks):
+        best = analysis["best_loss"].get(str(r), {})
+        xs = [float(a) for a in best]
+        ax.semilogx(
+            xs,
+            list(best.values()),
+            "o-",
+            color=plt.get_cmap("plasma")(i / max(len(ranks) - 1, 1)),
+            label=f"r={r}",
+        )
+    ax.set_xlabel("α")
+    ax.set_ylabel(f"best {metric.replace('_', ' ')} over η")
+    ax.set_title("(b) best loss against α (Finding I)")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    st = analysis["alpha_star"]
+    rs = [float(r) for r in st]
+    ax.loglog(rs, list(st.values()), "o", ms=8, label="α*(r) (grid argmin)")
+    if "fit" in analysis:
+        f = analysis["fit"]
+        xx = np.geomspace(min(rs), max(rs), 50)
+        ci = f["k_ci95"]
+        ci_txt = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci[0] is not None else ""
+        ax.loglog(xx, f["c"] * xx ** f["k"], "-", label=f"α* = {f['c']:.3g}·r^{f['k']:.2f}{ci_txt}")
+    ax.loglog(rs, rs, ":", color="gray", label="α = r (heuristic)")
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("α*")
+    ax.set_title("(c) optimal α against rank (Finding III)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "fig1.png"
+    _save(fig, path)
+    return path

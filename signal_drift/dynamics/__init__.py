@@ -46,6 +46,7 @@ class Run:
         lambda_max: ``[(step, λ_max(H_θ), residual)]`` every ``curvature_every`` steps.
         diverged_step: 1-based step at which the run diverged, or None.
         checkpoints: ``{step: (θ, OptState)}`` at the requested steps.
+        theta: the final ``θ`` (None if the run diverged).
     """
 
     loss: list[float] = field(default_factory=list)
@@ -57,6 +58,7 @@ class Run:
     lambda_max: list[tuple[int, float, float]] = field(default_factory=list)
     diverged_step: int | None = None
     checkpoints: dict[int, tuple[TensorDict, OptState]] = field(default_factory=dict)
+    theta: TensorDict | None = None
 
     @property
     def diverged(self) -> bool:
@@ -163,6 +165,7 @@ def train_lora(
             return run
     final = float(problem.loss_theta(theta))
     run.loss.append(final)
+    run.theta = theta
     if not math.isfinite(final) or final > blowup * loss0:
         run.diverged_step = steps
     return run

@@ -1,0 +1,83 @@
+"""Resumable sweeps: finished cells survive SIGINT and SIGKILL and are not recomputed."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from signal_drift.io import read_jsonl
+from signal_drift.sweep import analyse, fit_power_law, run_grid
+
+ARGS = ["--dim", "4", "--depth", "2", "--samples", "16", "--test-samples", "16", "--steps", "250",
+        "--ranks", "1", "2", "--alphas", "1", "4", "--lrs", "1e-3", "1e-2", "--no-plot"]  # fmt: skip
+N_CELLS = 8
+
+
+def test_run_grid_skips_finished_cells_and_tolerates_a_torn_line(tmp_path):
+    path = tmp_path / "g.jsonl"
+    calls = []
+
+    def fn(c):
+        calls.append(c["x"])
+        return {"y": c["x"] ** 2}
+
+    run_grid([{"x": 1}, {"x": 2}], fn, path)
+    with open(path, "a") as fh:
+        fh.write('{"key": "torn')  # a write killed half-way
+    recs = run_grid([{"x": 1}, {"x": 2}, {"x": 3}], fn, path)
+    assert calls == [1, 2, 3]
+    assert [r["y"] for r in recs] == [1, 4, 9]
+
+
+def test_power_law_fit_recovers_exponent_and_covers_it():
+    r = [1, 2, 4, 8, 16]
+    noise = [1.05, 0.97, 1.02, 0.96, 1.01]
+    f = fit_power_law(r, [256 * x**0.5 * e for x, e in zip(r, noise, strict=True)])
+    assert f["k_ci95"][0] < 0.5 < f["k_ci95"][1]
+    assert abs(f["k"] - 0.5) < 0.05 and abs(math.log(f["c"] / 256)) < 0.1
+
+
+def test_analyse_finds_argmins():
+    recs = [{"cell": {"rank": r, "alpha": a, "lr": lr}, "test_loss": (a - 4 * r) ** 2 + lr + 1}
+            for r in (1, 2, 4) for a in (1, 4, 8, 16) for lr in (0.1, 0.2)]  # fmt: skip
+    out = analyse(recs)
+    assert out["alpha_star"] == {"1": 4.0, "2": 8.0, "4": 16.0}
+    assert out["eta_star"]["1"]["4"] == 0.1
+    assert abs(out["fit"]["k"] - 1) < 1e-12
+
+
+def _lines(path):
+    return list(read_jsonl(path)) if path.exists() else []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_sweep_killed_mid_way_keeps_finished_cells_and_resumes(tmp_path, sig):
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-m", "signal_drift.sweep", *ARGS, "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(_lines(out / "sweep.jsonl")) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "finished results were kept" in err
+    finished = _lines(out / "sweep.jsonl")
+    assert 2 <= len(finished) < N_CELLS
+    assert not (out / "sweep.json").exists()  # no complete-looking summary from a killed run
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert f"resuming: {len(finished)} of {N_CELLS} cells" in r.stdout
+    recs = _lines(out / "sweep.jsonl")
+    assert len(recs) == N_CELLS and len({x["key"] for x in recs}) == N_CELLS
+    assert recs[: len(finished)] == finished  # finished cells were not recomputed
+    assert json.loads((out / "sweep.json").read_text())["alpha_star"]
+
+
+def test_sweep_rejects_rank_above_dim(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "signal_drift.sweep", "--dim", "4", "--ranks", "8", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "--ranks=8" in r.stderr and not (tmp_path / "o").exists()
