@@ -66,3 +66,21 @@ def test_dynamics_cli_rejects_bad_input(tmp_path, args, needle):
                        capture_output=True, text=True, check=False)  # fmt: skip
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_dynamics_json_is_deterministic_by_seed(tmp_path):
+    args = ["--dim", "5", "--rank", "2", "--samples", "24", "--steps", "8", "--multipliers", "1", "3",
+            "--curvature-every", "4", "--no-plot"]  # fmt: skip
+    for d in ("a", "b"):
+        subprocess.run([sys.executable, "-m", "signal_drift.dynamics", *args, "--out", str(tmp_path / d)], check=True,
+                       capture_output=True)  # fmt: skip
+    for name in ("dynamics.json", "dynamics_curves.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_divergence_is_surfaced_as_a_warning():
+    cfg = DynamicsConfig(
+        dim=5, rank=2, samples=24, steps=10, multipliers=(1, 1000), lr0=0.02, curvature_every=0
+    )
+    s, _ = run_dynamics(cfg)
+    assert any("eta_scaling k=1000 diverged at step" in w for w in s["warnings"])

@@ -290,6 +290,17 @@ def run_dynamics(cfg: DynamicsConfig, progress: bool = False) -> tuple[dict, dic
         summary[f"trajectory_sdr_slope_{path.split('_')[0]}"] = (
             loglog_slope(*zip(*ok, strict=True)) if len(ok) > 1 else None
         )
+    warnings = []
+    for path in runs:
+        for k, r in sorted(runs[path].items()):
+            if r.diverged and not (path == "alpha_scaling" and k == 1.0):
+                warnings.append(f"{path} k={k:g} diverged at step {r.diverged_step}")
+            for step, lam, res in r.lambda_max:
+                if res > 1e-3 * abs(lam):
+                    warnings.append(
+                        f"{path} k={k:g}: λ_max(H_θ) at step {step} not converged (residual {res:.1e})"
+                    )
+    summary["warnings"] = warnings
     summary["curvature"] = {
         path: {f"{k:g}": {"lambda_max": [x[1] for x in r.lambda_max], "steps": [x[0] for x in r.lambda_max],
                           "stability_bound": 2.0 / (k * cfg.lr0 if path == "eta_scaling" else cfg.lr0)}

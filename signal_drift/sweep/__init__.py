@@ -69,8 +69,8 @@ class MLPSweepConfig:
     test_samples: int = 512
     steps: int = 100
     ranks: tuple[int, ...] = (1, 2, 4, 8)
-    alphas: tuple[float, ...] = (1, 4, 16, 64, 256)
-    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+    alphas: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
     seed: int = 0
 
     def validate(self) -> None:
@@ -138,7 +138,7 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> dict:
     res = stats.linregress(lx, ly)
     n = len(lx)
     tq = stats.t.ppf(0.975, n - 2) if n > 2 else float("inf")
-    k_ci = [res.slope - tq * res.stderr, res.slope + tq * res.stderr] if n > 2 else [None, None]
+    k_ci = [float(res.slope - tq * res.stderr), float(res.slope + tq * res.stderr)] if n > 2 else [None, None]
     c_ci = (
         [
             math.exp(res.intercept - tq * res.intercept_stderr),
