@@ -29,6 +29,8 @@ from .operators import LinearOperator
 
 __all__ = [
     "MappingJacobian",
+    "pullback",
+    "decomposed_lora_hessian",
     "DriftOperator",
     "SignalOperator",
     "Curvature",
@@ -63,13 +65,39 @@ class MappingJacobian(LinearOperator):
         return self.out_layout.flatten(out, batch_dims=1).T
 
     def _rmatmat(self, U: torch.Tensor) -> torch.Tensor:
-        u = self.out_layout.unflatten(U.T)
-        out = {}
-        for a in self.problem.adapters:
-            A, B = self.theta[a.key_A], self.theta[a.key_B]
-            out[a.key_A] = a.scale * (B.T @ u[a.name])
-            out[a.key_B] = a.scale * (u[a.name] @ A.T)
+        out = pullback(self.problem, self.theta, self.out_layout.unflatten(U.T))
         return self.in_layout.flatten(out, batch_dims=1).T
+
+
+def pullback(
+    problem: LoraProblem, theta: Mapping[str, torch.Tensor], U: Mapping[str, torch.Tensor]
+) -> TensorDict:
+    """``Jᵀ U`` per layer: ``(s Bᵀ U, s U Aᵀ)``; with ``U = ∇_w L`` this is ``∇_θ L`` (chain rule).
+
+    Args:
+        problem: the LoRA problem.
+        theta: the point.
+        U: ``{layer: [..., m, n]}`` (leading batch dims allowed).
+
+    Returns:
+        ``{key_A: [..., r, n], key_B: [..., m, r]}``.
+    """
+    out = {}
+    for a in problem.adapters:
+        A, B = theta[a.key_A], theta[a.key_B]
+        out[a.key_A] = a.scale * (B.T @ U[a.name])
+        out[a.key_B] = a.scale * (U[a.name] @ A.T)
+    return out
+
+
+def decomposed_lora_hessian(problem: LoraProblem, theta: Mapping[str, torch.Tensor]) -> LinearOperator:
+    """``H_θ = JᵀHJ + Σ g_k T_k`` matrix-free, through the fastest available ``H`` (Prop. 1).
+
+    Equal to :func:`~signal_drift.hessian.lora_hessian` (tested); much cheaper when the MLP fast
+    path applies.
+    """
+    H = fft_hessian(problem, theta)
+    return SignalOperator(MappingJacobian(problem, theta), H) + DriftOperator(problem, theta, H.gradient)
 
 
 class DriftOperator(LinearOperator):

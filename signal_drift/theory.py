@@ -21,6 +21,7 @@ __all__ = [
     "signal_alignment",
     "trace_rule",
     "layer_traces",
+    "signal_trace_at_init",
     "stability_threshold",
     "loglog_slope",
 ]
@@ -65,6 +66,24 @@ def trace_rule(problem: LoraProblem, traces_H: Mapping[str, float]) -> float:
     """
     return float(
         sum(a.gamma**2 * a.alpha**2 * (a.sigma2 / a.rank) * traces_H[a.name] for a in problem.adapters)
+    )
+
+
+def signal_trace_at_init(
+    problem: LoraProblem, theta: Mapping[str, torch.Tensor], K: Mapping[str, torch.Tensor]
+) -> float:
+    """Exact ``tr(H_signal)`` at ``B = 0`` from per-layer partial traces (Prop. 3's integrand).
+
+    At ``B = 0``, ``J_A = 0`` and ``tr(J_Bᵀ H J_B) = Σ_l s_l² tr(K_l A_lᵀ A_l)`` with
+    ``K_l[j, j'] = Σ_i H_ll[(i, j), (i, j')]`` (``[n, n]``, row-major vec of ``W``).
+
+    Args:
+        problem: the LoRA problem.
+        theta: a point with ``B = 0`` (only ``A`` is read).
+        K: ``{layer: K_l}``, e.g. from ``MLPHessianOperator.partial_traces()``.
+    """
+    return float(
+        sum(a.scale**2 * torch.sum(K[a.name] * (theta[a.key_A].T @ theta[a.key_A])) for a in problem.adapters)
     )
 
 

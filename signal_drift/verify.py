@@ -26,7 +26,7 @@ from .hessian import dense_hessian, fft_gradient, lora_gradient
 from .lora import LoraProblem, attach_lora, init_theta
 from .model import make_mlp, make_task
 from .optim import adam_steps, gd_direction, muon_direction, sign_direction
-from .theory import loglog_slope, signal_alignment, stability_threshold, trace_rule
+from .theory import loglog_slope, signal_alignment, signal_trace_at_init, stability_threshold, trace_rule
 
 __all__ = ["CheckResult", "CHECKS", "run_checks", "main"]
 
@@ -161,16 +161,9 @@ def check_prop3_trace_rule(s: Setup, draws: int = 2000) -> CheckResult:
         K[a.name] = torch.einsum("ijik->jk", Hl)
         traces[a.name] = float(torch.trace(H[sl, sl]))
 
-    def signal_trace(theta: dict[str, torch.Tensor]) -> float:
-        return float(
-            sum(
-                a.scale**2 * torch.sum(K[a.name] * (theta[a.key_A].T @ theta[a.key_A])) for a in prob.adapters
-            )
-        )
-
-    identity_err = abs(signal_trace(s.theta0) - float(torch.trace(c.signal.to_dense())))
+    identity_err = abs(signal_trace_at_init(prob, s.theta0, K) - float(torch.trace(c.signal.to_dense())))
     identity_err /= abs(float(torch.trace(c.signal.to_dense())))
-    vals = np.array([signal_trace(init_theta(prob, 10_000 + i)) for i in range(draws)])
+    vals = np.array([signal_trace_at_init(prob, init_theta(prob, 10_000 + i), K) for i in range(draws)])
     pred = trace_rule(prob, traces)
     se = vals.std(ddof=1) / math.sqrt(draws)
     err = abs(vals.mean() - pred) / abs(pred)

@@ -112,3 +112,23 @@ def test_layout_round_trip():
     t = {"a": torch.randn(2, 3), "b": torch.randn(4)}
     back = lay.unflatten(lay.flatten(t))
     assert all(torch.equal(back[k], t[k]) for k in t)
+
+
+def test_pullback_of_task_gradient_is_the_lora_gradient():
+    from signal_drift import fft_gradient, lora_gradient
+    from signal_drift.decomposition import pullback
+
+    problem = mlp_problem()
+    theta = trained_theta(problem)
+    got = pullback(problem, theta, fft_gradient(problem, theta))
+    ref = lora_gradient(problem, theta)
+    for k in ref:
+        assert_close(got[k], ref[k])
+
+
+def test_decomposed_lora_hessian_equals_autograd_lora_hessian():
+    from signal_drift.decomposition import decomposed_lora_hessian
+
+    problem = mlp_problem(bias=True)
+    theta = trained_theta(problem)
+    assert_close(decomposed_lora_hessian(problem, theta).to_dense(), dense_hessian(problem.loss_theta, theta))

@@ -24,8 +24,7 @@ from torch.func import grad_and_value
 from tqdm.auto import tqdm
 
 from .._errors import InputError, check_positive_float, check_positive_int
-from ..decomposition import DriftOperator, MappingJacobian, SignalOperator, decompose_update
-from ..hessian import fft_hessian
+from ..decomposition import decompose_update, decomposed_lora_hessian, pullback
 from ..lora import LoraProblem, attach_lora, init_theta
 from ..model import make_mlp, make_task
 from ..optim import OptimizerName, OptState, init_opt_state, step_direction
@@ -76,24 +75,6 @@ class Run:
             "diverged_step": self.diverged_step,
             "sdr_mean": float(np.exp(np.mean(np.log(sdr)))) if sdr else float("nan"),
         }
-
-
-def _grad_theta(
-    problem: LoraProblem, theta: Mapping[str, torch.Tensor], G: Mapping[str, torch.Tensor]
-) -> TensorDict:
-    """Chain rule through the bilinear map: ``∇_A = s Bᵀ G``, ``∇_B = s G Aᵀ``."""
-    out = {}
-    for a in problem.adapters:
-        out[a.key_A] = a.scale * theta[a.key_B].T @ G[a.name]
-        out[a.key_B] = a.scale * G[a.name] @ theta[a.key_A].T
-    return out
-
-
-def lora_hessian_operator(problem: LoraProblem, theta: Mapping[str, torch.Tensor]):
-    """``H_θ = JᵀHJ + Σ g_k T_k`` matrix-free, with the fastest available ``H`` (Prop. 1)."""
-    H = fft_hessian(problem, theta)
-    J = MappingJacobian(problem, theta)
-    return SignalOperator(J, H) + DriftOperator(problem, theta, H.gradient)
 
 
 def train_lora(
@@ -149,9 +130,11 @@ def train_lora(
         if t in checkpoints:
             run.checkpoints[t] = ({k: v.clone() for k, v in theta.items()}, state)
         if curvature_every and t % curvature_every == 0:
-            res = lanczos_eigs(lora_hessian_operator(problem, theta), 1, "LA", steps=lanczos_steps, tol=1e-6)
+            res = lanczos_eigs(
+                decomposed_lora_hessian(problem, theta), 1, "LA", steps=lanczos_steps, tol=1e-6
+            )
             run.lambda_max.append((t, float(res.values[-1]), float(res.residuals[-1])))
-        D, state = step_direction(optimizer, _grad_theta(problem, theta, G), state)
+        D, state = step_direction(optimizer, pullback(problem, theta, G), state)
         step = {k: -lr * d for k, d in D.items()}
         dec = decompose_update(problem, theta, step, g=G)
         run.norm_signal.append(dec.norm_signal)
@@ -194,7 +177,7 @@ def sdr_probes(
             alpha, lr = (alpha0, k * lr0) if which == "eta" else (k * alpha0, lr0)
             p = problem.with_alpha(alpha)
             G, _ = grad_and_value(p.loss_w)({n: v.detach() for n, v in p.weights(theta).items()})
-            D, _ = step_direction(optimizer, _grad_theta(p, theta, G), state)
+            D, _ = step_direction(optimizer, pullback(p, theta, G), state)
             out[f"sdr_{which}"].append(decompose_update(p, theta, {n: -lr * d for n, d in D.items()}).sdr)
     out["slope_eta"] = loglog_slope(multipliers, out["sdr_eta"])
     out["slope_alpha"] = loglog_slope(multipliers, out["sdr_alpha"])

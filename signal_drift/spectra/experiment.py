@@ -28,7 +28,7 @@ from ..lora import LoraProblem, attach_lora, init_theta
 from ..model import make_mlp, make_task, pretrain, shifted_task
 from ..optim import adam_steps
 from ..scaling import InitKind, init_variance, variant_ii_alpha
-from ..theory import loglog_slope, trace_rule
+from ..theory import loglog_slope, signal_trace_at_init, trace_rule
 from .lanczos import lanczos_eigs
 from .slq import slq
 
@@ -337,13 +337,10 @@ def _trace_mc(problem: LoraProblem, theta0, K, S1: torch.Tensor, alphas, cfg: Sp
     """Prop. 3 by Monte Carlo over A draws: exact ``tr(H_signal)`` per draw via ``s² tr(K AᵀA)``."""
     p1 = problem.with_alpha(1.0)
 
-    def signal_trace(theta) -> float:
-        return float(
-            sum(a.scale**2 * torch.sum(K[a.name] * (theta[a.key_A].T @ theta[a.key_A])) for a in p1.adapters)
-        )
-
-    ident = abs(signal_trace(theta0) - float(torch.trace(S1))) / abs(float(torch.trace(S1)))
-    vals = np.array([signal_trace(init_theta(problem, cfg.seed + 1 + i)) for i in range(cfg.a_draws)])
+    ident = abs(signal_trace_at_init(p1, theta0, K) - float(torch.trace(S1))) / abs(float(torch.trace(S1)))
+    vals = np.array(
+        [signal_trace_at_init(p1, init_theta(problem, cfg.seed + 1 + i), K) for i in range(cfg.a_draws)]
+    )
     mean, se = float(vals.mean()), float(vals.std(ddof=1) / np.sqrt(len(vals)))
     return {
         "trace_identity_residual": ident,
