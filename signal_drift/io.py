@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "append_jsonl", "read_jsonl"]
+__all__ = ["atomic_write_text", "atomic_savez", "append_jsonl", "read_jsonl"]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -18,6 +18,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_savez(path: str | Path, **arrays) -> None:
+    """``numpy.savez_compressed`` through a temporary file and ``os.replace``."""
+    import numpy as np
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
 
 

@@ -161,3 +161,12 @@ def test_spectra_cli_rejects_bad_input_with_one_line_and_no_output(tmp_path, arg
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_exact_fft_diagonalises_h_and_agrees_with_lanczos_and_exact_trace():
+    cfg = SpectraConfig(dim=4, rank=2, depth=3, samples=32, exact_fft=True, slq_probes=2, slq_steps=10)
+    res = run_spectra(cfg, progress=False, log=lambda m: None)
+    e, s = res.arrays["eig_fft"], res.summary
+    assert math.isclose(e.max(), s["lambda_max_fft"], rel_tol=1e-8)
+    assert math.isclose(e.min(), s["lambda_min_fft"], rel_tol=1e-8, abs_tol=1e-12)
+    assert math.isclose(s["trace_fft_dense"], s["trace_fft"], rel_tol=1e-10)

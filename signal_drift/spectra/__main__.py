@@ -8,11 +8,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .._errors import run_cli
-from ..io import atomic_write_text
+from ..io import atomic_savez, atomic_write_text
 from .experiment import SpectraConfig, run_spectra
 
 PROG = "python -m signal_drift.spectra"
@@ -60,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = run_spectra(cfg, progress=progress, log=lambda m: print(m, file=sys.stderr))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "spectra_arrays.npz", **res.arrays)
+    atomic_savez(out / "spectra_arrays.npz", **res.arrays)
     atomic_write_text(out / "spectra.json", json.dumps(res.summary, indent=1, default=float) + "\n")
     if not args.no_plot:
         from ..plotting import plot_fig8
