@@ -1,0 +1,278 @@
+"""LoRA-α fine-tuning of causal LMs with transformers + PEFT (offline by default).
+
+With no ``--model``, a small Llama-architecture causal LM is built locally and pre-trained on
+offline text (the ``pydoc`` domain), then LoRA-fine-tuned on a held-out domain (standard-library
+docstrings), so the α-vs-η comparison runs on a real, if small, model with no network.
+``--model PATH`` loads a local Hugging Face checkpoint (``local_files_only``); ``--data PATH``
+takes a ``.txt`` or ``.jsonl`` corpus. Held-out NLL (paper Eq. 1) on the corpus tail.
+
+Checkpoints (adapter + optimizer + step + metrics) are written atomically every
+``checkpoint_every`` steps; rerunning the same command resumes from the last one. Divergence
+(NaN/Inf or loss > ``blowup ×`` its first value) stops training, names the step and keeps
+everything written so far.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .._errors import DivergenceError, InputError, check_finite, check_positive_float, check_positive_int
+from ..io import atomic_write_text
+from .data import ByteTokenizer, load_text, offline_text, split_ids
+
+__all__ = ["TrainConfig", "build_base_model", "load_model", "heldout_nll", "train"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of :func:`train` (the CLI's flags)."""
+
+    model: str | None = None
+    data: str | None = None
+    scaling: str = "variant1"
+    rank: int = 8
+    lr: float = 1e-3
+    gamma: float = 1.0
+    alpha: float = 16.0
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 128
+    eval_every: int = 25
+    checkpoint_every: int = 50
+    pretrain_steps: int = 300
+    blowup: float = 10.0
+    seed: int = 0
+    out: str = "out/train"
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` naming the first invalid field."""
+        from ..scaling import Rule
+
+        if self.scaling not in [r.value for r in Rule]:
+            raise InputError(f"--scaling={self.scaling!r} is invalid: use one of {[r.value for r in Rule]}")
+        for name in ("rank", "steps", "batch_size", "seq_len", "eval_every", "checkpoint_every"):
+            check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
+        for name in ("lr", "gamma", "alpha", "blowup"):
+            check_positive_float(f"--{name}", getattr(self, name))
+        if self.pretrain_steps < 0:
+            raise InputError("--pretrain-steps must be >= 0")
+        if self.model is not None and not (Path(self.model) / "config.json").is_file():
+            raise InputError(
+                f"--model {self.model}: not a local Hugging Face model directory (no config.json)"
+            )
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _windows(ids: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen)
+    return torch.stack([ids[s : s + seq_len + 1] for s in starts.tolist()])
+
+
+def _shifted_nll(model, x: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=x[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1)
+    )
+
+
+@torch.no_grad()
+def heldout_nll(model, ids: torch.Tensor, seq_len: int, max_windows: int = 64) -> float:
+    """Mean next-token NLL (nats) over contiguous held-out windows (deterministic)."""
+    n = min(max_windows, (len(ids) - 1) // seq_len)
+    if n < 1:
+        raise InputError(f"held-out split has {len(ids)} tokens: fewer than --seq-len + 1")
+    x = torch.stack([ids[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)]).to(
+        next(model.parameters()).device
+    )
+    model.eval()
+    out = float(sum(_shifted_nll(model, x[i : i + 16]) * len(x[i : i + 16]) for i in range(0, n, 16)) / n)
+    model.train()
+    return out
+
+
+def _tiny_llama_config(seq_len: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=ByteTokenizer.vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=max(seq_len, 128),
+        bos_token_id=256,
+        eos_token_id=257,
+    )
+
+
+def build_base_model(
+    cache: Path, steps: int, seq_len: int = 128, seed: int = 0, progress: bool = False
+) -> Path:
+    """Build a small Llama locally and pre-train it on the offline ``pydoc`` domain; cached.
+
+    Returns:
+        The local Hugging Face directory of the pre-trained model.
+    """
+    from transformers import LlamaForCausalLM
+
+    if (cache / "config.json").is_file():
+        return cache
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_tiny_llama_config(seq_len))
+    ids, _ = split_ids(ByteTokenizer().encode(offline_text("pydoc")))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc="pre-train base model", disable=not progress):
+        loss = _shifted_nll(model, _windows(ids, 16, seq_len, gen))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tmp = cache.with_name(cache.name + ".tmp")
+    model.save_pretrained(tmp)
+    os.replace(tmp, cache)
+    return cache
+
+
+def load_model(path: str | Path):
+    """Load a local Hugging Face causal LM (no network) and check its weights are finite."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    for name, p in model.named_parameters():
+        check_finite(f"model weight {name!r}", p.detach())
+    return model
+
+
+def _tokenizer_for(path: Path):
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return ByteTokenizer()
+
+
+def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
+    """Fine-tune with LoRA under ``cfg.scaling``; returns the metrics (also in ``out/metrics.json``).
+
+    Raises:
+        DivergenceError: after writing metrics up to the diverged step.
+    """
+    from peft import get_peft_model
+
+    from ..scaling.peft import LLAMA_TARGETS, describe, effective_scales, lora_alpha_config
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.model is None:
+        model_dir = build_base_model(out / "base_model", cfg.pretrain_steps, cfg.seq_len, cfg.seed, progress)
+    else:
+        model_dir = Path(cfg.model)
+    model = load_model(model_dir)
+    tok = _tokenizer_for(model_dir)
+    text = offline_text("docstrings") if cfg.data is None else load_text(cfg.data)
+    train_ids, val_ids = split_ids(tok.encode(text))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if int(max(train_ids.max(), val_ids.max())) >= vocab:
+        raise InputError(
+            f"--data: token ids exceed the model's vocabulary ({vocab}); give the model a tokenizer"
+        )
+    present = [t for t in LLAMA_TARGETS if any(n.endswith("." + t) for n, _ in model.named_modules())]
+    targets = present or ["c_attn", "c_proj", "c_fc"]
+    torch.manual_seed(cfg.seed)
+    lcfg = lora_alpha_config(
+        model, cfg.scaling, cfg.rank, target_modules=targets, gamma=cfg.gamma, alpha=cfg.alpha
+    )
+    model = get_peft_model(model, lcfg)
+    device = _device()
+    model.to(device)
+    scales = effective_scales(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    metrics = {"config": asdict(cfg) | {"model_dir": str(model_dir)}, "scales": scales, "train_loss": [],
+               "heldout_nll": [], "diverged_step": None, "device": str(device)}  # fmt: skip
+    ckpt = out / "checkpoint.pt"
+    start = 0
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        if {**state["config"], "steps": None} != {**metrics["config"], "steps": None}:
+            raise InputError(f"{ckpt} was written with other settings; use another --out or delete it")
+        for p, saved in zip(params, state["params"], strict=True):
+            p.data.copy_(saved)
+        opt.load_state_dict(state["optimizer"])
+        metrics, start = state["metrics"] | {"config": metrics["config"]}, state["step"]
+        log(f"resuming from step {start} ({ckpt})")
+    log(
+        f"LoRA-{cfg.scaling}, r={cfg.rank}, η={cfg.lr:g}: {describe(scales, cfg.rank)}, {len(scales)} modules"
+    )
+    val_ids = val_ids.to(device)
+    if not metrics["heldout_nll"]:
+        metrics["heldout_nll"].append((0, heldout_nll(model, val_ids, cfg.seq_len)))
+    first = metrics["train_loss"][0][1] if metrics["train_loss"] else None
+
+    def save(step: int) -> None:
+        tmp = ckpt.with_name(".checkpoint.tmp")
+        torch.save({"config": metrics["config"], "params": [p.detach().cpu() for p in params],
+                    "optimizer": opt.state_dict(), "metrics": metrics, "step": step}, tmp)  # fmt: skip
+        os.replace(tmp, ckpt)
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+
+    for step in tqdm(
+        range(start, cfg.steps), desc="LoRA fine-tune", disable=not progress, initial=start, total=cfg.steps
+    ):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # batch depends only on the step
+        loss = _shifted_nll(model, _windows(train_ids, cfg.batch_size, cfg.seq_len, gen).to(device))
+        value = float(loss.detach())
+        first = value if first is None else first
+        if not math.isfinite(value) or value > cfg.blowup * first:
+            metrics["diverged_step"] = step + 1
+            atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+            raise DivergenceError(
+                f"training diverged at step {step + 1} (loss {value:.4g}); metrics kept in {out}", step + 1
+            )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        metrics["train_loss"].append((step + 1, value))
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            metrics["heldout_nll"].append((step + 1, heldout_nll(model, val_ids, cfg.seq_len)))
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save(step + 1)
+    model.save_pretrained(out / "adapter")
+    metrics["final_heldout_nll"] = metrics["heldout_nll"][-1][1]
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    _plot(metrics, out / "loss.png")
+    return metrics
+
+
+def _plot(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    tl, hl = metrics["train_loss"], metrics["heldout_nll"]
+    ax.plot([s for s, _ in tl], [v for _, v in tl], lw=0.8, label="train NLL")
+    ax.plot([s for s, _ in hl], [v for _, v in hl], "o-", label="held-out NLL")
+    c = metrics["config"]
+    ax.set_title(f"LoRA-{c['scaling']}, r={c['rank']}, η={c['lr']:g}, γ={c['gamma']:g}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(".loss.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    plt.close(fig)

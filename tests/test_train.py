@@ -1,0 +1,94 @@
+"""The training path on a tiny Llama built locally (CPU, offline)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from signal_drift import InputError  # noqa: E402
+from signal_drift._errors import DivergenceError  # noqa: E402
+from signal_drift.train import TrainConfig, build_base_model, train  # noqa: E402
+from signal_drift.train.data import ByteTokenizer, offline_text  # noqa: E402
+
+SMALL = dict(batch_size=8, seq_len=32, eval_every=5, checkpoint_every=3, pretrain_steps=30, rank=4)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return build_base_model(tmp_path_factory.mktemp("base") / "model", steps=30, seq_len=32)
+
+
+def quiet(*_):
+    pass
+
+
+def test_offline_domains_are_real_text():
+    a, b = offline_text("pydoc"), offline_text("docstrings")
+    assert len(a) > 100_000 and len(b) > 100_000 and a[:200] != b[:200]
+    assert ByteTokenizer().decode(ByteTokenizer().encode(b[:500])) == b[:500]
+
+
+def test_a_few_steps_lower_the_heldout_nll(tmp_path, base):
+    m = train(TrainConfig(model=str(base), steps=15, lr=3e-4, out=str(tmp_path), **SMALL), log=quiet)
+    assert m["final_heldout_nll"] < m["heldout_nll"][0][1]
+    assert len(m["scales"]) == 14 and len(set(m["scales"].values())) == 1  # Variant I: one scale, 256/√r
+    assert abs(next(iter(m["scales"].values())) - 128.0) < 1e-9
+    assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "adapter").is_dir()
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path, base):
+    cfg = dict(model=str(base), lr=1e-3, **SMALL)
+    full = train(TrainConfig(steps=9, out=str(tmp_path / "full"), **cfg), log=quiet)
+    train(
+        TrainConfig(steps=6, out=str(tmp_path / "cut"), **cfg), log=quiet
+    )  # "interrupted" after a checkpoint
+    notes = []
+    resumed = train(TrainConfig(steps=9, out=str(tmp_path / "cut"), **cfg), log=notes.append)
+    assert any("resuming from step 6" in n for n in notes)
+    assert [s for s, _ in resumed["train_loss"]] == list(range(1, 10))
+    torch.testing.assert_close(
+        torch.tensor(resumed["train_loss"]), torch.tensor(full["train_loss"]), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_divergence_stops_names_the_step_and_keeps_metrics(tmp_path, base):
+    with pytest.raises(DivergenceError) as err:
+        train(TrainConfig(model=str(base), steps=30, lr=5.0, out=str(tmp_path), **SMALL), log=quiet)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["diverged_step"] == err.value.step and 1 < err.value.step <= 30
+
+
+def test_variant2_uses_per_module_fan_in(tmp_path, base):
+    m = train(
+        TrainConfig(model=str(base), steps=1, scaling="variant2", out=str(tmp_path), **SMALL), log=quiet
+    )
+    s = m["scales"]
+    # √(3 n r)/r: fan-in 128 for attention and gate/up, 256 for down_proj
+    assert abs(s["model.layers.0.self_attn.q_proj"] - (3 * 128 * 4) ** 0.5 / 4) < 1e-9
+    assert abs(s["model.layers.0.mlp.down_proj"] - (3 * 256 * 4) ** 0.5 / 4) < 1e-9
+
+
+def test_user_corpus_and_bad_inputs(tmp_path, base):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  ")
+    with pytest.raises(InputError, match="empty"):
+        train(
+            TrainConfig(model=str(base), data=str(empty), steps=1, out=str(tmp_path / "o"), **SMALL),
+            log=quiet,
+        )
+    with pytest.raises(InputError, match="config.json"):
+        TrainConfig(model=str(tmp_path)).validate()
+
+
+@pytest.mark.parametrize("args,needle", [(["--rank", "0"], "--rank=0"), (["--scaling", "huge"], "--scaling"),
+                                         (["--model", "/nonexistent"], "--model")])  # fmt: skip
+def test_cli_rejects_bad_input(tmp_path, args, needle):
+    r = subprocess.run([sys.executable, "-m", "signal_drift.train", *args, "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
