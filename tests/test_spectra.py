@@ -170,3 +170,20 @@ def test_exact_fft_diagonalises_h_and_agrees_with_lanczos_and_exact_trace():
     assert math.isclose(e.max(), s["lambda_max_fft"], rel_tol=1e-8)
     assert math.isclose(e.min(), s["lambda_min_fft"], rel_tol=1e-8, abs_tol=1e-12)
     assert math.isclose(s["trace_fft_dense"], s["trace_fft"], rel_tol=1e-10)
+
+
+def test_spectra_cli_refuses_a_dense_matrix_above_the_memory_budget(tmp_path):
+    import os
+
+    env = dict(os.environ, SIGNAL_DRIFT_MAX_DENSE_BYTES="10000")
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "-m", "signal_drift.spectra", "--dim", "6", "--rank", "2", "--samples", "16",
+                        "--out", str(out)], capture_output=True, text=True, env=env)  # fmt: skip
+    assert (
+        r.returncode == 2
+        and "needs" in r.stderr
+        and "matrix-free" in r.stderr
+        and "Traceback" not in r.stderr
+    )
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "H_signal" in errors[0] and not out.exists()
