@@ -154,12 +154,8 @@ class SignalOperator(LinearOperator):
         P = self.shape[0]
         check_dense("H_signal", P, P, self.dtype, alternative="the matrix-free SignalOperator", budget=budget)
         out = torch.zeros(P, P, dtype=self.dtype, device=self.device)
-        step = self.chunk_size
-        for i in range(0, P, step):
-            k = min(step, P - i)
-            E = torch.zeros(P, k, dtype=self.dtype, device=self.device)
-            E[torch.arange(i, i + k), torch.arange(k)] = 1
-            Jc = self.J._matmat(E)
+        for i in range(0, P, self.chunk_size):
+            Jc = self.J._matmat(self._basis_block(i))
             nz = torch.nonzero(Jc.abs().amax(0) > 0).flatten()
             if len(nz):
                 out[:, i + nz] = self.J._rmatmat(self.H.matmat(Jc[:, nz]))

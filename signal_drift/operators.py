@@ -191,14 +191,17 @@ class LinearOperator:
             budget=budget,
         )
         P = self.shape[1]
-        cols = []
-        for i in range(0, P, self.chunk_size):
-            k = min(self.chunk_size, P - i)
-            E = torch.zeros(P, k, dtype=self.dtype, device=self.device)
-            E[torch.arange(i, i + k), torch.arange(k)] = 1
-            cols.append(self._matmat(E))
+        cols = [self._matmat(self._basis_block(i)) for i in range(0, P, self.chunk_size)]
         D = torch.cat(cols, dim=1)
         return 0.5 * (D + D.T) if self.symmetric else D
+
+    def _basis_block(self, start: int) -> torch.Tensor:
+        """Columns ``start … start + chunk_size − 1`` of the ``[P, P]`` identity (fewer at the end)."""
+        P = self.shape[1]
+        k = min(self.chunk_size, P - start)
+        E = torch.zeros(P, k, dtype=self.dtype, device=self.device)
+        E[torch.arange(start, start + k), torch.arange(k)] = 1
+        return E
 
     def to_scipy(self, dtype: np.dtype | type = np.float64) -> spla.LinearOperator:
         """A :class:`scipy.sparse.linalg.LinearOperator` over NumPy arrays (the SciPy bridge)."""

@@ -249,7 +249,7 @@ def run_spectra(
             # positive scalings keep the order: only H_θ(α) needs its own eigendecomposition
             e = {"lora": torch.linalg.eigvalsh(S + D), "signal": a * a * eS1, "drift": a * eD1}
             eig_lora.append(e["lora"].cpu().numpy())
-            _append(per, e, S, D, problem.with_alpha(a), K, summary["lambda_max_fft"], None)
+            _append(per, e, S, D, problem.with_alpha(a), K, summary["lambda_max_fft"])
         lap("lora_spectra")
         checks = {}
         for a in (alphas[0], alphas[-1]):
@@ -284,18 +284,14 @@ def run_spectra(
             eig_lora.append(e["lora"].cpu().numpy())
             Ka = Ha.partial_traces() if hasattr(Ha, "partial_traces") else None
             lam = float(lanczos_eigs(Ha, 1, "LA", steps=60, seed=cfg.seed).values[-1])
-            _append(per, e, S, D, pa, Ka, lam, None)
+            _append(per, e, S, D, pa, Ka, lam)
         lap("trained_spectra")
     summary.update(per)
     finite = [i for i, v in enumerate(per["norm_signal"]) if np.isfinite(v)]
     xs = [alphas[i] for i in finite]
-    summary["slope_signal"] = (
-        loglog_slope(xs, [per["norm_signal"][i] for i in finite]) if len(xs) > 1 else None
-    )
-    summary["slope_drift"] = loglog_slope(xs, [per["norm_drift"][i] for i in finite]) if len(xs) > 1 else None
-    summary["slope_drift_to_signal"] = (
-        loglog_slope(xs, [per["drift_to_signal"][i] for i in finite]) if len(xs) > 1 else None
-    )
+    for key, series in (("slope_signal", "norm_signal"), ("slope_drift", "norm_drift"),
+                        ("slope_drift_to_signal", "drift_to_signal")):  # fmt: skip
+        summary[key] = loglog_slope(xs, [per[series][i] for i in finite]) if len(xs) > 1 else None
     arrays["eig_lora"] = np.array(eig_lora)
     arrays["alphas"] = np.array(alphas)
     summary["config"] = asdict(cfg)
@@ -306,7 +302,7 @@ def run_spectra(
     return res
 
 
-def _append(per, e, S, D, pa: LoraProblem, K, lam_fft, diverged):
+def _append(per, e, S, D, pa: LoraProblem, K, lam_fft):
     ns, nd = float(torch.linalg.matrix_norm(S)), float(torch.linalg.matrix_norm(D))
     per["lambda_max_lora"].append(float(e["lora"][-1]))
     per["lambda_min_lora"].append(float(e["lora"][0]))
@@ -325,7 +321,7 @@ def _append(per, e, S, D, pa: LoraProblem, K, lam_fft, diverged):
     per["negative_mass_signal"].append(_neg_mass(e["signal"]))
     per["negative_count_lora"].append(int((e["lora"] < 0).sum()))
     per["lambda_max_fft_at_point"].append(lam_fft)
-    per["diverged_step"].append(diverged)
+    per["diverged_step"].append(None)
 
 
 def _append_nan(per, step: int) -> None:

@@ -221,12 +221,15 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
         metrics["heldout_nll"].append((0, heldout_nll(model, val_ids, cfg.seq_len)))
     first = metrics["train_loss"][0][1] if metrics["train_loss"] else None
 
+    def write_metrics() -> None:
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+
     def save(step: int) -> None:
         tmp = ckpt.with_name(".checkpoint.tmp")
         torch.save({"config": metrics["config"], "params": [p.detach().cpu() for p in params],
                     "optimizer": opt.state_dict(), "metrics": metrics, "step": step}, tmp)  # fmt: skip
         os.replace(tmp, ckpt)
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+        write_metrics()
 
     for step in tqdm(
         range(start, cfg.steps), desc="LoRA fine-tune", disable=not progress, initial=start, total=cfg.steps
@@ -237,7 +240,7 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
         first = value if first is None else first
         if not math.isfinite(value) or value > cfg.blowup * first:
             metrics["diverged_step"] = step + 1
-            atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+            write_metrics()
             raise DivergenceError(
                 f"training diverged at step {step + 1} (loss {value:.4g}); metrics kept in {out}", step + 1
             )
@@ -251,7 +254,7 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
             save(step + 1)
     model.save_pretrained(out / "adapter")
     metrics["final_heldout_nll"] = metrics["heldout_nll"][-1][1]
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    write_metrics()
     _plot(metrics, out / "loss.png")
     return metrics
 
