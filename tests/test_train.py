@@ -1,6 +1,7 @@
 """The training path on a tiny Llama built locally (CPU, offline)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -39,6 +40,52 @@ def test_a_few_steps_lower_the_heldout_nll(tmp_path, base):
     assert len(m["scales"]) == 14 and len(set(m["scales"].values())) == 1  # Variant I: one scale, 256/√r
     assert abs(next(iter(m["scales"].values())) - 128.0) < 1e-9
     assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "adapter").is_dir()
+    assert m["precision"] == "fp32" and m["processes"] == 1  # "auto" on a CPU
+
+
+def test_every_step_is_split_into_signal_and_drift_per_layer(tmp_path, base):
+    m = train(TrainConfig(model=str(base), steps=4, lr=1e-3, out=str(tmp_path), **SMALL), log=quiet)
+    norms = m["update_norms"]
+    assert len(norms) == 14 and all([r[0] for r in rows] == [1, 2, 3, 4] for rows in norms.values())
+    assert all(s > 0 for rows in norms.values() for _, s, _ in rows)
+    assert all(rows[1][2] > 0 for rows in norms.values())  # drift appears once B != 0
+    assert (tmp_path / "signal_drift.png").stat().st_size > 0
+
+
+def test_bf16_autocast_trains(tmp_path, base):
+    m = train(TrainConfig(model=str(base), steps=10, lr=3e-4, precision="bf16", out=str(tmp_path), **SMALL),
+              log=quiet)  # fmt: skip
+    assert m["precision"] == "bf16" and m["final_heldout_nll"] < m["heldout_nll"][0][1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, base):
+    """Data-parallel over 2 gloo ranks = the single-process run with the same global batch."""
+    flags = ["--model", str(base), "--steps", "4", "--lr", "1e-3", "--batch-size", "8", "--seq-len", "32",
+             "--eval-every", "2", "--checkpoint-every", "2", "--rank", "4", "--monitor-every", "0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "signal_drift.train", *flags, "--out", str(tmp_path / "one")],
+                       capture_output=True, text=True, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(_free_port()), "-m", "signal_drift.train", *flags, "--out", str(tmp_path / "two")],
+                       capture_output=True, text=True, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
+    assert one["processes"] == 1 and two["processes"] == 2
+    torch.testing.assert_close(
+        torch.tensor(two["train_loss"]), torch.tensor(one["train_loss"]), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        torch.tensor(two["heldout_nll"]), torch.tensor(one["heldout_nll"]), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_resume_continues_exactly_where_it_stopped(tmp_path, base):
@@ -54,6 +101,9 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, base):
     torch.testing.assert_close(
         torch.tensor(resumed["train_loss"]), torch.tensor(full["train_loss"]), rtol=1e-5, atol=1e-6
     )
+    name = "model.layers.1.mlp.down_proj"
+    torch.testing.assert_close(torch.tensor(resumed["update_norms"][name]), torch.tensor(full["update_norms"][name]),
+                               rtol=1e-4, atol=1e-9)  # fmt: skip
 
 
 def test_divergence_stops_names_the_step_and_keeps_metrics(tmp_path, base):
@@ -86,7 +136,8 @@ def test_user_corpus_and_bad_inputs(tmp_path, base):
 
 
 @pytest.mark.parametrize("args,needle", [(["--rank", "0"], "--rank=0"), (["--scaling", "huge"], "--scaling"),
-                                         (["--model", "/nonexistent"], "--model")])  # fmt: skip
+                                         (["--model", "/nonexistent"], "--model"), (["--precision", "fp8"], "--precision"),
+                                         (["--monitor-every", "-1"], "--monitor-every")])  # fmt: skip
 def test_cli_rejects_bad_input(tmp_path, args, needle):
     r = subprocess.run([sys.executable, "-m", "signal_drift.train", *args, "--out", str(tmp_path / "o")],
                        capture_output=True, text=True)  # fmt: skip

@@ -9,11 +9,14 @@ takes a ``.txt`` or ``.jsonl`` corpus. Held-out NLL (paper Eq. 1) on the corpus 
 Checkpoints (adapter + optimizer + step + metrics) are written atomically every
 ``checkpoint_every`` steps; rerunning the same command resumes from the last one. Divergence
 (NaN/Inf or loss > ``blowup ×`` its first value) stops training, names the step and keeps
-everything written so far.
+everything written so far. Every optimizer step is split into per-layer signal and drift
+(:mod:`.monitor`). On CUDA the forward runs in bf16 autocast (``precision="auto"``) and
+``torchrun --nproc_per_node K -m signal_drift.train ...`` trains data-parallel (:mod:`._dist`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,7 +28,9 @@ from tqdm.auto import tqdm
 
 from .._errors import DivergenceError, InputError, check_finite, check_positive_float, check_positive_int
 from ..io import atomic_write_text
+from ._dist import setup
 from .data import ByteTokenizer, load_text, offline_text, split_ids
+from .monitor import SignalDriftMonitor
 
 __all__ = ["TrainConfig", "build_base_model", "load_model", "heldout_nll", "train"]
 
@@ -48,6 +53,8 @@ class TrainConfig:
     checkpoint_every: int = 50
     pretrain_steps: int = 300
     blowup: float = 10.0
+    precision: str = "auto"
+    monitor_every: int = 1
     seed: int = 0
     out: str = "out/train"
 
@@ -63,14 +70,30 @@ class TrainConfig:
             check_positive_float(f"--{name}", getattr(self, name))
         if self.pretrain_steps < 0:
             raise InputError("--pretrain-steps must be >= 0")
+        if self.monitor_every < 0:
+            raise InputError("--monitor-every must be >= 0 (0 turns the signal/drift monitor off)")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision={self.precision!r} is invalid: use one of {list(PRECISIONS)}")
         if self.model is not None and not (Path(self.model) / "config.json").is_file():
             raise InputError(
                 f"--model {self.model}: not a local Hugging Face model directory (no config.json)"
             )
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` is bf16 on a CUDA device that supports it, fp32 otherwise."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _windows(ids: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
@@ -147,8 +170,15 @@ def build_base_model(
 def load_model(path: str | Path):
     """Load a local Hugging Face causal LM (no network) and check its weights are finite."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per sweep cell is noise
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     for name, p in model.named_parameters():
         check_finite(f"model weight {name!r}", p.detach())
     return model
@@ -165,6 +195,8 @@ def _tokenizer_for(path: Path):
 def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
     """Fine-tune with LoRA under ``cfg.scaling``; returns the metrics (also in ``out/metrics.json``).
 
+    Under ``torchrun`` every rank runs this; rank 0 writes the files and returns the full metrics.
+
     Raises:
         DivergenceError: after writing metrics up to the diverged step.
     """
@@ -173,10 +205,17 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
     from ..scaling.peft import LLAMA_TARGETS, describe, effective_scales, lora_alpha_config
 
     cfg.validate()
+    dist = setup()
+    if cfg.batch_size % dist.world:
+        raise InputError(f"--batch-size={cfg.batch_size} must be a multiple of the {dist.world} processes")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
     if cfg.model is None:
-        model_dir = build_base_model(out / "base_model", cfg.pretrain_steps, cfg.seq_len, cfg.seed, progress)
+        if dist.main:
+            build_base_model(out / "base_model", cfg.pretrain_steps, cfg.seq_len, cfg.seed, progress)
+        dist.barrier()
+        model_dir = out / "base_model"
     else:
         model_dir = Path(cfg.model)
     model = load_model(model_dir)
@@ -195,48 +234,62 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
         model, cfg.scaling, cfg.rank, target_modules=targets, gamma=cfg.gamma, alpha=cfg.alpha
     )
     model = get_peft_model(model, lcfg)
-    device = _device()
-    model.to(device)
+    model.to(dist.device)
+    precision = resolve_precision(cfg.precision, dist.device)
     scales = effective_scales(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     metrics = {"config": asdict(cfg) | {"model_dir": str(model_dir)}, "scales": scales, "train_loss": [],
-               "heldout_nll": [], "diverged_step": None, "device": str(device)}  # fmt: skip
+               "heldout_nll": [], "diverged_step": None, "device": str(dist.device), "processes": dist.world,
+               "precision": precision, "update_norms": {}}  # fmt: skip
     ckpt = out / "checkpoint.pt"
     start = 0
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=dist.device)
         if {**state["config"], "steps": None} != {**metrics["config"], "steps": None}:
             raise InputError(f"{ckpt} was written with other settings; use another --out or delete it")
         for p, saved in zip(params, state["params"], strict=True):
             p.data.copy_(saved)
         opt.load_state_dict(state["optimizer"])
-        metrics, start = state["metrics"] | {"config": metrics["config"]}, state["step"]
+        metrics, start = metrics | state["metrics"] | {"config": metrics["config"]}, state["step"]
         log(f"resuming from step {start} ({ckpt})")
-    log(
-        f"LoRA-{cfg.scaling}, r={cfg.rank}, η={cfg.lr:g}: {describe(scales, cfg.rank)}, {len(scales)} modules"
-    )
-    val_ids = val_ids.to(device)
-    if not metrics["heldout_nll"]:
-        metrics["heldout_nll"].append((0, heldout_nll(model, val_ids, cfg.seq_len)))
+    monitor = None
+    if cfg.monitor_every and dist.main:
+        monitor = SignalDriftMonitor(model, history=metrics["update_norms"])
+    if dist.main:
+        where = f"{precision}, {dist.world} process(es) on {dist.device.type}"
+        log(f"LoRA-{cfg.scaling}, r={cfg.rank}, η={cfg.lr:g}: {describe(scales, cfg.rank)}, "
+            f"{len(scales)} modules, {where}")  # fmt: skip
+    ddp = dist.wrap(model)
+    val_ids = val_ids.to(dist.device)
+
+    def evaluate() -> float:
+        with _autocast(precision, dist.device):
+            return heldout_nll(model, val_ids, cfg.seq_len)
+
+    if not metrics["heldout_nll"] and dist.main:
+        metrics["heldout_nll"].append((0, evaluate()))
     first = metrics["train_loss"][0][1] if metrics["train_loss"] else None
 
     def write_metrics() -> None:
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+        if dist.main:
+            atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
 
     def save(step: int) -> None:
-        tmp = ckpt.with_name(".checkpoint.tmp")
-        torch.save({"config": metrics["config"], "params": [p.detach().cpu() for p in params],
-                    "optimizer": opt.state_dict(), "metrics": metrics, "step": step}, tmp)  # fmt: skip
-        os.replace(tmp, ckpt)
+        if dist.main:
+            tmp = ckpt.with_name(".checkpoint.tmp")
+            torch.save({"config": metrics["config"], "params": [p.detach().cpu() for p in params],
+                        "optimizer": opt.state_dict(), "metrics": metrics, "step": step}, tmp)  # fmt: skip
+            os.replace(tmp, ckpt)
         write_metrics()
 
-    for step in tqdm(
-        range(start, cfg.steps), desc="LoRA fine-tune", disable=not progress, initial=start, total=cfg.steps
-    ):
+    for step in tqdm(range(start, cfg.steps), desc="LoRA fine-tune", disable=not (progress and dist.main),
+                     initial=start, total=cfg.steps):  # fmt: skip
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # batch depends only on the step
-        loss = _shifted_nll(model, _windows(train_ids, cfg.batch_size, cfg.seq_len, gen).to(device))
-        value = float(loss.detach())
+        batch = dist.shard(_windows(train_ids, cfg.batch_size, cfg.seq_len, gen)).to(dist.device)
+        with _autocast(precision, dist.device):
+            loss = _shifted_nll(ddp, batch)
+        value = dist.mean(loss)
         first = value if first is None else first
         if not math.isfinite(value) or value > cfg.blowup * first:
             metrics["diverged_step"] = step + 1
@@ -246,36 +299,29 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
             )
         opt.zero_grad()
         loss.backward()
+        watch = monitor is not None and (step == 0 or (step + 1) % cfg.monitor_every == 0)
+        if watch:
+            monitor.before_step()
         opt.step()
+        if watch:
+            monitor.after_step(step + 1)
         metrics["train_loss"].append((step + 1, value))
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            metrics["heldout_nll"].append((step + 1, heldout_nll(model, val_ids, cfg.seq_len)))
+        if dist.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            metrics["heldout_nll"].append((step + 1, evaluate()))
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             save(step + 1)
-    model.save_pretrained(out / "adapter")
-    metrics["final_heldout_nll"] = metrics["heldout_nll"][-1][1]
-    write_metrics()
-    _plot(metrics, out / "loss.png")
+    dist.barrier()
+    if dist.main:
+        model.save_pretrained(out / "adapter")
+        metrics["final_heldout_nll"] = metrics["heldout_nll"][-1][1]
+        write_metrics()
+        from ..plotting import plot_train_loss, plot_update_norms
+
+        plot_train_loss(metrics, out / "loss.png", title=_title(cfg))
+        if metrics["update_norms"]:
+            plot_update_norms(metrics["update_norms"], out / "signal_drift.png", title=_title(cfg))
     return metrics
 
 
-def _plot(metrics: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    tl, hl = metrics["train_loss"], metrics["heldout_nll"]
-    ax.plot([s for s, _ in tl], [v for _, v in tl], lw=0.8, label="train NLL")
-    ax.plot([s for s, _ in hl], [v for _, v in hl], "o-", label="held-out NLL")
-    c = metrics["config"]
-    ax.set_title(f"LoRA-{c['scaling']}, r={c['rank']}, η={c['lr']:g}, γ={c['gamma']:g}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats / token")
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(".loss.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-    plt.close(fig)
+def _title(cfg: TrainConfig) -> str:
+    return f"LoRA-{cfg.scaling}, r={cfg.rank}, η={cfg.lr:g}, γ={cfg.gamma:g}"

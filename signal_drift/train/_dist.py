@@ -1,0 +1,73 @@
+"""Process-group plumbing for ``torchrun``: one process per GPU (NCCL) or per CPU worker (gloo).
+
+Under ``torchrun --nproc_per_node K``, each rank trains on a contiguous ``1/K`` slice of the
+same global batch and DDP averages the gradients, so the run equals the single-process run
+with the same ``--batch-size`` (up to float round-off). Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Dist", "setup"]
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits: ``rank`` of ``world`` processes, on ``device``."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        """True on the process that writes files and logs."""
+        return self.rank == 0
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        """The contiguous slice, for this rank, of a global batch (first dimension)."""
+        if self.world == 1:
+            return batch
+        per = batch.shape[0] // self.world
+        return batch[self.rank * per : (self.rank + 1) * per]
+
+    def mean(self, value: torch.Tensor) -> float:
+        """Mean of a scalar over ranks (every rank gets the same number)."""
+        if self.world == 1:
+            return float(value.detach())
+        v = value.detach().float().reshape(1).clone()
+        torch.distributed.all_reduce(v)
+        return float(v) / self.world
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in a single process)."""
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``DistributedDataParallel`` around ``model`` when there is more than one rank."""
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+
+def setup() -> Dist:
+    """Join the ``torchrun`` process group if ``WORLD_SIZE > 1``; pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world == 1:
+        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    return Dist(rank=torch.distributed.get_rank(), world=world, device=device)

@@ -1,0 +1,165 @@
+"""Sweeps of the training path: the η- and α-scaling paths (paper Eq. 2) and the α*(r) fit (Eq. 3).
+
+From a baseline ``(α0, η_FFT)`` per rank, the η-scaling path trains ``(α0, k·η_FFT)`` and the
+α-scaling path ``(k·α0, η_FFT)`` for each multiplier ``k`` (``k = 1`` is shared). Each cell is
+one :func:`~signal_drift.train.train` run with the fixed-α rule (scale ``γα/r``), scored by its
+final held-out NLL; cells land in a resumable JSONL through :func:`~signal_drift.sweep.run_grid`
+(and each run resumes from its own checkpoint), so an interrupted sweep loses nothing finished.
+
+α*(r) is the best α on the α-scaling path (η fixed at η_FFT); ``α* = c·r^k`` is fitted in
+log–log space with a 95 % CI (:func:`~signal_drift.sweep.fit_power_law`).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .._errors import DivergenceError, InputError, check_positive_float, check_positive_int
+from ..sweep import analyse, cell_key, run_grid
+
+__all__ = ["TrainSweepConfig", "path_cells", "analyse_paths", "run_train_sweep"]
+
+
+@dataclass(frozen=True)
+class TrainSweepConfig:
+    """Settings of ``python -m signal_drift.train sweep``.
+
+    Attributes:
+        base_alpha: α0 of the baseline; ``None`` means the heuristic α0 = r for each rank.
+        base_lr: η_FFT, the baseline learning rate shared by both paths.
+        multipliers: the k of Eq. 2.
+    """
+
+    model: str | None = None
+    data: str | None = None
+    ranks: tuple[int, ...] = (4, 8)
+    base_alpha: float | None = None
+    base_lr: float = 1e-4
+    multipliers: tuple[float, ...] = (1, 4, 16, 64)
+    gamma: float = 1.0
+    steps: int = 100
+    batch_size: int = 16
+    seq_len: int = 128
+    pretrain_steps: int = 300
+    seed: int = 0
+    out: str = "out/train_sweep"
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` naming the first invalid field."""
+        if not self.ranks or not self.multipliers:
+            raise InputError("--ranks and --multipliers need at least one value each")
+        for r in self.ranks:
+            check_positive_int("--ranks", r)
+        for k in self.multipliers:
+            check_positive_float("--multipliers", k)
+        if self.base_alpha is not None:
+            check_positive_float("--base-alpha", self.base_alpha)
+        check_positive_float("--base-lr", self.base_lr)
+        check_positive_float("--gamma", self.gamma)
+        for name in ("steps", "batch_size", "seq_len"):
+            check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
+        if self.model is not None and not (Path(self.model) / "config.json").is_file():
+            raise InputError(
+                f"--model {self.model}: not a local Hugging Face model directory (no config.json)"
+            )
+
+    def alpha0(self, rank: int) -> float:
+        """The baseline α0 of ``rank``."""
+        return float(rank) if self.base_alpha is None else float(self.base_alpha)
+
+
+def path_cells(cfg: TrainSweepConfig, model_dir: str) -> list[dict]:
+    """The cells of both paths of Eq. 2 for every rank, without duplicates (``k = 1`` is shared)."""
+    cells, seen = [], set()
+    for r in cfg.ranks:
+        a0 = cfg.alpha0(r)
+        for k in cfg.multipliers:
+            for alpha, lr in ((a0, k * cfg.base_lr), (k * a0, cfg.base_lr)):
+                cell = {"model": model_dir, "data": cfg.data, "rank": r, "alpha": float(alpha),
+                        "lr": float(lr), "gamma": cfg.gamma, "steps": cfg.steps,
+                        "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed}  # fmt: skip
+                if cell_key(cell) not in seen:
+                    seen.add(cell_key(cell))
+                    cells.append(cell)
+    return cells
+
+
+def _cell_dir(cell: dict) -> str:
+    return f"r{cell['rank']}_alpha{cell['alpha']:g}_lr{cell['lr']:g}"
+
+
+def _run_cell(cell: dict, out: Path) -> dict:
+    from . import TrainConfig, train
+
+    steps = cell["steps"]
+    cfg = TrainConfig(model=cell["model"], data=cell["data"], scaling="fixed", rank=cell["rank"],
+                      alpha=cell["alpha"], lr=cell["lr"], gamma=cell["gamma"], steps=steps,
+                      batch_size=cell["batch_size"], seq_len=cell["seq_len"], eval_every=steps,
+                      checkpoint_every=max(steps // 4, 1), monitor_every=max(steps // 20, 1),
+                      seed=cell["seed"], out=str(out / "cells" / _cell_dir(cell)))  # fmt: skip
+    try:
+        m = train(cfg, log=lambda _: None)
+    except DivergenceError as err:
+        return {"heldout_nll": math.nan, "diverged_step": err.step, "sdr_median": math.nan}
+    sdr = [s / d for rows in m["update_norms"].values() for _, s, d in rows if d > 0]
+    return {"heldout_nll": m["final_heldout_nll"], "diverged_step": None,
+            "sdr_median": statistics.median(sdr) if sdr else math.inf}  # fmt: skip
+
+
+def _is_cell(cell: dict, rank: int, alpha: float, lr: float) -> bool:
+    return cell["rank"] == rank and math.isclose(cell["alpha"], alpha) and math.isclose(cell["lr"], lr)
+
+
+def analyse_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
+    """Loss and SDR along both paths per rank, the best k of each, and α*(r) with its fit.
+
+    Returns:
+        ``{"paths": {r: {"eta": [[k, nll, sdr]], "alpha": [...]}}, "best_k": {r: {"eta": k, "alpha": k}},
+        "alpha_path": analyse(α-path records)}`` (the last holds ``alpha_star`` and ``fit``).
+    """
+    paths, best_k, alpha_recs = {}, {}, []
+    for r in cfg.ranks:
+        a0 = cfg.alpha0(r)
+        rows = {"eta": [], "alpha": []}
+        for k in cfg.multipliers:
+            for path, alpha, lr in (("eta", a0, k * cfg.base_lr), ("alpha", k * a0, cfg.base_lr)):
+                rec = next((rec for rec in records if _is_cell(rec["cell"], r, alpha, lr)), None)
+                if rec is not None:
+                    rows[path].append([float(k), rec["heldout_nll"], rec.get("sdr_median", math.nan)])
+                    if path == "alpha":
+                        alpha_recs.append(rec)
+        paths[str(r)] = rows
+        best_k[str(r)] = {
+            p: min((row for row in v if math.isfinite(row[1])), key=lambda row: row[1], default=[None])[0]
+            for p, v in rows.items()
+        }
+    return {"paths": paths, "best_k": best_k, "alpha_path": analyse(alpha_recs, metric="heldout_nll")}
+
+
+def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) -> tuple[dict, list[dict]]:
+    """Run (or resume) every cell; write ``sweep.jsonl``, ``sweep.json`` and ``eq2.png`` under ``cfg.out``."""
+    import json
+
+    from ..io import atomic_write_text
+    from ..plotting import plot_scaling_paths
+    from . import build_base_model
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.model is None:
+        model_dir = str(
+            build_base_model(out / "base_model", cfg.pretrain_steps, cfg.seq_len, cfg.seed, progress)
+        )
+    else:
+        model_dir = cfg.model
+    cells = path_cells(cfg, model_dir)
+    records = run_grid(cells, lambda c: _run_cell(c, out), out / "sweep.jsonl", progress=progress, log=log)
+    result = {"config": asdict(cfg), **analyse_paths(records, cfg)}
+    atomic_write_text(out / "sweep.json", json.dumps(result, indent=1) + "\n")
+    plot_scaling_paths(result, out / "eq2.png")
+    return result, records

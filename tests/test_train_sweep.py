@@ -1,0 +1,83 @@
+"""`train sweep`: the Eq. 2 paths and the Eq. 3 fit on a tiny local Llama."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from signal_drift.sweep import cell_key  # noqa: E402
+from signal_drift.train import build_base_model  # noqa: E402
+from signal_drift.train.sweep import TrainSweepConfig, analyse_paths, path_cells, run_train_sweep  # noqa: E402
+
+
+def test_paths_share_only_the_baseline_cell():
+    cfg = TrainSweepConfig(ranks=(2, 8), multipliers=(1, 4, 16), base_lr=1e-3)
+    cells = path_cells(cfg, "m")
+    assert len(cells) == 2 * (2 * 3 - 1) and len({cell_key(c) for c in cells}) == len(cells)
+    r8 = {(c["alpha"], c["lr"]) for c in cells if c["rank"] == 8}
+    assert r8 == {(8.0, 1e-3), (8.0, 4e-3), (8.0, 16e-3), (32.0, 1e-3), (128.0, 1e-3)}
+    fixed = path_cells(TrainSweepConfig(ranks=(2,), multipliers=(1, 4), base_alpha=16.0), "m")
+    assert {c["alpha"] for c in fixed} == {16.0, 64.0}
+
+
+def _records(cfg, loss):
+    return [
+        {"key": cell_key(c), "cell": c, "heldout_nll": loss(c), "sdr_median": 1.0}
+        for c in path_cells(cfg, "m")
+    ]
+
+
+def test_alpha_star_and_its_fit_come_from_the_alpha_path():
+    cfg = TrainSweepConfig(ranks=(1, 4, 16), multipliers=(1, 2, 4, 8, 16, 32, 64, 128, 256), base_alpha=1.0)
+    # a loss whose minimum over α sits at 8√r, whatever η is: the fit must find k = 1/2, c = 8
+    res = analyse_paths(
+        _records(cfg, lambda c: math.log(c["alpha"] / (8 * c["rank"] ** 0.5)) ** 2 + c["lr"]), cfg
+    )
+    assert res["alpha_path"]["alpha_star"] == {"1": 8.0, "4": 16.0, "16": 32.0}
+    assert math.isclose(res["alpha_path"]["fit"]["k"], 0.5) and math.isclose(
+        res["alpha_path"]["fit"]["c"], 8.0
+    )
+    assert res["best_k"]["4"] == {"alpha": 16.0, "eta": 1.0}
+
+
+def test_diverged_cells_are_never_best():
+    cfg = TrainSweepConfig(ranks=(2,), multipliers=(1, 2, 4))
+    res = analyse_paths(_records(cfg, lambda c: math.nan if c["lr"] > 1e-4 else -c["alpha"]), cfg)
+    assert res["best_k"]["2"] == {"eta": 1.0, "alpha": 4.0}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    base = build_base_model(tmp_path_factory.mktemp("base") / "model", steps=30, seq_len=32)
+    cfg = TrainSweepConfig(model=str(base), ranks=(2, 4), multipliers=(1, 8), steps=6, batch_size=8, seq_len=32,
+                           out=str(tmp_path_factory.mktemp("sweep")))  # fmt: skip
+    return cfg, *run_train_sweep(cfg, log=lambda _: None)
+
+
+def test_sdr_falls_along_the_eta_path_and_not_along_the_alpha_path(sweep):
+    """Prop. 4 on a real model: SDR ∝ 1/η and independent of α (a band around the prediction)."""
+    _, result, _ = sweep
+    for paths in result["paths"].values():
+        (_, _, s1), (_, _, s8) = paths["eta"]
+        assert 1 / 16 < s8 / s1 < 1 / 4  # ≈ 1/8
+        (_, _, a1), (_, _, a8) = paths["alpha"]
+        assert 0.8 < a8 / a1 < 1.25
+
+
+def test_a_rerun_resumes_every_finished_cell(sweep):
+    cfg, result, records = sweep
+    notes = []
+    again, records2 = run_train_sweep(cfg, log=notes.append)
+    assert notes == [f"resuming: 6 of 6 cells already in {cfg.out}/sweep.jsonl"]
+    assert again == result and records2 == records
+
+
+def test_cli_rejects_bad_input(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "signal_drift.train", "sweep", "--ranks", "0", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "--ranks" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
