@@ -32,7 +32,7 @@ from ._dist import setup
 from .data import ByteTokenizer, load_text, offline_text, split_ids
 from .monitor import SignalDriftMonitor
 
-__all__ = ["TrainConfig", "build_base_model", "load_model", "heldout_nll", "train"]
+__all__ = ["TrainConfig", "build_base_model", "load_model", "corpus_ids", "heldout_nll", "train"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,8 @@ def _windows(ids: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) 
 def _shifted_nll(model, x: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=x[:, :-1]).logits
     return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1)
+        logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
+        x[:, 1:].reshape(-1),
     )
 
 
@@ -167,21 +168,41 @@ def build_base_model(
     return cache
 
 
-def load_model(path: str | Path):
-    """Load a local Hugging Face causal LM (no network) and check its weights are finite."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """Load a local Hugging Face causal LM (no network) and check its weights are finite.
+
+    Args:
+        path: a local directory in Hugging Face format (``config.json`` + weights).
+        dtype: parameter dtype.
+        attn_implementation: e.g. ``"eager"`` where second derivatives are needed (HVPs).
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per sweep cell is noise
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+        kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kw)
     finally:
         if bar:
             hf_logging.enable_progress_bar()
     for name, p in model.named_parameters():
         check_finite(f"model weight {name!r}", p.detach())
     return model
+
+
+def corpus_ids(model, model_dir: str | Path, data: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and held-out token ids of ``data`` (default: the offline docstrings) for ``model``."""
+    tok = _tokenizer_for(Path(model_dir))
+    text = offline_text("docstrings") if data is None else load_text(data)
+    train_ids, val_ids = split_ids(tok.encode(text))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if int(max(train_ids.max(), val_ids.max())) >= vocab:
+        raise InputError(
+            f"--data: token ids exceed the model's vocabulary ({vocab}); give the model a tokenizer"
+        )
+    return train_ids, val_ids
 
 
 def _tokenizer_for(path: Path):
@@ -219,14 +240,7 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
     else:
         model_dir = Path(cfg.model)
     model = load_model(model_dir)
-    tok = _tokenizer_for(model_dir)
-    text = offline_text("docstrings") if cfg.data is None else load_text(cfg.data)
-    train_ids, val_ids = split_ids(tok.encode(text))
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if int(max(train_ids.max(), val_ids.max())) >= vocab:
-        raise InputError(
-            f"--data: token ids exceed the model's vocabulary ({vocab}); give the model a tokenizer"
-        )
+    train_ids, val_ids = corpus_ids(model, model_dir, cfg.data)
     present = [t for t in LLAMA_TARGETS if any(n.endswith("." + t) for n, _ in model.named_modules())]
     targets = present or ["c_attn", "c_proj", "c_fc"]
     torch.manual_seed(cfg.seed)

@@ -1,0 +1,306 @@
+"""Measured per-layer α: match each layer's signal curvature at init to its FFT curvature.
+
+For an adapted layer ``W ∈ R^{m×n}`` with its actual LoRA init ``A ∈ R^{r×n}`` and ``B = 0``,
+the signal Hessian of ``B`` is ``s² J0ᵀ H_ll J0`` with ``s = α/r``, ``J0 vec(Z) = vec(Z A)``,
+and ``H_ll = ∇²_W L`` the layer's diagonal block of the FFT Hessian (Prop. 1, 3). Two ways to
+make it match ``H_ll``:
+
+- **trace** (the empirical Corollary 1, no Gaussian assumption on A or isotropy of H):
+  ``α_tr = r · √(tr H_ll / tr(J0ᵀ H_ll J0))``, both traces by Hutchinson on per-layer HVPs.
+- **λ_max**: ``α_λ = r · √(λ_max(H_ll) / λ_max(J0ᵀ H_ll J0))``, by Lanczos on per-layer HVPs.
+
+Per-layer HVPs (direction zero outside the layer) keep the other layers' blocks out of the
+estimate; a joint probe over all layers is unbiased too but its variance carries every
+cross-layer block and was useless in practice. Cost: ``layers × (2 probes + 2 Lanczos steps)``
+HVPs, each about two backward passes of one calibration batch.
+
+With Gaussian A and isotropic curvature ``α_tr → √(r/σ²)`` (Corollary 1, Variant II). The
+paper names the gap between the trace and λ_max criteria as open; ``α_λ / α_tr`` measures it.
+
+HVPs are reverse-over-reverse through the model (``autograd.grad`` of the retained gradient
+graph of one calibration batch), so any architecture and activation works; attention is
+loaded in its eager form, whose second derivative exists everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .._errors import InputError, check_positive_int
+from ..operators import FunctionOperator, LinearOperator
+
+__all__ = ["CalibrateConfig", "LayerCurvature", "calibrate_model", "calibrate"]
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """Settings of ``python -m signal_drift.calibrate`` (the CLI's flags)."""
+
+    model: str | None = None
+    data: str | None = None
+    rank: int = 8
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    init: str = "kaiming_uniform"
+    samples: int = 8
+    seq_len: int = 128
+    probes: int = 64
+    lanczos_steps: int = 40
+    dtype: str = "float64"
+    pretrain_steps: int = 300
+    seed: int = 0
+    out: str = "out/calibrate"
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` naming the first invalid field."""
+        for name in ("rank", "samples", "seq_len", "lanczos_steps"):
+            check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
+        if self.probes < 2:
+            raise InputError(f"--probes={self.probes} is invalid: need >= 2 for an error bar")
+        if self.init not in ("kaiming_uniform", "gaussian"):
+            raise InputError(
+                f"--init={self.init!r} is invalid: use 'kaiming_uniform' (PEFT default) or 'gaussian'"
+            )
+        if self.dtype not in ("float32", "float64"):
+            raise InputError(f"--dtype={self.dtype!r} is invalid: use float32 or float64")
+        if self.pretrain_steps < 0:
+            raise InputError("--pretrain-steps must be >= 0")
+        if self.model is not None and not (Path(self.model) / "config.json").is_file():
+            raise InputError(
+                f"--model {self.model}: not a local Hugging Face model directory (no config.json)"
+            )
+
+
+@dataclass(frozen=True)
+class LayerCurvature:
+    """One layer's curvature at init and the α each criterion gives.
+
+    Attributes:
+        name: module name in the base model.
+        fan_in: ``n``; ``fan_out``: ``m``.
+        sigma2: empirical variance of the layer's actual ``A``.
+        tr_H, tr_H_se: Hutchinson estimate of ``tr H_ll`` and its standard error.
+        tr_S, tr_S_se: the same for ``tr(J0ᵀ H_ll J0)``.
+        lam_H, lam_S: ``λ_max(H_ll)`` and ``λ_max(J0ᵀ H_ll J0)`` by Lanczos (NaN if not positive).
+        alpha_trace, alpha_trace_se: ``r √(tr H / tr S)`` and its delta-method standard error
+            (NaN unless both traces have one sign and lie 2 standard errors from zero).
+        alpha_lambda: ``r √(λ_max H / λ_max S)``.
+        alpha_gaussian: Corollary 1 with the empirical variance, ``√(r / σ²)``.
+    """
+
+    name: str
+    fan_in: int
+    fan_out: int
+    sigma2: float
+    tr_H: float
+    tr_H_se: float
+    tr_S: float
+    tr_S_se: float
+    lam_H: float
+    lam_S: float
+    alpha_trace: float
+    alpha_trace_se: float
+    alpha_lambda: float
+    alpha_gaussian: float
+
+
+class _Curvature:
+    """HVPs of one batch's loss w.r.t. the targeted weights, reusing one gradient graph."""
+
+    def __init__(self, loss: torch.Tensor, weights: dict[str, torch.Tensor]):
+        self.names = list(weights)
+        self.weights = [weights[n] for n in self.names]
+        self.grads = torch.autograd.grad(loss, self.weights, create_graph=True)
+
+    def block(self, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``V ↦ H_ll V`` for layer ``i`` (``V`` shaped like its weight)."""
+        g, w = self.grads[i], self.weights[i]
+        return lambda V: torch.autograd.grad(g, w, grad_outputs=V, retain_graph=True)[0]
+
+
+def _columns(fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, int]):
+    """Lift ``fn`` on ``shape``-matrices to a batched map on ``[m·n, k]`` columns."""
+    return lambda V: torch.stack([fn(v.reshape(shape)).reshape(-1) for v in V.T], dim=1)
+
+
+def layer_operators(curv: _Curvature, i: int, A: torch.Tensor) -> tuple[LinearOperator, LinearOperator]:
+    """``H_ll`` on ``R^{m·n}`` and ``J0ᵀ H_ll J0`` on ``R^{m·r}`` (``Z ↦ (H_ll (Z A)) Aᵀ``)."""
+    W = curv.weights[i]
+    m, n = W.shape
+    r = A.shape[0]
+    block = curv.block(i)
+    H = FunctionOperator(_columns(block, (m, n)), (m * n, m * n), W.dtype, W.device, symmetric=True)
+    S = FunctionOperator(
+        _columns(lambda Z: block(Z @ A) @ A.T, (m, r)), (m * r, m * r), W.dtype, W.device, symmetric=True
+    )
+    return H, S
+
+
+def calibrate_model(
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    A: dict[str, torch.Tensor],
+    loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    *,
+    probes: int = 64,
+    lanczos_steps: int = 40,
+    seed: int = 0,
+    progress: bool = False,
+    on_layer: Callable[[LayerCurvature], None] | None = None,
+) -> list[LayerCurvature]:
+    """Per-layer trace and λ_max calibration of α (see the module docstring).
+
+    Args:
+        model: the base model (B = 0 at init, so its Hessian is the FFT Hessian).
+        batch: calibration inputs passed to ``loss_fn``.
+        A: ``{module name: A (r, n)}``, the LoRA init actually used, for every targeted ``nn.Linear``.
+        loss_fn: ``loss_fn(model, batch) -> scalar``.
+        probes: Hutchinson probes per layer and operator.
+        lanczos_steps: Lanczos iterations per layer and operator.
+        seed: seed of the probes and Lanczos start vectors.
+        progress: show tqdm bars.
+        on_layer: called with each finished layer (e.g. to write partial results).
+
+    Returns:
+        One :class:`LayerCurvature` per entry of ``A``, in order.
+    """
+    from ..spectra.lanczos import lanczos_eigs
+    from ..spectra.trace import hutchinson
+
+    mods = dict(model.named_modules())
+    missing = [n for n in A if not isinstance(mods.get(n), torch.nn.Linear)]
+    if missing:
+        raise InputError(f"not nn.Linear modules of the model: {missing[:3]}")
+    weights = {n: mods[n].weight for n in A}
+    for n, a in A.items():
+        W = weights[n]
+        if a.ndim != 2 or a.shape[1] != W.shape[1] or not 1 <= a.shape[0] <= min(W.shape):
+            raise InputError(
+                f"A of {n!r} has shape {tuple(a.shape)}: need (r, {W.shape[1]}) with r <= {min(W.shape)}"
+            )
+    saved = [(w, w.requires_grad) for w in model.parameters()]
+    for w in model.parameters():  # differentiate w.r.t. the targeted weights only
+        w.requires_grad_(False)
+    for w in weights.values():
+        w.requires_grad_(True)
+    try:
+        curv = _Curvature(loss_fn(model, batch), weights)
+        out = []
+        for i, name in enumerate(tqdm(curv.names, desc="calibrate layers", disable=not progress)):
+            A_i = A[name].to(weights[name].dtype).to(weights[name].device)
+            H, S = layer_operators(curv, i, A_i)
+            tr_H, tr_S = hutchinson(H, probes, seed), hutchinson(S, probes, seed)
+            lam_H = float(lanczos_eigs(H, 1, "LA", steps=lanczos_steps, seed=seed, tol=1e-8).values[-1])
+            lam_S = float(lanczos_eigs(S, 1, "LA", steps=lanczos_steps, seed=seed, tol=1e-8).values[-1])
+            rec = _layer(name, weights[name].shape, A_i, tr_H, tr_S, lam_H, lam_S)
+            out.append(rec)
+            if on_layer is not None:
+                on_layer(rec)
+        return out
+    finally:
+        for w, flag in saved:
+            w.requires_grad_(flag)
+
+
+def _layer(name, shape, A, tr_H, tr_S, lam_H, lam_S) -> LayerCurvature:
+    r = A.shape[0]
+    tH, sH, tS, sS = tr_H.value, tr_H.stderr, tr_S.value, tr_S.stderr
+    # Away from a minimum tr H_ll can be negative; the criterion needs both traces of one sign
+    # and resolved from zero (2 standard errors), otherwise the ratio is noise and α_tr is NaN.
+    ok = tH * tS > 0 and abs(tH) > 2 * sH and abs(tS) > 2 * sS
+    a_tr = r * math.sqrt(tH / tS) if ok else math.nan
+    # delta method on log α = ½ (log |tr H| − log |tr S|), the two estimates treated as independent
+    se = a_tr * 0.5 * math.sqrt((sH / tH) ** 2 + (sS / tS) ** 2) if ok else math.nan
+    a_lam = r * math.sqrt(lam_H / lam_S) if lam_H > 0 and lam_S > 0 else math.nan
+    sigma2 = float(A.detach().double().var(unbiased=False))
+    return LayerCurvature(
+        name=name, fan_in=int(shape[1]), fan_out=int(shape[0]), sigma2=sigma2, tr_H=tH, tr_H_se=sH, tr_S=tS,
+        tr_S_se=sS, lam_H=lam_H if lam_H > 0 else math.nan, lam_S=lam_S if lam_S > 0 else math.nan,
+        alpha_trace=a_tr, alpha_trace_se=se, alpha_lambda=a_lam, alpha_gaussian=math.sqrt(r / sigma2),
+    )  # fmt: skip
+
+
+def lora_init(model: torch.nn.Module, rank: int, targets: Sequence[str], init: str, seed: int) -> dict:
+    """The A matrices PEFT draws for ``model`` (``{module name: A (r, n)}``), model left unwrapped."""
+    import copy
+
+    from peft import get_peft_model
+
+    from ..scaling.peft import lora_alpha_config
+    from ..train.monitor import lora_modules
+
+    torch.manual_seed(seed)
+    probe = copy.deepcopy(model)
+    peft_model = get_peft_model(
+        probe, lora_alpha_config(probe, "rank", rank, target_modules=targets, init=init)
+    )
+    return {n: m.lora_A["default"].weight.detach().clone() for n, m in lora_modules(peft_model).items()}
+
+
+def calibrate(cfg: CalibrateConfig, progress: bool = False, log=print) -> dict:
+    """Load (or build) the model, measure every targeted layer, write ``calibration.json`` and the PNG.
+
+    Returns:
+        ``{"config", "layers": [LayerCurvature as dict], "alpha_pattern": {"trace": {...},
+        "lambda": {...}}, "gap": median α_λ/α_tr, ...}``.
+    """
+    import json
+
+    from ..io import atomic_write_text
+    from ..train import _shifted_nll, _windows, build_base_model, corpus_ids, load_model
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.model is None:
+        model_dir = build_base_model(out / "base_model", cfg.pretrain_steps, cfg.seq_len, cfg.seed, progress)
+    else:
+        model_dir = Path(cfg.model)
+    dtype = getattr(torch, cfg.dtype)
+    model = load_model(model_dir, dtype=dtype, attn_implementation="eager")
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    train_ids, _ = corpus_ids(model, model_dir, cfg.data)
+    present = [t for t in cfg.targets if any(n.endswith("." + t) for n, _ in model.named_modules())]
+    if not present:
+        raise InputError(f"--targets {list(cfg.targets)} match no module of the model")
+    A = lora_init(model, cfg.rank, present, cfg.init, cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batch = _windows(train_ids, cfg.samples, cfg.seq_len, gen).to(next(model.parameters()).device)
+    model.eval()
+    result = {"config": asdict(cfg) | {"model_dir": str(model_dir), "targets": present}, "layers": [],
+              "complete": False}  # fmt: skip
+    path = out / "calibration.json"
+
+    def write(rec: LayerCurvature) -> None:
+        result["layers"].append(asdict(rec))
+        atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+
+    tokens = f"{cfg.samples}×{cfg.seq_len} tokens"
+    log(f"calibrating {len(A)} layers (r={cfg.rank}, {cfg.init} A, {cfg.probes} probes, {tokens})")
+    calibrate_model(model, batch, A, _shifted_nll, probes=cfg.probes, lanczos_steps=cfg.lanczos_steps,
+                    seed=cfg.seed, progress=progress, on_layer=write)  # fmt: skip
+    result |= summarize(result["layers"])
+    result["complete"] = True
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    from ..plotting import plot_calibration
+
+    plot_calibration(result, out / "calibration.png")
+    return result
+
+
+def summarize(layers: list[dict]) -> dict:
+    """PEFT ``alpha_pattern`` per criterion and the median trace/λ_max gap over layers."""
+    import statistics
+
+    pattern = {
+        crit: {d["name"]: d[f"alpha_{crit}"] for d in layers if math.isfinite(d[f"alpha_{crit}"])}
+        for crit in ("trace", "lambda")
+    }
+    gaps = [d["alpha_lambda"] / d["alpha_trace"] for d in layers
+            if math.isfinite(d["alpha_lambda"]) and math.isfinite(d["alpha_trace"])]  # fmt: skip
+    return {"alpha_pattern": pattern, "gap_lambda_over_trace": statistics.median(gaps) if gaps else math.nan}

@@ -1,0 +1,171 @@
+"""`calibrate`: per-layer curvature operators against dense autograd, α by trace and λ_max."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from cases import assert_close
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from signal_drift.calibrate import _Curvature, calibrate_model, layer_operators, lora_init  # noqa: E402
+from signal_drift.model import make_mlp, make_task, mse_loss  # noqa: E402
+from signal_drift.train import _shifted_nll, build_base_model  # noqa: E402
+
+LLAMA_LAYERS = ["model.layers.0.self_attn.v_proj", "model.layers.0.mlp.down_proj"]
+
+
+def _mlp_loss(model, batch):
+    return mse_loss(model(batch[0]), batch[1])
+
+
+@pytest.fixture(scope="module", params=["mlp", "llama"])
+def problem(request):
+    """(model, batch, A, loss_fn, tol): a pure-float64 SiLU MLP, and a tiny Llama.
+
+    HF's Llama runs RMSNorm and rotary embeddings in float32 even in a float64 model, so its
+    comparison tolerance is float32-sized; the MLP is float64 end to end.
+    """
+    if request.param == "mlp":
+        model = make_mlp(6, 3, seed=0)  # nn.SiLU modules between the linears
+        task = make_task(6, 50, seed=0)
+        gen = torch.Generator().manual_seed(2)
+        A = {"0": torch.randn(2, 6, generator=gen) / 6**0.5, "2": torch.randn(3, 6, generator=gen) / 6**0.5}
+        return model, (task.X, task.y), A, _mlp_loss, 1e-10
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+                                   attn_implementation="eager")  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).double().eval()
+    x = torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(1))
+    A = lora_init(model, 2, ["v_proj", "down_proj"], "kaiming_uniform", seed=0)
+    return model, x, {n: A[n].double() for n in LLAMA_LAYERS}, _shifted_nll, 1e-6
+
+
+def _dense_block(model, batch, loss_fn, name):
+    """Reference: dense ∇²_W L by reverse-over-reverse autograd on the weight W alone."""
+    key = name + ".weight"
+    W0 = dict(model.named_parameters())[key].detach()
+
+    def loss(W):
+        return loss_fn(lambda *a, **kw: torch.func.functional_call(model, {key: W}, a, kw), batch)
+
+    return torch.autograd.functional.hessian(loss, W0).reshape(W0.numel(), W0.numel())
+
+
+def _J0(A, m):
+    return torch.kron(
+        torch.eye(m, dtype=torch.float64), A.T.contiguous()
+    )  # row-major vec(Z A) = (I ⊗ Aᵀ) vec(Z)
+
+
+def _curv(model, batch, loss_fn, names):
+    mods = dict(model.named_modules())
+    ws = {n: mods[n].weight for n in names}
+    for w in ws.values():
+        w.requires_grad_(True)
+    return _Curvature(loss_fn(model, batch), ws)
+
+
+def test_layer_hessian_and_signal_block_equal_dense_autograd(problem):
+    model, batch, A, loss_fn, tol = problem
+    curv = _curv(model, batch, loss_fn, list(A))
+    for i, name in enumerate(A):
+        H_ref = _dense_block(model, batch, loss_fn, name)
+        H, S = layer_operators(curv, i, A[name])
+        J0 = _J0(A[name], H_ref.shape[0] // A[name].shape[1])
+        S_ref = J0.T @ H_ref @ J0
+        assert_close(H.to_dense(), H_ref, rtol=tol, atol=tol * float(H_ref.abs().max()))
+        assert_close(S.to_dense(), S_ref, rtol=tol, atol=tol * float(S_ref.abs().max()))
+
+
+@pytest.fixture(scope="module")
+def measured(problem):
+    model, batch, A, loss_fn, _ = problem
+    return calibrate_model(model, batch, A, loss_fn, probes=400, lanczos_steps=200)
+
+
+def test_traces_are_unbiased_within_their_error_bars(problem, measured):
+    model, batch, A, loss_fn, _ = problem
+    for rec in measured:
+        H_ref = _dense_block(model, batch, loss_fn, rec.name)
+        J0 = _J0(A[rec.name], rec.fan_out)
+        assert abs(rec.tr_H - float(H_ref.trace())) < 4 * rec.tr_H_se
+        assert abs(rec.tr_S - float((J0.T @ H_ref @ J0).trace())) < 4 * rec.tr_S_se
+        assert rec.tr_H_se > 0 and rec.tr_S_se > 0
+
+
+def test_alpha_lambda_is_the_exact_eigenvalue_ratio(problem, measured):
+    model, batch, A, loss_fn, tol = problem
+    for rec in measured:
+        H_ref = _dense_block(model, batch, loss_fn, rec.name)
+        J0 = _J0(A[rec.name], rec.fan_out)
+        lam_H, lam_S = (
+            float(torch.linalg.eigvalsh(H_ref)[-1]),
+            float(torch.linalg.eigvalsh(J0.T @ H_ref @ J0)[-1]),
+        )
+        rel = max(100 * tol, 1e-8)
+        assert math.isclose(rec.lam_H, lam_H, rel_tol=rel) and math.isclose(rec.lam_S, lam_S, rel_tol=rel)
+        r = A[rec.name].shape[0]
+        assert math.isclose(rec.alpha_lambda, r * math.sqrt(rec.lam_H / rec.lam_S), rel_tol=1e-12)
+
+
+def test_scaling_A_by_c_scales_both_alphas_by_one_over_c(problem, measured):
+    model, batch, A, loss_fn, tol = problem
+    scaled = calibrate_model(model, batch, {n: 3.0 * a for n, a in A.items()}, loss_fn, probes=400,
+                             lanczos_steps=200)  # fmt: skip
+    for a, b in zip(measured, scaled, strict=True):
+        assert math.isclose(b.alpha_lambda, a.alpha_lambda / 3, rel_tol=max(100 * tol, 1e-7))
+        if math.isfinite(a.alpha_trace):
+            assert math.isclose(b.alpha_trace, a.alpha_trace / 3, rel_tol=max(10 * tol, 1e-9))
+        assert math.isclose(b.alpha_gaussian, a.alpha_gaussian / 3, rel_tol=1e-12)
+
+
+def test_requires_grad_flags_are_restored(problem, measured):
+    model = problem[0]
+    assert all(p.requires_grad for p in model.parameters())  # as they were: a fresh model trains everything
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return build_base_model(tmp_path_factory.mktemp("base") / "model", steps=30, seq_len=32)
+
+
+def test_cli_writes_a_peft_alpha_pattern_that_peft_applies(tmp_path, base):
+    import peft
+
+    r = subprocess.run([sys.executable, "-m", "signal_drift.calibrate", "--model", str(base), "--rank", "4",
+                        "--targets", "down_proj", "--probes", "8", "--lanczos-steps", "20", "--seq-len", "32",
+                        "--samples", "2", "--out", str(tmp_path)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "calibration.json").read_text())
+    assert res["complete"] and len(res["layers"]) == 2 and (tmp_path / "calibration.png").stat().st_size > 0
+    pattern = res["alpha_pattern"]["lambda"]
+    assert set(pattern) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=4, target_modules=["down_proj"],
+                                                    alpha_pattern=pattern))  # fmt: skip
+    from signal_drift.scaling.peft import effective_scales
+
+    got = effective_scales(pm)
+    assert all(math.isclose(got[n], pattern[n] / 4, rel_tol=1e-12) for n in pattern)
+
+
+@pytest.mark.parametrize("args,needle", [(["--rank", "0"], "--rank=0"), (["--probes", "1"], "--probes"),
+                                         (["--dtype", "float16"], "--dtype"), (["--model", "/nonexistent"], "--model"),
+                                         (["--init", "orthogonal"], "--init")])  # fmt: skip
+def test_cli_rejects_bad_input(tmp_path, args, needle):
+    r = subprocess.run([sys.executable, "-m", "signal_drift.calibrate", *args, "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_rank_above_the_layer_size_is_refused(tmp_path, base):
+    r = subprocess.run([sys.executable, "-m", "signal_drift.calibrate", "--model", str(base), "--rank", "999",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "rank" in r.stderr and "Traceback" not in r.stderr
