@@ -135,24 +135,62 @@ def base(tmp_path_factory):
     return build_base_model(tmp_path_factory.mktemp("base") / "model", steps=30, seq_len=32)
 
 
-def test_cli_writes_a_peft_alpha_pattern_that_peft_applies(tmp_path, base):
+@pytest.fixture(scope="module")
+def calibrated(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cal")
+    r = subprocess.run([sys.executable, "-m", "signal_drift.calibrate", "--model", str(base), "--rank", "4",
+                        "--probes", "4", "--lanczos-steps", "12", "--seq-len", "32", "--samples", "2",
+                        "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_cli_writes_a_peft_alpha_pattern_that_peft_applies(calibrated, base):
     import peft
 
-    r = subprocess.run([sys.executable, "-m", "signal_drift.calibrate", "--model", str(base), "--rank", "4",
-                        "--targets", "down_proj", "--probes", "8", "--lanczos-steps", "20", "--seq-len", "32",
-                        "--samples", "2", "--out", str(tmp_path)], capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads((tmp_path / "calibration.json").read_text())
-    assert res["complete"] and len(res["layers"]) == 2 and (tmp_path / "calibration.png").stat().st_size > 0
-    pattern = res["alpha_pattern"]["lambda"]
-    assert set(pattern) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True)
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=4, target_modules=["down_proj"],
-                                                    alpha_pattern=pattern))  # fmt: skip
     from signal_drift.scaling.peft import effective_scales
 
+    res = json.loads((calibrated / "calibration.json").read_text())
+    assert (
+        res["complete"] and len(res["layers"]) == 14 and (calibrated / "calibration.png").stat().st_size > 0
+    )
+    pattern = res["alpha_pattern"]["lambda"]
+    assert len(pattern) == 14 and all(math.isfinite(a) and a > 0 for a in pattern.values())
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=4, target_modules=["down_proj", "q_proj"],
+                                                    alpha_pattern=pattern))  # fmt: skip
     got = effective_scales(pm)
-    assert all(math.isclose(got[n], pattern[n] / 4, rel_tol=1e-12) for n in pattern)
+    assert len(got) == 4 and all(math.isclose(got[n], pattern[n] / 4, rel_tol=1e-12) for n in got)
+
+
+def test_train_uses_the_calibrated_alpha_per_module(calibrated, base, tmp_path):
+    from signal_drift.train import TrainConfig, train
+
+    m = train(TrainConfig(model=str(base), scaling="calibrated", calibration=str(calibrated / "calibration.json"),
+                          rank=4, gamma=2.0, steps=1, batch_size=2, seq_len=32, out=str(tmp_path)),
+              log=lambda _: None)  # fmt: skip
+    pattern = json.loads((calibrated / "calibration.json").read_text())["alpha_pattern"]["lambda"]
+    assert set(m["scales"]) == set(pattern)
+    assert all(math.isclose(m["scales"][n], 2.0 * pattern[n] / 4, rel_tol=1e-12) for n in pattern)
+
+
+def test_train_refuses_a_calibration_of_another_rank_or_with_gaps(calibrated, base, tmp_path):
+    from signal_drift import InputError
+    from signal_drift.train import TrainConfig, train
+
+    path = calibrated / "calibration.json"
+    with pytest.raises(InputError, match="r=4"):
+        train(TrainConfig(model=str(base), scaling="calibrated", calibration=str(path), rank=8, steps=1,
+                          out=str(tmp_path / "a")), log=lambda _: None)  # fmt: skip
+    res = json.loads(path.read_text())
+    res["alpha_pattern"]["trace"].pop("model.layers.0.self_attn.q_proj", None)
+    gappy = tmp_path / "gappy.json"
+    gappy.write_text(json.dumps(res))
+    with pytest.raises(InputError, match="try :lambda"):
+        train(TrainConfig(model=str(base), scaling="calibrated", calibration=f"{gappy}:trace", rank=4, steps=1,
+                          out=str(tmp_path / "b")), log=lambda _: None)  # fmt: skip
+    with pytest.raises(InputError, match="go together"):
+        TrainConfig(scaling="calibrated").validate()
 
 
 @pytest.mark.parametrize("args,needle", [(["--rank", "0"], "--rank=0"), (["--probes", "1"], "--probes"),

@@ -55,6 +55,7 @@ class TrainConfig:
     blowup: float = 10.0
     precision: str = "auto"
     monitor_every: int = 1
+    calibration: str | None = None
     seed: int = 0
     out: str = "out/train"
 
@@ -62,8 +63,16 @@ class TrainConfig:
         """Raise :class:`InputError` naming the first invalid field."""
         from ..scaling import Rule
 
-        if self.scaling not in [r.value for r in Rule]:
-            raise InputError(f"--scaling={self.scaling!r} is invalid: use one of {[r.value for r in Rule]}")
+        valid = [r.value for r in Rule] + ["calibrated"]
+        if self.scaling not in valid:
+            raise InputError(f"--scaling={self.scaling!r} is invalid: use one of {valid}")
+        if (self.scaling == "calibrated") != (self.calibration is not None):
+            raise InputError("--scaling calibrated and --calibration PATH[:lambda|:trace] go together")
+        if self.calibration is not None:
+            path, _, crit = self.calibration.partition(":")
+            if not Path(path).is_file() or crit not in ("", "lambda", "trace"):
+                raise InputError(f"--calibration {self.calibration}: need an existing calibration.json, "
+                                 "optionally with :lambda (default) or :trace")  # fmt: skip
         for name in ("rank", "steps", "batch_size", "seq_len", "eval_every", "checkpoint_every"):
             check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
         for name in ("lr", "gamma", "alpha", "blowup"):
@@ -223,7 +232,7 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
     """
     from peft import get_peft_model
 
-    from ..scaling.peft import LLAMA_TARGETS, describe, effective_scales, lora_alpha_config
+    from ..scaling.peft import LLAMA_TARGETS, describe, effective_scales, lora_alpha_config, target_linears
 
     cfg.validate()
     dist = setup()
@@ -244,9 +253,13 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
     present = [t for t in LLAMA_TARGETS if any(n.endswith("." + t) for n, _ in model.named_modules())]
     targets = present or ["c_attn", "c_proj", "c_fc"]
     torch.manual_seed(cfg.seed)
-    lcfg = lora_alpha_config(
-        model, cfg.scaling, cfg.rank, target_modules=targets, gamma=cfg.gamma, alpha=cfg.alpha
-    )
+    rule = "rank" if cfg.scaling == "calibrated" else cfg.scaling
+    lcfg = lora_alpha_config(model, rule, cfg.rank, target_modules=targets, gamma=cfg.gamma, alpha=cfg.alpha)
+    if cfg.scaling == "calibrated":
+        wrapped = list(target_linears(model, targets))
+        lcfg.alpha_pattern = {
+            n: cfg.gamma * a for n, a in calibrated_pattern(cfg.calibration, cfg.rank, wrapped).items()
+        }
     model = get_peft_model(model, lcfg)
     model.to(dist.device)
     precision = resolve_precision(cfg.precision, dist.device)
@@ -335,6 +348,31 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
         if metrics["update_norms"]:
             plot_update_norms(metrics["update_norms"], out / "signal_drift.png", title=_title(cfg))
     return metrics
+
+
+def calibrated_pattern(spec: str, rank: int, modules: list[str]) -> dict[str, float]:
+    """The measured ``alpha_pattern`` of a ``calibrate`` run (``PATH[:lambda|:trace]``) for ``modules``.
+
+    Raises:
+        InputError: if the calibration was run at another rank or with another A init than
+            training uses (PEFT's Kaiming-uniform), or leaves a module without a finite α.
+    """
+    path, _, crit = spec.partition(":")
+    crit = crit or "lambda"
+    res = json.loads(Path(path).read_text())
+    if not res.get("complete"):
+        raise InputError(f"--calibration {path}: the calibration run did not finish; run it again")
+    if res["config"]["rank"] != rank or res["config"]["init"] != "kaiming_uniform":
+        got = f"r={res['config']['rank']} with {res['config']['init']} A"
+        raise InputError(
+            f"--calibration {path} was measured at {got}; training uses r={rank}, kaiming_uniform A"
+        )
+    pattern = res["alpha_pattern"][crit]
+    missing = [m for m in modules if m not in pattern]
+    if missing:
+        raise InputError(f"--calibration {spec}: no finite α_{crit} for {len(missing)} module(s), e.g. "
+                         f"{missing[0]!r}" + (" (try :lambda)" if crit == "trace" else ""))  # fmt: skip
+    return {m: float(pattern[m]) for m in modules}
 
 
 def _title(cfg: TrainConfig) -> str:

@@ -28,7 +28,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--data", help=".txt or .jsonl corpus (default: offline standard-library docstrings)")
     p.add_argument(
-        "--scaling", default="variant1", help="variant1, variant2, rank, double_rank, rslora or fixed"
+        "--scaling",
+        default="variant1",
+        help="variant1, variant2, rank, double_rank, rslora, fixed, or calibrated (with --calibration)",
+    )
+    p.add_argument(
+        "--calibration", help="calibration.json of `python -m signal_drift.calibrate`, PATH[:lambda|:trace]"
     )
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -53,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       alpha=a.alpha, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
                       eval_every=a.eval_every, checkpoint_every=a.checkpoint_every,
                       pretrain_steps=a.pretrain_steps, precision=a.precision,
-                      monitor_every=a.monitor_every, seed=a.seed, out=a.out)  # fmt: skip
+                      monitor_every=a.monitor_every, calibration=a.calibration, seed=a.seed,
+                      out=a.out)  # fmt: skip
     cfg.validate()
     try:
         m = train(cfg, progress=sys.stderr.isatty(), log=lambda s: print(s, file=sys.stderr))
