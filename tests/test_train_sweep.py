@@ -1,6 +1,8 @@
 """`train sweep`: the Eq. 2 paths and the Eq. 3 fit on a tiny local Llama."""
 
+import json
 import math
+import os
 import subprocess
 import sys
 
@@ -81,3 +83,17 @@ def test_cli_rejects_bad_input(tmp_path):
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "--ranks" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_torchrun_sweep_writes_each_cell_once(tmp_path, sweep):
+    from test_train import _free_port
+
+    args = ["--model", sweep[0].model, "--ranks", "2", "--multipliers", "1", "2", "--steps", "2",
+            "--batch-size", "4", "--seq-len", "32", "--out", str(tmp_path)]  # fmt: skip
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(_free_port()), "-m", "signal_drift.train", "sweep", *args],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = (tmp_path / "sweep.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and r.stdout.count("signal-drift train sweep: 3 runs") == 1
+    assert all(math.isfinite(json.loads(line)["heldout_nll"]) for line in lines)

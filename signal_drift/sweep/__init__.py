@@ -38,6 +38,7 @@ def run_grid(
     *,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    write: bool = True,
 ) -> list[dict]:
     """Run ``fn`` on every cell not yet recorded in ``path``; return all records of ``cells``.
 
@@ -47,6 +48,8 @@ def run_grid(
         path: JSONL file (created if missing; appended to).
         progress: show a tqdm bar.
         log: called with a one-line note about skipped cells.
+        write: append finished cells to ``path``; False on the non-writing ranks of a ``torchrun``
+            job, which run every cell in step with rank 0 but leave the file to it.
     """
     done = {rec["key"]: rec for rec in read_jsonl(path)}
     todo = [c for c in cells if cell_key(c) not in done]
@@ -54,7 +57,8 @@ def run_grid(
         log(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already in {path}")
     for cell in tqdm(todo, desc="sweep", disable=not progress):
         rec = {"key": cell_key(cell), "cell": cell, **fn(cell)}
-        append_jsonl(path, rec)
+        if write:
+            append_jsonl(path, rec)
         done[rec["key"]] = rec
     return [done[cell_key(c)] for c in cells]
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,6 +107,8 @@ def sweep_main(argv: Sequence[str]) -> int:
     result, records = run_train_sweep(
         cfg, progress=sys.stderr.isatty(), log=lambda s: print(s, file=sys.stderr)
     )
+    if int(os.environ.get("RANK", "0")) != 0:  # a non-zero torchrun rank: rank 0 reports
+        return 0
     print(f"signal-drift train sweep: {len(records)} runs -> {cfg.out}/sweep.json, eq2.png")
     for r, best in result["best_k"].items():
         print(f"  r={r}: best k on the η path {best['eta']}, on the α path {best['alpha']}")

@@ -106,7 +106,8 @@ def _run_cell(cell: dict, out: Path) -> dict:
     except DivergenceError as err:
         return {"heldout_nll": math.nan, "diverged_step": err.step, "sdr_median": math.nan}
     sdr = [s / d for rows in m["update_norms"].values() for _, s, d in rows if d > 0]
-    return {"heldout_nll": m["final_heldout_nll"], "diverged_step": None,
+    # under torchrun only rank 0 evaluates and monitors; the other ranks' records are not written
+    return {"heldout_nll": m.get("final_heldout_nll", math.nan), "diverged_step": None,
             "sdr_median": statistics.median(sdr) if sdr else math.inf}  # fmt: skip
 
 
@@ -141,25 +142,38 @@ def analyse_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
 
 
 def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) -> tuple[dict, list[dict]]:
-    """Run (or resume) every cell; write ``sweep.jsonl``, ``sweep.json`` and ``eq2.png`` under ``cfg.out``."""
+    """Run (or resume) every cell; write ``sweep.jsonl``, ``sweep.json`` and ``eq2.png`` under ``cfg.out``.
+
+    Under ``torchrun`` every rank runs every cell data-parallel; rank 0 writes the files.
+    """
     import json
 
     from ..io import atomic_write_text
     from ..plotting import plot_scaling_paths
     from . import build_base_model
+    from ._dist import setup
 
     cfg.validate()
+    dist = setup()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.model is None:
-        model_dir = str(
+    model_dir = cfg.model or str(out / "base_model")
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.model is None:
             build_base_model(out / "base_model", cfg.pretrain_steps, cfg.seq_len, cfg.seed, progress)
-        )
-    else:
-        model_dir = cfg.model
+    dist.barrier()
     cells = path_cells(cfg, model_dir)
-    records = run_grid(cells, lambda c: _run_cell(c, out), out / "sweep.jsonl", progress=progress, log=log)
+    quiet = not dist.main
+    records = run_grid(
+        cells,
+        lambda c: _run_cell(c, out),
+        out / "sweep.jsonl",
+        progress=progress and not quiet,
+        log=None if quiet else log,
+        write=not quiet,
+    )
     result = {"config": asdict(cfg), **analyse_paths(records, cfg)}
-    atomic_write_text(out / "sweep.json", json.dumps(result, indent=1) + "\n")
-    plot_scaling_paths(result, out / "eq2.png")
+    if dist.main:
+        atomic_write_text(out / "sweep.json", json.dumps(result, indent=1) + "\n")
+        plot_scaling_paths(result, out / "eq2.png")
     return result, records
