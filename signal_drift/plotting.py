@@ -399,6 +399,11 @@ def plot_scaling_paths(result: dict, path: str | Path) -> Path:
             ax.loglog(xx, f["c"] * xx ** f["k"], "-", label=f"fit α* = {f['c']:.3g}·r^{f['k']:.2f}")
         ax.loglog(xx, 256 * np.sqrt(xx), ":", color="C3", label="Variant I: 256√r")
         ax.loglog(xx, xx, ":", color="gray", label="heuristic α = r")
+        edge = [float(r) for r in ap.get("alpha_star_at_edge", [])]
+        if edge:
+            ax.loglog(edge, [st[f"{r:g}"] for r in edge], "^", mfc="none", ms=14, color="k",
+                      label="at the grid edge (a bound, not an optimum)")  # fmt: skip
+        ax.set_xticks(rs, [f"{r:g}" for r in rs])
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("rank r")

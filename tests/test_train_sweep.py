@@ -44,6 +44,14 @@ def test_alpha_star_and_its_fit_come_from_the_alpha_path():
         res["alpha_path"]["fit"]["c"], 8.0
     )
     assert res["best_k"]["4"] == {"alpha": 16.0, "eta": 1.0}
+    assert res["alpha_path"]["alpha_star_at_edge"] == []
+
+
+def test_an_optimum_at_the_grid_edge_is_flagged():
+    cfg = TrainSweepConfig(ranks=(1, 4), multipliers=(1, 2, 4))
+    res = analyse_paths(_records(cfg, lambda c: -c["alpha"]), cfg)  # loss keeps falling with α
+    assert res["alpha_path"]["alpha_star"] == {"1": 4.0, "4": 16.0}
+    assert res["alpha_path"]["alpha_star_at_edge"] == ["1", "4"]
 
 
 def test_diverged_cells_are_never_best():

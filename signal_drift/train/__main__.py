@@ -114,6 +114,8 @@ def sweep_main(argv: Sequence[str]) -> int:
         print(f"  r={r}: best k on the η path {best['eta']}, on the α path {best['alpha']}")
     ap = result["alpha_path"]
     print(f"  α*(r) at η_FFT: {ap['alpha_star']}")
+    if ap["alpha_star_at_edge"]:
+        print(f"  warning: α* of r={ap['alpha_star_at_edge']} is the largest α tried; widen --multipliers")
     if "fit" in ap:
         f = ap["fit"]
         print(f"  fit α* = {f['c']:.3g} · r^{f['k']:.3f}, k 95% CI {f['k_ci95']}")

@@ -120,7 +120,8 @@ def analyse_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
 
     Returns:
         ``{"paths": {r: {"eta": [[k, nll, sdr]], "alpha": [...]}}, "best_k": {r: {"eta": k, "alpha": k}},
-        "alpha_path": analyse(α-path records)}`` (the last holds ``alpha_star`` and ``fit``).
+        "alpha_path": analyse(α-path records)}`` (the last holds ``alpha_star``, ``fit`` and
+        ``alpha_star_at_edge``: the ranks whose α* is the largest α tried, a lower bound only).
     """
     paths, best_k, alpha_recs = {}, {}, []
     for r in cfg.ranks:
@@ -138,7 +139,14 @@ def analyse_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
             p: min((row for row in v if math.isfinite(row[1])), key=lambda row: row[1], default=[None])[0]
             for p, v in rows.items()
         }
-    return {"paths": paths, "best_k": best_k, "alpha_path": analyse(alpha_recs, metric="heldout_nll")}
+    alpha_path = analyse(alpha_recs, metric="heldout_nll")
+    # α* at the largest α of its rank's path is only a lower bound: the grid did not bracket it
+    alpha_path["alpha_star_at_edge"] = [
+        r
+        for r, a in alpha_path["alpha_star"].items()
+        if math.isclose(a, max(cfg.multipliers) * cfg.alpha0(int(r)))
+    ]
+    return {"paths": paths, "best_k": best_k, "alpha_path": alpha_path}
 
 
 def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) -> tuple[dict, list[dict]]:
