@@ -154,6 +154,73 @@ class MLPHessianOperator(LinearOperator):
             out.setdefault(a.name, torch.zeros(k, a.fan_out, a.fan_in, dtype=V.dtype, device=V.device))
         return self.in_layout.flatten(out, batch_dims=1).T
 
+    def signal_at_init(self, right: Mapping[str, torch.Tensor], chunk: int = 8) -> torch.Tensor:
+        """Dense ``J_Bᵀ H J_B`` at ``B = 0``: the whole signal Hessian at init (Prop. 1, 3).
+
+        Column ``(l, i, j)`` of ``J_B`` is the weight direction ``e_i R_l[j]`` in layer ``l``
+        (``R_l = s_l A_l``), whose R-forward starts at layer ``l``'s output as
+        ``Rz_n = u_l[n, j] e_i`` with ``u_l = h_in R_lᵀ``. Everything after that is linear per
+        sample, so only the ``m`` directions ``e_i`` are propagated (not ``m·r``) and ``u_l[n, j]``
+        multiplies in at the end. Only blocks ``(l', l)`` with ``l' ≥ l`` are computed (the
+        R-backward stops at layer ``l``; the rest is symmetry), projected onto ``R_{l'}`` before
+        any ``m × n`` product:
+
+            block[(i, j), (i', j')] = Σ_n u_l[n, j] (Q_i[n, i'] u_{l'}[n, j'] + g[n, i'] (P_i[n] R_{l'}ᵀ)[j'])
+
+        with ``P_i``, ``Q_i`` the R-forward input and R-backward gradient at layer ``l'`` of ``e_i``.
+
+        Args:
+            right: ``{layer: R_l [r_l, n_l]}`` for every adapted layer (``s_l A_l``).
+            chunk: directions ``e_i`` pushed through at once.
+
+        Returns:
+            ``[Σ m_l r_l, Σ m_l r_l]``, layers in adapter order, each ``B_l`` flattened row-major.
+        """
+        ops, N = self._ops, self._n
+        lin = {op[1]: i for i, op in enumerate(ops) if op[0] == "lin" and op[4]}
+        names = [a.name for a in self.problem.adapters]
+        R = {nm: right[nm].to(self.dtype) for nm in names}
+        u = {nm: ops[lin[nm]][3] @ R[nm].T for nm in names}  # [N, r]
+        m_of = {nm: ops[lin[nm]][2].shape[0] for nm in names}
+        sizes = [m_of[nm] * R[nm].shape[0] for nm in names]
+        offs = [sum(sizes[:t]) for t in range(len(sizes))]
+        out = torch.zeros(sum(sizes), sum(sizes), dtype=self.dtype, device=self.device)
+        for t, nm in enumerate(names):
+            start, m, r = lin[nm], m_of[nm], R[nm].shape[0]
+            for i0 in range(0, m, chunk):
+                k = min(chunk, m - i0)
+                Rh = torch.zeros(N, k, m, dtype=self.dtype, device=self.device)
+                Rh[:, torch.arange(k), torch.arange(i0, i0 + k)] = 1.0
+                R_in: dict[int, torch.Tensor] = {}
+                for i in range(start + 1, len(ops)):
+                    R_in[i] = Rh
+                    Rh = Rh @ ops[i][2].T if ops[i][0] == "lin" else Rh * ops[i][2].unsqueeze(1)
+                Rg = Rh / N
+                cols = slice(offs[t] + i0 * r, offs[t] + (i0 + k) * r)
+                for i in range(len(ops) - 1, start - 1, -1):
+                    op = ops[i]
+                    if op[0] == "act":
+                        Rg = Rg * op[2].unsqueeze(1) + self._g_d2[i].unsqueeze(1) * R_in[i]
+                        continue
+                    if op[4]:  # an adapted linear l' >= l: its block (l', l)
+                        nm2 = op[1]
+                        m2, r2 = m_of[nm2], R[nm2].shape[0]
+                        uu = (u[nm][:, :, None] * u[nm2][:, None, :]).reshape(N, r * r2)
+                        blk = (Rg.reshape(N, k * m2).T @ uu).view(k, m2, r, r2).permute(0, 2, 1, 3)
+                        if i in R_in:
+                            P = (R_in[i] @ R[nm2].T).reshape(N, k * r2)
+                            ug = (u[nm][:, :, None] * self._g_in[i][:, None, :]).reshape(N, r * m2)
+                            blk = blk + (P.T @ ug).view(k, r2, r, m2).permute(0, 2, 3, 1)
+                        t2 = names.index(nm2)
+                        out[offs[t2] : offs[t2] + sizes[t2], cols] = blk.reshape(k * r, m2 * r2).T
+                    if i > start:
+                        Rg = Rg @ op[2]
+        for t in range(len(names)):  # blocks (l, l') with l < l' by symmetry
+            for t2 in range(t + 1, len(names)):
+                rows, cols = slice(offs[t], offs[t] + sizes[t]), slice(offs[t2], offs[t2] + sizes[t2])
+                out[rows, cols] = out[cols, rows].T
+        return 0.5 * (out + out.T)
+
     def flat_gradient(self) -> torch.Tensor:
         """``∇_w L`` flattened (``[P]``)."""
         return self.in_layout.flatten(self.gradient)

@@ -147,13 +147,22 @@ class SignalOperator(LinearOperator):
         """Dense ``JᵀHJ``, pushing through ``H`` only the columns of ``J`` that are non-zero.
 
         At ``B = 0`` every ``A`` column of ``J`` vanishes (``J_A = s(I ⊗ B) = 0``), which halves
-        the number of Hessian-vector products.
+        the number of Hessian-vector products; with the MLP fast path the ``B`` block then comes
+        from :meth:`~signal_drift._mlp.MLPHessianOperator.signal_at_init` (low-rank R-op).
         """
         from ._memory import check_dense
+        from ._mlp import MLPHessianOperator
 
         P = self.shape[0]
         check_dense("H_signal", P, P, self.dtype, alternative="the matrix-free SignalOperator", budget=budget)
         out = torch.zeros(P, P, dtype=self.dtype, device=self.device)
+        problem, theta = self.J.problem, self.J.theta
+        if isinstance(self.H, MLPHessianOperator) and not any(theta[a.key_B].any() for a in problem.adapters):
+            idx = self.in_layout.indices([a.key_B for a in problem.adapters])
+            out[idx[:, None], idx] = self.H.signal_at_init(
+                {a.name: a.scale * theta[a.key_A] for a in problem.adapters}
+            )
+            return out
         for i in range(0, P, self.chunk_size):
             Jc = self.J._matmat(self._basis_block(i))
             nz = torch.nonzero(Jc.abs().amax(0) > 0).flatten()

@@ -53,3 +53,33 @@ def test_custom_loss_or_module_is_not_routed_to_the_fast_path():
     assert not supports_fast_path(problem)
     with pytest.raises(InputError, match="backend='autograd'"):
         fft_hessian(problem, init_theta(problem), backend="mlp")
+
+
+@pytest.mark.parametrize("activation", [nn.SiLU, nn.GELU])
+@pytest.mark.parametrize("bias", [False, True])
+def test_signal_at_init_equals_the_generic_sandwich_through_autograd(activation, bias):
+    """The low-rank R-op for JᵀHJ at B = 0 against Jᵀ (autograd H) J, block by block."""
+    from signal_drift.decomposition import MappingJacobian, SignalOperator
+
+    problem = mlp_problem(dim=6, depth=4, rank=2, activation=activation, bias=bias)
+    theta = init_theta(problem, seed=3)
+    J = MappingJacobian(problem, theta)
+    ref = SignalOperator(J, fft_hessian(problem, theta, backend="autograd")).to_dense()
+    fast_H = fft_hessian(problem, theta, backend="mlp")
+    fast = SignalOperator(J, fast_H).to_dense()
+    assert_close(fast, ref)
+    idx = problem.theta_layout.indices([a.key_B for a in problem.adapters])
+    right = {a.name: a.scale * theta[a.key_A] for a in problem.adapters}
+    assert_close(fast_H.signal_at_init(right, chunk=5), ref[idx][:, idx])  # chunk not dividing m·r
+
+
+def test_signal_at_init_with_a_subset_of_adapted_layers():
+    from signal_drift.decomposition import MappingJacobian, SignalOperator
+
+    model = make_mlp(5, 4, bias=True, seed=1)
+    task = make_task(5, 20, seed=1)
+    problem = attach_lora(model, task.X, task.y, targets=["2", "6"], rank=2)
+    theta = init_theta(problem)
+    J = MappingJacobian(problem, theta)
+    assert_close(SignalOperator(J, fft_hessian(problem, theta, backend="mlp")).to_dense(),
+                 SignalOperator(J, fft_hessian(problem, theta, backend="autograd")).to_dense())  # fmt: skip
