@@ -34,7 +34,7 @@ def _per_decade(nodes, weights, grid, sigma=0.12):
 def _panel_a(ax, s, arr):
     al = np.array(s["alphas"])
     lam = s["lambda_max_fft"]
-    top = max(lam, float(np.nanmax(arr["eig_lora"])))
+    top = max(lam, float(np.nanmax(s["lambda_max_lora"])))
     grid = np.linspace(np.log10(top) - 7, np.log10(top) + 0.5, 400)
     P = s["params_fft"]
     d = P * _per_decade(arr["slq_nodes_fft"], arr["slq_weights_fft"], grid)
@@ -44,15 +44,26 @@ def _panel_a(ax, s, arr):
     picks = sorted({0, int(np.argmin(abs(np.log(al / s["rank"])))),
                     int(np.argmin(abs(np.log(al / s["alpha_star_variant_ii"])))), len(al) - 1})  # fmt: skip
     cmap = plt.get_cmap("viridis")
+    slq_lora = "slq_nodes_lora" in arr  # matrix-free mode: SLQ densities instead of full spectra
+    Pt = s["params_lora"]
     for i in picks:
-        e = arr["eig_lora"][i]
-        if not np.all(np.isfinite(e)):
+        if not np.isfinite(s["lambda_max_lora"][i]):
             continue
-        dd = _per_decade(e[None, :], np.ones((1, len(e))), grid)
+        if slq_lora:
+            dd = Pt * _per_decade(arr["slq_nodes_lora"][i], arr["slq_weights_lora"][i], grid)
+        else:
+            e = arr["eig_lora"][i]
+            dd = _per_decade(e[None, :], np.ones((1, len(e))), grid)
         c = cmap(i / max(len(al) - 1, 1))
-        ax.plot(10**grid, dd, color=c, lw=1.4, label=f"H_θ, α={al[i]:g} ({len(e)} params)")
+        ax.plot(
+            10**grid,
+            dd,
+            color=c,
+            lw=1.4,
+            label=f"H_θ, α={al[i]:g} ({Pt} params{'; SLQ' if slq_lora else ''})",
+        )
         ymax = max(ymax, float(dd.max()))
-        ax.axvline(float(e.max()), color=c, ls=":", lw=1)
+        ax.axvline(float(s["lambda_max_lora"][i]), color=c, ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_ylim(1, 30 * ymax)
@@ -137,7 +148,8 @@ def plot_fig8(summary: dict, arrays: dict, out_dir: str | Path) -> list[Path]:
 
     Args:
         summary: the ``spectra.json`` content.
-        arrays: ``slq_nodes_fft``, ``slq_weights_fft``, ``eig_lora`` ([n_alpha, P]).
+        arrays: ``slq_nodes_fft``, ``slq_weights_fft``, and ``eig_lora`` ([n_alpha, P]) or, in the
+            matrix-free mode, ``slq_nodes_lora`` / ``slq_weights_lora`` ([n_alpha, probes, steps]).
         out_dir: output folder.
 
     Returns:

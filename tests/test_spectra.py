@@ -73,6 +73,49 @@ def small_run():
     return run_spectra(cfg, progress=False, log=lambda m: None)
 
 
+@pytest.fixture(scope="module")
+def lanczos_run(small_run):
+    cfg = SpectraConfig(
+        dim=8, rank=2, samples=128, a_draws=2000, slq_probes=16, slq_steps=30, lora_spectra="lanczos"
+    )
+    return run_spectra(cfg, progress=False, log=lambda m: None)
+
+
+EXACT_IN_BOTH_MODES = ["lambda_max_lora", "lambda_min_lora", "lambda_max_signal", "lambda_min_signal",
+                       "lambda_max_drift", "lambda_min_drift", "trace_lora", "trace_signal", "norm_signal",
+                       "norm_drift", "negative_mass_signal"]  # fmt: skip
+
+
+def test_matrix_free_lora_spectra_keep_every_exact_number(small_run, lanczos_run):
+    """Lanczos extremes and block-wise signal/drift spectra = the dense eigendecompositions."""
+    d, m = small_run.summary, lanczos_run.summary
+    assert (
+        d["lora_spectra_method"] == "dense eigvalsh" and m["lora_spectra_method"] == "Lanczos extremes + SLQ"
+    )
+    for key in EXACT_IN_BOTH_MODES:
+        np.testing.assert_allclose(m[key], d[key], rtol=1e-9, atol=1e-12 * max(map(abs, d[key])), err_msg=key)
+
+
+def test_matrix_free_negative_mass_is_within_its_slq_error(small_run, lanczos_run):
+    d, m = small_run.summary, lanczos_run.summary
+    for exact, est, se in zip(
+        d["negative_mass_lora"], m["negative_mass_lora"], m["negative_mass_lora_se"], strict=True
+    ):
+        assert se > 0 and abs(est - exact) < 4 * se + 1e-3
+
+
+def test_matrix_free_mode_plots_slq_densities(lanczos_run, tmp_path):
+    from signal_drift.plotting import plot_fig8
+
+    assert (
+        lanczos_run.arrays["slq_nodes_lora"].shape == (8, 16, 30)
+        and "eig_lora" not in lanczos_run.arrays
+        or (len(lanczos_run.arrays["eig_lora"]) == 0)
+    )
+    paths = plot_fig8(lanczos_run.summary, lanczos_run.arrays, tmp_path)
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
 def test_spectra_slopes_are_two_and_one_at_init(small_run):
     s = small_run.summary
     assert abs(s["slope_signal"] - 2) < 1e-6

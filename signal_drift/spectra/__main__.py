@@ -42,6 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--slq-probes", type=int, default=8)
     p.add_argument("--slq-steps", type=int, default=80)
     p.add_argument("--exact-fft", action="store_true", help="also diagonalise the dense FFT Hessian (slow)")
+    p.add_argument(
+        "--lora-spectra",
+        default="auto",
+        help="H_θ(α) spectra: dense eigvalsh, lanczos (extremes + SLQ), or auto (lanczos above 6000 params)",
+    )
     p.add_argument("--init", default="gaussian", choices=["gaussian", "kaiming_uniform"])
     p.add_argument("--no-plot", action="store_true", help="skip the PNG figures")
     args = p.parse_args(argv)
@@ -51,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_steps=args.train_steps, lr=args.lr, pretrain_steps=args.pretrain_steps,
         pretrain_lr=args.pretrain_lr, task_shift=args.task_shift, a_draws=args.a_draws,
         slq_probes=args.slq_probes,
-        slq_steps=args.slq_steps, exact_fft=args.exact_fft, init=args.init,
+        slq_steps=args.slq_steps, exact_fft=args.exact_fft, lora_spectra=args.lora_spectra, init=args.init,
     )  # fmt: skip
     cfg.validate()
     torch.set_num_threads(max(torch.get_num_threads(), 1))

@@ -5,6 +5,12 @@ hence ``g`` and ``H``, do not depend on ``α``; then ``H_signal(α) = α² S₁`
 ``H_drift(α) = α D₁`` exactly (Prop. 1 and 4), so ``S₁`` and ``D₁`` are computed once (exact,
 dense) and every ``H_θ(α) = α² S₁ + α D₁`` is diagonalised densely. The assembled ``H_θ`` is
 cross-checked against plain autograd ``H_θ`` at the smallest and largest ``α`` in the same run.
+
+Past a few thousand LoRA parameters (``lora_spectra="auto"`` switches at 6 000; d = 256 has
+10 240) the per-α dense eigendecompositions are replaced by Lanczos extremes and SLQ densities
+on ``α² S₁ + α D₁`` (products with the dense blocks, milliseconds each), while the signal and
+drift spectra stay exact and are diagonalised once: ``S₁`` is non-zero only on the ``B`` block
+at init, and ``D₁``'s eigenvalues are ``±σ(C_l)`` of its per-layer ``A``–``B`` coupling blocks.
 With ``train_steps > 0`` every ``α`` gets its own trained point and everything is recomputed.
 """
 
@@ -57,6 +63,7 @@ class SpectraConfig:
     slq_steps: int = 80
     lanczos_steps: int = 150
     exact_fft: bool = False
+    lora_spectra: Literal["auto", "dense", "lanczos"] = "auto"
     init: InitKind = "gaussian"
     decay: float = 1.0
 
@@ -79,6 +86,8 @@ class SpectraConfig:
             raise InputError("--train-steps/--pretrain-steps must be >= 0")
         check_positive_float("--lr", self.lr)
         check_positive_float("--pretrain-lr", self.pretrain_lr)
+        if self.lora_spectra not in ("auto", "dense", "lanczos"):
+            raise InputError(f"--lora-spectra={self.lora_spectra!r} is invalid: use auto, dense or lanczos")
         if self.dtype not in ("float64", "float32"):
             raise InputError(f"--dtype={self.dtype!r} is invalid: use float64 or float32")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -239,17 +248,35 @@ def run_spectra(
         "negative_count_lora", "lambda_max_fft_at_point", "diverged_step",
     )}  # fmt: skip
     eig_lora = []
+    method = cfg.lora_spectra
+    if method == "auto":
+        method = "lanczos" if cfg.train_steps == 0 and P_t > LANCZOS_ABOVE else "dense"
+    summary["lora_spectra_method"] = "dense eigvalsh" if method == "dense" else "Lanczos extremes + SLQ"
     if cfg.train_steps == 0:
         c1 = curvature(problem.with_alpha(1.0), theta0, H=H0)
         S1, D1 = c1.signal.to_dense(), c1.drift.to_dense()
-        eS1, eD1 = torch.linalg.eigvalsh(S1), torch.linalg.eigvalsh(D1)
+        if method == "dense":
+            eS1, eD1 = torch.linalg.eigvalsh(S1), torch.linalg.eigvalsh(D1)
+        else:
+            eS1, eD1 = _signal_drift_eigvals_at_init(problem, S1, D1)
         lap("signal_drift_dense")
+        slq_lora = []
         for a in tqdm(alphas, desc="H_θ(α) spectra", disable=not progress, leave=False):
             S, D = a * a * S1, a * D1
             # positive scalings keep the order: only H_θ(α) needs its own eigendecomposition
-            e = {"lora": torch.linalg.eigvalsh(S + D), "signal": a * a * eS1, "drift": a * eD1}
-            eig_lora.append(e["lora"].cpu().numpy())
-            _append(per, e, S, D, problem.with_alpha(a), K, summary["lambda_max_fft"])
+            e = {"signal": a * a * eS1, "drift": a * eD1}
+            if method == "dense":
+                e["lora"] = torch.linalg.eigvalsh(S + D)
+                eig_lora.append(e["lora"].cpu().numpy())
+                _append(per, e, S, D, problem.with_alpha(a), K, summary["lambda_max_fft"])
+            else:
+                est, dens, warn = _lora_extremes_slq(S1, D1, a, cfg)
+                warnings += warn
+                slq_lora.append(dens)
+                _append(per, e, S, D, problem.with_alpha(a), K, summary["lambda_max_fft"], est)
+        if slq_lora:
+            arrays["slq_nodes_lora"] = np.stack([d.nodes for d in slq_lora])
+            arrays["slq_weights_lora"] = np.stack([d.weights for d in slq_lora])
         lap("lora_spectra")
         checks = {}
         for a in (alphas[0], alphas[-1]):
@@ -302,26 +329,91 @@ def run_spectra(
     return res
 
 
-def _append(per, e, S, D, pa: LoraProblem, K, lam_fft):
+def _append(per, e, S, D, pa: LoraProblem, K, lam_fft, lora: dict | None = None):
+    """Append one α's numbers; ``lora`` replaces the H_θ statistics of a dense ``e["lora"]``."""
+    if lora is None:
+        ev = e["lora"]
+        lora = {"lambda_max_lora": float(ev[-1]), "lambda_min_lora": float(ev[0]),
+                "trace_lora": float(ev.sum()), "negative_mass_lora": _neg_mass(ev),
+                "negative_count_lora": int((ev < 0).sum())}  # fmt: skip
     ns, nd = float(torch.linalg.matrix_norm(S)), float(torch.linalg.matrix_norm(D))
-    per["lambda_max_lora"].append(float(e["lora"][-1]))
-    per["lambda_min_lora"].append(float(e["lora"][0]))
+    for key, val in lora.items():
+        per.setdefault(key, []).append(val)
     per["lambda_max_signal"].append(float(e["signal"][-1]))
     per["lambda_min_signal"].append(float(e["signal"][0]))
     per["lambda_min_drift"].append(float(e["drift"][0]))
     per["lambda_max_drift"].append(float(e["drift"][-1]))
-    per["trace_lora"].append(float(e["lora"].sum()))
     per["trace_signal"].append(float(torch.trace(S)))
     traces = {name: float(torch.trace(k)) for name, k in K.items()} if K is not None else None
     per["trace_rule_predicted"].append(trace_rule(pa, traces) if traces else None)
     per["norm_signal"].append(ns)
     per["norm_drift"].append(nd)
     per["drift_to_signal"].append(nd / ns if ns > 0 else math.inf)
-    per["negative_mass_lora"].append(_neg_mass(e["lora"]))
     per["negative_mass_signal"].append(_neg_mass(e["signal"]))
-    per["negative_count_lora"].append(int((e["lora"] < 0).sum()))
     per["lambda_max_fft_at_point"].append(lam_fft)
     per["diverged_step"].append(None)
+
+
+#: ``lora_spectra="auto"`` uses Lanczos + SLQ on H_θ(α) above this many LoRA parameters.
+LANCZOS_ABOVE = 6000
+
+
+def _signal_drift_eigvals_at_init(
+    problem: LoraProblem, S1: torch.Tensor, D1: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact spectra of ``S₁`` and ``D₁`` at ``B = 0`` from their small non-zero blocks.
+
+    ``S₁`` lives on the ``B`` block (``J_A = 0``); ``D₁`` couples each layer's ``A`` with its own
+    ``B`` only, ``[[0, C_l], [C_lᵀ, 0]]``, whose eigenvalues are ``±σ(C_l)`` and zeros.
+    """
+    lay = problem.theta_layout
+    P = S1.shape[0]
+    iB = lay.indices([a.key_B for a in problem.adapters])
+    sig = torch.linalg.eigvalsh(S1[iB[:, None], iB])
+    svals = []
+    for a in problem.adapters:
+        iA_l, iB_l = lay.indices([a.key_A]), lay.indices([a.key_B])
+        svals.append(torch.linalg.svdvals(D1[iA_l[:, None], iB_l]))
+    sv = torch.cat(svals)
+    zeros = lambda k: torch.zeros(k, dtype=S1.dtype, device=S1.device)  # noqa: E731
+    eS = torch.sort(torch.cat([sig, zeros(P - len(sig))])).values
+    eD = torch.sort(torch.cat([sv, -sv, zeros(P - 2 * len(sv))])).values
+    return eS, eD
+
+
+def _lora_extremes_slq(S1: torch.Tensor, D1: torch.Tensor, a: float, cfg: SpectraConfig):
+    """``λ_max``, ``λ_min`` (Lanczos), negative mass and count (SLQ) of ``a² S₁ + a D₁``."""
+    from ..operators import FunctionOperator
+
+    P = S1.shape[0]
+    op = FunctionOperator(
+        lambda V: (a * a) * (S1 @ V) + a * (D1 @ V), (P, P), S1.dtype, S1.device, symmetric=True
+    )
+    ext = lanczos_eigs(op, 1, "BE", steps=cfg.lanczos_steps, seed=cfg.seed)
+    dens = slq(op, probes=cfg.slq_probes, steps=cfg.slq_steps, seed=cfg.seed)
+    warn = []
+    scale = max(abs(float(ext.values[0])), abs(float(ext.values[-1])), 1e-300)
+    for name, r, lam in (
+        ("λ_min", ext.residuals[0], ext.values[0]),
+        ("λ_max", ext.residuals[-1], ext.values[-1]),
+    ):
+        if r > 1e-6 * scale:
+            warn.append(f"α={a:g}: Lanczos {name}(H_θ) = {lam:.6g} not converged: residual {r:.2e}")
+    w, th = dens.weights, np.nan_to_num(dens.nodes)
+    neg_mass = (w * np.abs(th) * (th < 0)).sum(1) / (w * np.abs(th)).sum(1)
+    frac, frac_se = dens.negative_fraction()
+    est = {
+        "lambda_max_lora": float(ext.values[-1]),
+        "lambda_min_lora": float(ext.values[0]),
+        "trace_lora": float(a * a * torch.trace(S1)),  # tr D₁ = 0: the drift is block off-diagonal
+        "negative_mass_lora": float(neg_mass.mean()),
+        "negative_mass_lora_se": float(neg_mass.std(ddof=1) / np.sqrt(len(neg_mass)))
+        if len(neg_mass) > 1
+        else 0.0,
+        "negative_count_lora": int(round(frac * P)),
+        "negative_count_lora_se": float(frac_se * P),
+    }
+    return est, dens, warn
 
 
 def _append_nan(per, step: int) -> None:
