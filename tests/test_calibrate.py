@@ -207,3 +207,11 @@ def test_rank_above_the_layer_size_is_refused(tmp_path, base):
     r = subprocess.run([sys.executable, "-m", "signal_drift.calibrate", "--model", str(base), "--rank", "999",
                         "--out", str(tmp_path / "o")], capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "rank" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_same_seed_same_numbers(problem):
+    model, batch, A, loss_fn, _ = problem
+    runs = [calibrate_model(model, batch, A, loss_fn, probes=8, lanczos_steps=10, seed=5) for _ in range(2)]
+    assert runs[0] == runs[1]
+    other = calibrate_model(model, batch, A, loss_fn, probes=8, lanczos_steps=10, seed=6)
+    assert [r.tr_H for r in other] != [r.tr_H for r in runs[0]]
