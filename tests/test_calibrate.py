@@ -215,3 +215,19 @@ def test_same_seed_same_numbers(problem):
     assert runs[0] == runs[1]
     other = calibrate_model(model, batch, A, loss_fn, probes=8, lanczos_steps=10, seed=6)
     assert [r.tr_H for r in other] != [r.tr_H for r in runs[0]]
+
+
+def test_lora_init_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    A = lora_init(model, 2, ["q_proj", "down_proj"], "kaiming_uniform", seed=0)
+    assert set(A) == {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"}
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(p.requires_grad for p in model.parameters())
+    assert type(dict(model.named_modules())["model.layers.0.self_attn.q_proj"]) is torch.nn.Linear
+    again = lora_init(model, 2, ["q_proj", "down_proj"], "kaiming_uniform", seed=0)
+    assert all(torch.equal(A[k], again[k]) for k in A)

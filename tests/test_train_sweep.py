@@ -73,7 +73,7 @@ def test_sdr_falls_along_the_eta_path_and_not_along_the_alpha_path(sweep):
     _, result, _ = sweep
     for paths in result["paths"].values():
         (_, _, s1), (_, _, s8) = paths["eta"]
-        assert 1 / 16 < s8 / s1 < 1 / 4  # ≈ 1/8
+        assert s8 / s1 > 1 / 16 and s8 / s1 < 1 / 4  # ≈ 1/8
         (_, _, a1), (_, _, a8) = paths["alpha"]
         assert 0.8 < a8 / a1 < 1.25
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .._errors import InputError, check_positive_int
 from ..operators import FunctionOperator, LinearOperator
+from ..train import check_model_dir
 
 __all__ = ["CalibrateConfig", "LayerCurvature", "calibrate_model", "calibrate"]
 
@@ -70,10 +71,7 @@ class CalibrateConfig:
             raise InputError(f"--dtype={self.dtype!r} is invalid: use float32 or float64")
         if self.pretrain_steps < 0:
             raise InputError("--pretrain-steps must be >= 0")
-        if self.model is not None and not (Path(self.model) / "config.json").is_file():
-            raise InputError(
-                f"--model {self.model}: not a local Hugging Face model directory (no config.json)"
-            )
+        check_model_dir(self.model)
 
 
 @dataclass(frozen=True)
@@ -226,20 +224,26 @@ def _layer(name, shape, A, tr_H, tr_S, lam_H, lam_S) -> LayerCurvature:
 
 
 def lora_init(model: torch.nn.Module, rank: int, targets: Sequence[str], init: str, seed: int) -> dict:
-    """The A matrices PEFT draws for ``model`` (``{module name: A (r, n)}``), model left unwrapped."""
-    import copy
+    """The A matrices PEFT draws for ``model`` (``{module name: A (r, n)}``).
 
+    PEFT wraps the model in place (no copy of a large model), the A's are read, and the wrapping
+    is undone: the modules and their ``requires_grad`` flags are as before.
+    """
     from peft import get_peft_model
 
     from ..scaling.peft import lora_alpha_config
     from ..train.monitor import lora_modules
 
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     torch.manual_seed(seed)
-    probe = copy.deepcopy(model)
     peft_model = get_peft_model(
-        probe, lora_alpha_config(probe, "rank", rank, target_modules=targets, init=init)
+        model, lora_alpha_config(model, "rank", rank, target_modules=targets, init=init)
     )
-    return {n: m.lora_A["default"].weight.detach().clone() for n, m in lora_modules(peft_model).items()}
+    A = {n: m.lora_A["default"].weight.detach().clone() for n, m in lora_modules(peft_model).items()}
+    peft_model.unload()
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    return A
 
 
 def calibrate(cfg: CalibrateConfig, progress: bool = False, log=print) -> dict:

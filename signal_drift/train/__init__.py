@@ -83,10 +83,13 @@ class TrainConfig:
             raise InputError("--monitor-every must be >= 0 (0 turns the signal/drift monitor off)")
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision={self.precision!r} is invalid: use one of {list(PRECISIONS)}")
-        if self.model is not None and not (Path(self.model) / "config.json").is_file():
-            raise InputError(
-                f"--model {self.model}: not a local Hugging Face model directory (no config.json)"
-            )
+        check_model_dir(self.model)
+
+
+def check_model_dir(model: str | None) -> None:
+    """Raise :class:`InputError` unless ``model`` is None or a local Hugging Face model directory."""
+    if model is not None and not (Path(model) / "config.json").is_file():
+        raise InputError(f"--model {model}: not a local Hugging Face model directory (no config.json)")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")

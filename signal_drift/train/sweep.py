@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .._errors import DivergenceError, InputError, check_positive_float, check_positive_int
 from ..sweep import analyse, cell_key, run_grid
+from . import check_model_dir
 
 __all__ = ["TrainSweepConfig", "path_cells", "analyse_paths", "run_train_sweep"]
 
@@ -62,10 +63,7 @@ class TrainSweepConfig:
         check_positive_float("--gamma", self.gamma)
         for name in ("steps", "batch_size", "seq_len"):
             check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
-        if self.model is not None and not (Path(self.model) / "config.json").is_file():
-            raise InputError(
-                f"--model {self.model}: not a local Hugging Face model directory (no config.json)"
-            )
+        check_model_dir(self.model)
 
     def alpha0(self, rank: int) -> float:
         """The baseline α0 of ``rank``."""
