@@ -105,27 +105,35 @@ class MLPHessianOperator(LinearOperator):
         self._g_d2 = {i: self._g_in[i] * op[3] for i, op in enumerate(ops) if op[0] == "act"}
         self._ops = ops
         self._first = next(i for i, op in enumerate(ops) if op[0] == "lin" and op[4])
+        # feature-major copies for the R-op: R-tensors are [width, k, N], so every product is a
+        # short-wide GEMM, which runs ~1.5-2x faster than its tall-skinny transpose here
+        self._fm = [
+            {"Wt": op[2].T.contiguous(), "h_inT": op[3].T.contiguous()}
+            if op[0] == "lin"
+            else {"d1": op[2].T.unsqueeze(1).contiguous(), "gd2": self._g_d2[i].T.unsqueeze(1).contiguous()}
+            for i, op in enumerate(ops)
+        ]
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        # R-tensors are laid out [N, k, width] so that every product is one large GEMM.
+        # R-tensors are laid out feature-major, [width, k, N]: W @ R is one short-wide GEMM.
         k = V.shape[1]
         v = self.in_layout.unflatten(V.T)  # {layer: [k, m, n]}
-        ops, N = self._ops, self._n
+        ops, fm, N = self._ops, self._fm, self._n
         # R-forward: Rh = directional derivative of the activations (None = still zero)
         Rh: torch.Tensor | None = None
         R_in: list[torch.Tensor | None] = [None] * len(ops)
         for i, op in enumerate(ops):
             R_in[i] = Rh
             if op[0] == "lin":
-                _, name, W, h_in, is_adapted = op
-                Rz = None if Rh is None else Rh @ W.T
+                _, name, W, _, is_adapted = op
+                m, n = W.shape
+                Rz = None if Rh is None else (W @ Rh.reshape(n, k * N)).view(m, k, N)
                 if is_adapted:
-                    m = W.shape[0]
-                    hv = (h_in @ v[name].reshape(k * m, -1).T).view(N, k, m)
+                    hv = (v[name].transpose(0, 1).reshape(m * k, n) @ fm[i]["h_inT"]).view(m, k, N)
                     Rz = hv if Rz is None else Rz.add_(hv)
                 Rh = Rz
             elif Rh is not None:
-                Rh = Rh * op[2].unsqueeze(1)
+                Rh = Rh * fm[i]["d1"]
         assert Rh is not None
         # R-backward: Rg = directional derivative of the back-propagated gradient
         Rg = Rh / N
@@ -134,21 +142,21 @@ class MLPHessianOperator(LinearOperator):
             op = ops[i]
             g = self._g_in[i]
             if op[0] == "act":
-                Rg = Rg * op[2].unsqueeze(1)
+                Rg.mul_(fm[i]["d1"])
                 if R_in[i] is not None:
-                    Rg.addcmul_(self._g_d2[i].unsqueeze(1), R_in[i])
+                    Rg.addcmul_(fm[i]["gd2"], R_in[i])
             else:
                 _, name, W, h_in, is_adapted = op
                 m, n = W.shape
                 if is_adapted:
-                    Rw = (Rg.reshape(N, k * m).T @ h_in).view(k, m, n)
+                    Rw = (Rg.reshape(m * k, N) @ h_in).view(m, k, n)
                     if R_in[i] is not None:
-                        Rw = Rw + (g.T @ R_in[i].reshape(N, k * n)).view(m, k, n).transpose(0, 1)
-                    out[name] = Rw
+                        Rw = Rw + (R_in[i].reshape(n * k, N) @ g).view(n, k, m).permute(2, 1, 0)
+                    out[name] = Rw.transpose(0, 1)
                 if i > self._first:
-                    Rg_new = Rg @ W
+                    Rg_new = (fm[i]["Wt"] @ Rg.reshape(m, k * N)).view(n, k, N)
                     if is_adapted:
-                        Rg_new.add_((g @ v[name].transpose(0, 1).reshape(m, k * n)).view(N, k, n))
+                        Rg_new.add_((v[name].permute(2, 0, 1).reshape(n * k, m) @ g.T).view(n, k, N))
                     Rg = Rg_new
         for a in self.problem.adapters:
             out.setdefault(a.name, torch.zeros(k, a.fan_out, a.fan_in, dtype=V.dtype, device=V.device))
