@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -33,7 +32,8 @@ from signal_drift.spectra import eigsh, lanczos_eigs
 ROWS: list[tuple[str, str, float | None, str]] = []
 
 
-def timeit(fn, repeat=3, warmup=1):
+def timeit(fn, repeat=7, warmup=1):
+    """Best of ``repeat`` runs (noise on a shared VM only ever adds time), and the last output."""
     for _ in range(warmup):
         out = fn()
     ts = []
@@ -41,7 +41,7 @@ def timeit(fn, repeat=3, warmup=1):
         t = time.perf_counter()
         out = fn()
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts), out
+    return min(ts), out
 
 
 def record(task, who, seconds, note=""):
