@@ -325,6 +325,11 @@ def plot_train_loss(metrics: dict, path: str | Path, title: str = "") -> Path:
     return path
 
 
+def _sdr(signal: np.ndarray, drift: np.ndarray) -> np.ndarray:
+    """``signal / drift`` where the drift is non-zero, NaN (a gap in the plot) elsewhere."""
+    return np.where(drift > 0, signal / np.where(drift > 0, drift, 1.0), np.nan)
+
+
 def plot_update_norms(history: dict, path: str | Path, title: str = "") -> Path:
     """Per-layer ``‖Δw_signal‖``, ``‖Δw_drift‖`` and SDR against the step.
 
@@ -337,20 +342,17 @@ def plot_update_norms(history: dict, path: str | Path, title: str = "") -> Path:
     path = Path(path)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     names = list(history)
+    rows = {n: np.asarray(history[n], dtype=float) for n in names}  # [steps, (step, signal, drift)]
     cmap = plt.get_cmap("viridis")
     for i, name in enumerate(names):
-        rows = np.asarray(history[name], dtype=float)
+        step, sig, dri = rows[name].T
         color = cmap(i / max(len(names) - 1, 1))
-        step, sig, dri = rows[:, 0], rows[:, 1], rows[:, 2]
         axes[0].semilogy(step, sig, color=color, lw=0.8)
         axes[1].semilogy(step, np.where(dri > 0, dri, np.nan), color=color, lw=0.8)
-        axes[2].semilogy(
-            step, np.where(dri > 0, sig / np.where(dri > 0, dri, 1), np.nan), color=color, lw=0.8
-        )
-    stack = [np.asarray(history[n], dtype=float) for n in names]
-    if stack and all(len(s) == len(stack[0]) for s in stack):
-        arr = np.stack(stack)
-        ratio = np.where(arr[:, :, 2] > 0, arr[:, :, 1] / np.where(arr[:, :, 2] > 0, arr[:, :, 2], 1), np.nan)
+        axes[2].semilogy(step, _sdr(sig, dri), color=color, lw=0.8)
+    if names and len({len(r) for r in rows.values()}) == 1:
+        arr = np.stack([rows[n] for n in names])  # [layers, steps, 3]
+        ratio = _sdr(arr[:, :, 1], arr[:, :, 2])
         some = ~np.isnan(ratio).all(axis=0)  # steps where some layer has drift (not the first from B = 0)
         med = np.full(ratio.shape[1], np.nan)
         med[some] = np.nanmedian(ratio[:, some], axis=0)
