@@ -256,6 +256,7 @@ def calibrate(cfg: CalibrateConfig, progress: bool = False, log=print) -> dict:
     import json
 
     from ..io import atomic_write_text
+    from ..scaling.peft import present_targets
     from ..train import _shifted_nll, _windows, build_base_model, corpus_ids, load_model
 
     cfg.validate()
@@ -269,7 +270,7 @@ def calibrate(cfg: CalibrateConfig, progress: bool = False, log=print) -> dict:
     model = load_model(model_dir, dtype=dtype, attn_implementation="eager")
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     train_ids, _ = corpus_ids(model, model_dir, cfg.data)
-    present = [t for t in cfg.targets if any(n.endswith("." + t) for n, _ in model.named_modules())]
+    present = present_targets(model, cfg.targets)
     if not present:
         raise InputError(f"--targets {list(cfg.targets)} match no module of the model")
     A = lora_init(model, cfg.rank, present, cfg.init, cfg.seed)

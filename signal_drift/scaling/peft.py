@@ -23,8 +23,8 @@ from torch import nn
 from .._errors import InputError, check_positive_float, check_positive_int
 from . import Rule, effective_alpha, lora_scale, variant_ii_alpha
 
-__all__ = ["LLAMA_TARGETS", "target_linears", "expected_scales", "lora_alpha_config", "effective_scales",
-           "loraplus_param_groups"]  # fmt: skip
+__all__ = ["LLAMA_TARGETS", "target_linears", "present_targets", "expected_scales", "lora_alpha_config",
+           "effective_scales", "loraplus_param_groups"]  # fmt: skip
 
 PeftInit = Literal["kaiming_uniform", "gaussian"]
 
@@ -42,6 +42,12 @@ def target_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[str,
     if not out:
         raise InputError(f"target_modules={list(target_modules)} matches no nn.Linear of the model")
     return out
+
+
+def present_targets(model: nn.Module, candidates: Sequence[str]) -> list[str]:
+    """The entries of ``candidates`` that name (as a suffix ``.<target>``) a module of ``model``."""
+    names = [n for n, _ in model.named_modules()]
+    return [t for t in candidates if any(n.endswith("." + t) for n in names)]
 
 
 def _sigma2(init: PeftInit, fan_in: int, rank: int) -> float:

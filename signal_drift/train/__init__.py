@@ -235,7 +235,14 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
     """
     from peft import get_peft_model
 
-    from ..scaling.peft import LLAMA_TARGETS, describe, effective_scales, lora_alpha_config, target_linears
+    from ..scaling.peft import (
+        LLAMA_TARGETS,
+        describe,
+        effective_scales,
+        lora_alpha_config,
+        present_targets,
+        target_linears,
+    )
 
     cfg.validate()
     dist = setup()
@@ -253,8 +260,7 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
         model_dir = Path(cfg.model)
     model = load_model(model_dir)
     train_ids, val_ids = corpus_ids(model, model_dir, cfg.data)
-    present = [t for t in LLAMA_TARGETS if any(n.endswith("." + t) for n, _ in model.named_modules())]
-    targets = present or ["c_attn", "c_proj", "c_fc"]
+    targets = present_targets(model, LLAMA_TARGETS) or ["c_attn", "c_proj", "c_fc"]
     torch.manual_seed(cfg.seed)
     rule = "rank" if cfg.scaling == "calibrated" else cfg.scaling
     lcfg = lora_alpha_config(model, rule, cfg.rank, target_modules=targets, gamma=cfg.gamma, alpha=cfg.alpha)
