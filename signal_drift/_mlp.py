@@ -11,6 +11,7 @@ Exactness is tested against :class:`signal_drift.hessian.HessianOperator` (plain
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import torch
@@ -51,6 +52,13 @@ def _derivatives(act: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return h.detach(), d1.detach(), d2.detach()
 
 
+#: Per-thread R-op buffers of the most recently used shapes (a single block size and a single
+#: vector, say), at most ``_WORKSPACE_SETS`` sets and ``_WORKSPACE_BYTES`` beyond the newest.
+_WORKSPACE = threading.local()
+_WORKSPACE_SETS = 3
+_WORKSPACE_BYTES = 512 * 2**20
+
+
 class MLPHessianOperator(LinearOperator):
     """Exact FFT Hessian ``H = ∇²_w L`` of an MLP over its adapted weights (batched R-op).
 
@@ -63,7 +71,7 @@ class MLPHessianOperator(LinearOperator):
     """
 
     symmetric = True
-    chunk_size = 8  # measured best on 2 cores at d=64, N=1024 (see BENCHMARKS.md)
+    chunk_size = 16  # measured best on 2 cores at d=64, N=1024 (see BENCHMARKS.md)
 
     def __init__(self, problem: LoraProblem, w: Mapping[str, torch.Tensor]):
         self.problem = problem
@@ -104,63 +112,100 @@ class MLPHessianOperator(LinearOperator):
         self.gradient = {a.name: self.gradient[a.name] for a in problem.adapters}
         self._g_d2 = {i: self._g_in[i] * op[3] for i, op in enumerate(ops) if op[0] == "act"}
         self._ops = ops
+        self._widths = [op[2].shape[0] if op[0] == "lin" else op[1].shape[1] for op in ops]
         self._first = next(i for i, op in enumerate(ops) if op[0] == "lin" and op[4])
         # feature-major copies for the R-op: R-tensors are [width, k, N], so every product is a
         # short-wide GEMM, which runs ~1.5-2x faster than its tall-skinny transpose here
         self._fm = [
-            {"Wt": op[2].T.contiguous(), "h_inT": op[3].T.contiguous()}
+            {
+                "Wt": op[2].T.contiguous(),
+                "h_inT": op[3].T.contiguous(),
+                "gT": self._g_in[i].T.contiguous(),
+                "rows": self.in_layout.slice(op[1]) if op[4] else None,
+            }
             if op[0] == "lin"
             else {"d1": op[2].T.unsqueeze(1).contiguous(), "gd2": self._g_d2[i].T.unsqueeze(1).contiguous()}
             for i, op in enumerate(ops)
         ]
 
+    def _workspace(self, k: int) -> list[torch.Tensor]:
+        """One ``[width_out, k, N]`` buffer per op, reused across calls (see :data:`_WORKSPACE`).
+
+        Fresh multi-MB tensors on every call cost page faults that doubled the GEMM time here.
+        """
+        key = (self.dtype, self.device, k, self._n, tuple(self._widths))
+        cache: dict = _WORKSPACE.__dict__.setdefault("sets", {})
+        bufs = cache.pop(key, None)
+        if bufs is None:
+            bufs = [torch.empty(w, k, self._n, dtype=self.dtype, device=self.device) for w in self._widths]
+        cache[key] = bufs  # most recent last
+        while len(cache) > 1 and (
+            len(cache) > _WORKSPACE_SETS
+            or sum(b.numel() * b.element_size() for bs in cache.values() for b in bs) > _WORKSPACE_BYTES
+        ):
+            del cache[next(iter(cache))]
+        return bufs
+
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        # R-tensors are laid out feature-major, [width, k, N]: W @ R is one short-wide GEMM.
+        # R-tensors are laid out feature-major, [width, k, N]: W @ R is one short-wide GEMM, sums
+        # of two products are one addmm, every R-tensor lives in a reused buffer, and each layer's
+        # result is written straight into its rows of the output ([m, n, k] = the row-major vec
+        # of W, k columns).
         k = V.shape[1]
-        v = self.in_layout.unflatten(V.T)  # {layer: [k, m, n]}
+        V = V.contiguous()
         ops, fm, N = self._ops, self._fm, self._n
-        # R-forward: Rh = directional derivative of the activations (None = still zero)
-        Rh: torch.Tensor | None = None
-        R_in: list[torch.Tensor | None] = [None] * len(ops)
+        F = self._workspace(k)  # F[i]: the R-tensor after op i (R-forward), reused going back
+        out = V.new_empty(V.shape)
+        # R-forward: live = whether the R-tensor is non-zero yet (it is zero before the first
+        # adapted layer)
+        live = [False] * len(ops)
         for i, op in enumerate(ops):
-            R_in[i] = Rh
+            prev = i > 0 and live[i - 1]
             if op[0] == "lin":
-                _, name, W, _, is_adapted = op
+                W, is_adapted = op[2], op[4]
                 m, n = W.shape
-                Rz = None if Rh is None else (W @ Rh.reshape(n, k * N)).view(m, k, N)
-                if is_adapted:
-                    hv = (v[name].transpose(0, 1).reshape(m * k, n) @ fm[i]["h_inT"]).view(m, k, N)
-                    Rz = hv if Rz is None else Rz.add_(hv)
-                Rh = Rz
-            elif Rh is not None:
-                Rh = Rh * fm[i]["d1"]
-        assert Rh is not None
-        # R-backward: Rg = directional derivative of the back-propagated gradient
-        Rg = Rh / N
-        out: dict[str, torch.Tensor] = {}
+                Fi = F[i].view(m, k * N)
+                if is_adapted:  # V_l h_in (+ W Rh): [m·k, n] @ [n, N], then W @ [n, k·N] added in place
+                    vb = V[fm[i]["rows"]].view(m, n, k)
+                    torch.mm(vb.transpose(1, 2).reshape(m * k, n), fm[i]["h_inT"], out=Fi.view(m * k, N))
+                    if prev:
+                        Fi.addmm_(W, F[i - 1].view(n, k * N))
+                elif prev:
+                    torch.mm(W, F[i - 1].view(n, k * N), out=Fi)
+                live[i] = is_adapted or prev
+            else:
+                if prev:
+                    torch.mul(F[i - 1], fm[i]["d1"], out=F[i])
+                live[i] = prev
+        # R-backward: Rg = directional derivative of the back-propagated gradient, in place
+        Rg = F[-1].div_(N)  # the network output's R-tensor is not needed again
         for i in range(len(ops) - 1, self._first - 1, -1):
             op = ops[i]
-            g = self._g_in[i]
+            has_in = i > 0 and live[i - 1]  # R_in of op i is F[i - 1]
             if op[0] == "act":
                 Rg.mul_(fm[i]["d1"])
-                if R_in[i] is not None:
-                    Rg.addcmul_(fm[i]["gd2"], R_in[i])
-            else:
-                _, name, W, h_in, is_adapted = op
-                m, n = W.shape
+                if has_in:
+                    Rg.addcmul_(fm[i]["gd2"], F[i - 1])
+                continue
+            W, is_adapted = op[2], op[4]
+            m, n = W.shape
+            if is_adapted:
+                # Rg h_inᵀ as [n, m·k] (the fast K = N form), transposed into [m, n, k] ...
+                rows = fm[i]["rows"]
+                Rw = (fm[i]["h_inT"] @ Rg.view(m * k, N).T).view(n, m, k)
+                out[rows].view(m, n, k).copy_(Rw.transpose(0, 1))
+                if has_in:  # ... plus g Rhᵀ, which is [m, n·k] already
+                    out[rows].view(m, n * k).addmm_(fm[i]["gT"], F[i - 1].view(n * k, N).T)
+            if i > self._first:  # Wᵀ Rg (+ V_lᵀ g) into F[i - 1], whose R_in use is over
+                Rg_new = F[i - 1].view(n, k * N)
                 if is_adapted:
-                    Rw = (Rg.reshape(m * k, N) @ h_in).view(m, k, n)
-                    if R_in[i] is not None:
-                        Rw = Rw + (R_in[i].reshape(n * k, N) @ g).view(n, k, m).permute(2, 1, 0)
-                    out[name] = Rw.transpose(0, 1)
-                if i > self._first:
-                    Rg_new = (fm[i]["Wt"] @ Rg.reshape(m, k * N)).view(n, k, N)
-                    if is_adapted:
-                        Rg_new.add_((v[name].permute(2, 0, 1).reshape(n * k, m) @ g.T).view(n, k, N))
-                    Rg = Rg_new
-        for a in self.problem.adapters:
-            out.setdefault(a.name, torch.zeros(k, a.fan_out, a.fan_in, dtype=V.dtype, device=V.device))
-        return self.in_layout.flatten(out, batch_dims=1).T
+                    vb = V[fm[i]["rows"]].view(m, n, k)
+                    torch.mm(vb.permute(1, 2, 0).reshape(n * k, m), fm[i]["gT"], out=Rg_new.view(n * k, N))
+                    Rg_new.addmm_(fm[i]["Wt"], Rg.view(m, k * N))
+                else:
+                    torch.mm(fm[i]["Wt"], Rg.view(m, k * N), out=Rg_new)
+                Rg = F[i - 1]
+        return out
 
     def signal_at_init(self, right: Mapping[str, torch.Tensor], chunk: int = 8) -> torch.Tensor:
         """Dense ``J_Bᵀ H J_B`` at ``B = 0``: the whole signal Hessian at init (Prop. 1, 3).

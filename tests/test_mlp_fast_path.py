@@ -83,3 +83,20 @@ def test_signal_at_init_with_a_subset_of_adapted_layers():
     J = MappingJacobian(problem, theta)
     assert_close(SignalOperator(J, fft_hessian(problem, theta, backend="mlp")).to_dense(),
                  SignalOperator(J, fft_hessian(problem, theta, backend="autograd")).to_dense())  # fmt: skip
+
+
+@pytest.mark.parametrize("k", [1, 3, 11])
+def test_fast_hvp_on_non_square_layers_equals_autograd(k):
+    # m ≠ n in every layer, so a swapped (m, n) in the feature-major output would show
+    gen = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 7), nn.SiLU(), nn.Linear(7, 4, bias=False), nn.GELU(), nn.Linear(4, 3))
+    model = model.to(torch.float64)
+    X = torch.randn(17, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(17, 3, generator=gen, dtype=torch.float64)
+    problem = attach_lora(model, X, y, rank=2)
+    theta = trained_theta(problem)
+    fast = fft_hessian(problem, theta, backend="mlp")
+    ref = fft_hessian(problem, theta, backend="autograd")
+    assert isinstance(fast, MLPHessianOperator)
+    V = torch.randn(fast.shape[0], k, generator=gen, dtype=torch.float64)
+    assert_close(fast.matmat(V), ref.matmat(V))
