@@ -100,3 +100,19 @@ def test_fast_hvp_on_non_square_layers_equals_autograd(k):
     assert isinstance(fast, MLPHessianOperator)
     V = torch.randn(fast.shape[0], k, generator=gen, dtype=torch.float64)
     assert_close(fast.matmat(V), ref.matmat(V))
+
+
+def test_operators_sharing_the_reused_buffers_stay_independent():
+    # two points of one problem (same buffer shapes) and a problem of another width, interleaved
+    # with block sizes 1 and 5: every product must equal its own autograd reference
+    p1, p2 = mlp_problem(seed=0), mlp_problem(dim=7, seed=1)
+    ops = []
+    for problem, theta in ((p1, init_theta(p1)), (p1, trained_theta(p1)), (p2, trained_theta(p2))):
+        ops.append(
+            (fft_hessian(problem, theta, backend="mlp"), fft_hessian(problem, theta, backend="autograd"))
+        )
+    gen = torch.Generator().manual_seed(0)
+    for k in (5, 1, 5):
+        for fast, ref in ops:
+            V = torch.randn(fast.shape[0], k, generator=gen, dtype=torch.float64)
+            assert_close(fast.matmat(V), ref.matmat(V))
