@@ -57,7 +57,19 @@ def interleaved(fns, rounds=9):
     return best
 
 
-def record(task, who, seconds, note=""):
+#: A timed answer further than this from its reference is WRONG: its time gets no ratio, and a
+#: wrong signal-drift row makes the run exit non-zero. Products and eigenvalues in float64.
+TOL = {"product": 1e-10, "eigenvalues": 1e-8}
+WRONG: list[str] = []
+
+
+def record(task, who, seconds, note="", err=None, tol=None):
+    """One row; with ``err``/``tol``, a result off by more than ``tol`` is flagged WRONG."""
+    ok = err is None or err <= tol
+    if not ok:
+        note = f"WRONG (err {err:.1e} > {tol:.0e}); {note}"
+        if who.startswith("signal-drift"):
+            WRONG.append(f"{task}: {who}")
     ROWS.append((task, who, seconds, note))
     s = f"{seconds * 1e3:10.2f} ms" if seconds is not None else "      —     "
     print(f"{task:<34} {who:<34} {s}  {note}", flush=True)
@@ -161,21 +173,32 @@ def main():
         except Exception as err:  # noqa: BLE001  (a peer that fails is reported, not hidden)
             record(task_, who, None, f"FAILS: {str(err).splitlines()[0][:90]}")
             continue
-        note = "GGN ≠ H: not comparable" if ref is None else f"rel err {rel(out, ref):.1e}"
-        checked.append((task_, who, fn, per, note))
+        err = None if ref is None else rel(out, ref)
+        note = "GGN ≠ H: not comparable" if ref is None else f"rel err {err:.1e}"
+        checked.append((task_, who, fn, per, note, err))
     best = interleaved([c[2] for c in checked])
-    for (task_, who, _, per, note), t in zip(checked, best, strict=True):
+    for (task_, who, _, per, note, err), t in zip(checked, best, strict=True):
         if who.startswith("signal-drift") and per > 1:
             note += f"; {flops / (t / per) / 1e9:.1f} GFLOP/s = {floor / (t / per):.0%} of GEMM peak"
-        record(task_, who, t / per, note)
+        record(task_, who, t / per, note, err, TOL["product"])
 
     # --- signal / drift / H_θ matvecs ---------------------------------------------------------
     c = curvature(problem, theta, H=ours)
     Vt = torch.randn(c.signal.shape[0], args.k, generator=gen)
-    t, _ = timeit(lambda: c.signal.matmat(Vt))
-    record(f"signal matvec, per vector (k={args.k})", "signal-drift", t / args.k)
-    t, _ = timeit(lambda: c.drift.matmat(Vt))
-    record(f"drift matvec, per vector (k={args.k})", "signal-drift", t / args.k)
+    # references: Jᵀ(H_autograd(J v)) for the signal, autograd H_θ minus it for the drift
+    ref_sig = c.J.rmatmat(rr.matmat(c.J.matmat(Vt)))
+    ref_drift = c.H_theta.matmat(Vt) - ref_sig
+    for name, op, ref in (("signal", c.signal, ref_sig), ("drift", c.drift, ref_drift)):
+        t, out = timeit(lambda op=op: op.matmat(Vt))
+        err = rel(out, ref)
+        record(
+            f"{name} matvec, per vector (k={args.k})",
+            "signal-drift",
+            t / args.k,
+            f"rel err {err:.1e}",
+            err,
+            TOL["product"],
+        )
 
     # --- top-k eigenvalues of H -----------------------------------------------------------------
     ref_top = eigsh(ours, k=20, which="LA", tol=1e-13).values[::-1]
@@ -189,6 +212,8 @@ def main():
             "signal-drift (torch Lanczos)",
             t,
             f"max rel err {err:.1e}, {res.matvecs} matvecs",
+            err,
+            TOL["eigenvalues"],
         )
         t, res = timeit(lambda k=k: eigsh(ours, k=k, which="LA", tol=1e-10), repeat=1, warmup=0)
         err = float(np.max(np.abs(res.values[::-1] - ref_top[:k]) / abs(ref_top[0])))
@@ -197,6 +222,8 @@ def main():
             "signal-drift (scipy eigsh)",
             t,
             f"max rel err {err:.1e}, {res.matvecs} matvecs",
+            err,
+            TOL["eigenvalues"],
         )
         if heop is not None:
             try:
@@ -217,6 +244,8 @@ def main():
                     "hessian-eigenthings lanczos",
                     t,
                     f"max rel err {err:.1e}, {steps} steps",
+                    err,
+                    TOL["eigenvalues"],
                 )
             except Exception as err:  # noqa: BLE001
                 record(
@@ -229,7 +258,12 @@ def main():
     # --- trace of H -----------------------------------------------------------------------------
     t, K = timeit(lambda: ours.partial_traces(), repeat=1)
     tr = float(sum(torch.trace(k) for k in K.values()))
-    record("trace of H", "signal-drift (exact partial traces)", t, f"exact: tr H = {tr:.6g}")
+    record(
+        "trace of H",
+        "signal-drift (exact partial traces)",
+        t,
+        f"exact (tested in the suite): tr H = {tr:.6g}",
+    )
     if heop is not None:
         try:
             t, res = timeit(lambda: he.hutch_plus_plus(heop, num_matvecs=300, seed=0), repeat=1, warmup=0)
@@ -253,19 +287,12 @@ def main():
             return M, torch.linalg.eigvalsh(M)
 
         t, (M, e) = timeit(dense_ours, repeat=1, warmup=0)
-        record(
-            f"dense H_θ ({M.shape[0]}²)",
-            "signal-drift (signal + drift)",
-            t,
-            "incl. all eigenvalues (eigvalsh)",
-        )
-        t, M2 = timeit(lambda: c.H_theta.to_dense(), repeat=1, warmup=0)
-        record(
-            f"dense H_θ ({M.shape[0]}²)",
-            "torch.func rev-over-rev",
-            t,
-            f"no eigenvalues; rel err {rel(M, M2):.1e}",
-        )
+        t2, M2 = timeit(lambda: c.H_theta.to_dense(), repeat=1, warmup=0)  # the reference
+        err = rel(M, M2)
+        task_ = f"dense H_θ ({M.shape[0]}²)"
+        note = f"incl. all eigenvalues (eigvalsh); rel err {err:.1e}"
+        record(task_, "signal-drift (signal + drift)", t, note, err, TOL["product"])
+        record(task_, "torch.func rev-over-rev", t2, "no eigenvalues; the reference")
 
     if not args.skip_command:
         t0 = time.perf_counter()
@@ -275,17 +302,23 @@ def main():
 
     # ratio peer / ours against our fastest row of the same task (HVPs: the same task and mode)
     ours_best: dict[str, float] = {}
-    for task_, who, s, _ in ROWS:
-        if who.startswith("signal-drift") and s is not None:
+    for task_, who, s, note in ROWS:
+        if who.startswith("signal-drift") and s is not None and not note.startswith("WRONG"):
             ours_best[task_] = min(s, ours_best.get(task_, float("inf")))
     print("\n| task | tool | time | peer / ours | note |\n|---|---|---|---|---|")
     for task_, who, s, note in ROWS:
         ratio = (
             ""
-            if who.startswith("signal-drift") or s is None or task_ not in ours_best
+            if who.startswith("signal-drift")
+            or s is None
+            or note.startswith("WRONG")
+            or task_ not in ours_best
             else f"{s / ours_best[task_]:.1f}×"
         )
         print(f"| {task_} | {who} | {'—' if s is None else f'{s * 1e3:.1f} ms'} | {ratio} | {note} |")
+
+    if WRONG:
+        sys.exit("signal-drift gave wrong answers in: " + "; ".join(WRONG))
 
 
 if __name__ == "__main__":
