@@ -24,6 +24,10 @@ from ..operators import LinearOperator
 __all__ = ["LanczosTridiag", "EigResult", "lanczos", "lanczos_eigs", "eigsh", "dense_eigvalsh"]
 
 
+#: DGKS threshold: reorthogonalise again when one pass leaves less than this fraction of ‖w‖.
+_DGKS = 0.5**0.5
+
+
 @dataclass(frozen=True)
 class LanczosTridiag:
     """``Q^T A Q = T`` with ``T = tridiag(beta, alpha, beta)``.
@@ -83,21 +87,29 @@ def lanczos(
         raise InputError("lanczos needs a symmetric operator")
     P = op.shape[0]
     steps = min(int(steps), P)
-    Q = torch.zeros(P, steps, dtype=op.dtype, device=op.device)
+    # basis stored row-wise, [steps, P]: Q[: j + 1] is one contiguous block, so reorthogonalising
+    # reads j + 1 rows, not the whole (memory-bound at large P)
+    Q = torch.zeros(steps, P, dtype=op.dtype, device=op.device)
     alpha = torch.zeros(steps, dtype=op.dtype, device=op.device)
     beta = torch.zeros(max(steps - 1, 0), dtype=op.dtype, device=op.device)
     q = v0.to(op.dtype).to(op.device)
     q = q / torch.linalg.vector_norm(q)
     m = steps
     for j in range(steps):
-        Q[:, j] = q
+        Q[j] = q
         w = op.matvec(q)
         alpha[j] = q @ w
-        for _ in range(2):  # full reorthogonalisation, twice is enough
-            w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+        # full reorthogonalisation (classical Gram-Schmidt); a second pass only where the first
+        # cancelled much of w (the DGKS test, as in ARPACK): "twice is enough"
+        Qj = Q[: j + 1]
+        norm_in = torch.linalg.vector_norm(w)
+        w = w - Qj.T @ (Qj @ w)
+        b = torch.linalg.vector_norm(w)
+        if b < _DGKS * norm_in:
+            w = w - Qj.T @ (Qj @ w)
+            b = torch.linalg.vector_norm(w)
         if j == steps - 1:
             break
-        b = torch.linalg.vector_norm(w)
         scale = alpha[: j + 1].abs().max().clamp_min(torch.finfo(op.dtype).tiny)
         if b < 1e-12 * scale:
             m = j + 1
@@ -107,7 +119,7 @@ def lanczos(
         if stop is not None and (j + 1) % check_every == 0 and stop(alpha[: j + 1], beta[:j], float(b)):
             m = j + 1
             break
-    return LanczosTridiag(alpha[:m], beta[: max(m - 1, 0)], Q[:, :m])
+    return LanczosTridiag(alpha[:m], beta[: max(m - 1, 0)], Q[:m].T)
 
 
 def lanczos_eigs(
