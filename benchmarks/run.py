@@ -1,8 +1,11 @@
 """Side-by-side benchmark: signal-drift vs curvlinops, hessian-eigenthings and plain torch.func.
 
 One process, one model (5-layer SiLU MLP, width d, N samples, float64), one set of probe
-vectors. Every timed result is checked against a reference; a fast wrong answer is a failure.
-Peers that are not installed or that fail are reported as such, not hidden.
+vectors. Every timed result is checked against a reference (products to 1e-10, eigenvalues to
+1e-8 relative); a result outside its tolerance is printed as WRONG and gets no ratio, and a wrong
+signal-drift row makes the run exit non-zero. HVP contenders are timed round-robin so that the
+VM's slow spells hit all of them alike. Peers that are not installed or that fail are reported as
+such, not hidden. The summary table gives peer / ours for every peer row.
 
     python benchmarks/run.py [--dim 64] [--samples 1024] [--rank 4] [--skip-command]
 
