@@ -27,12 +27,12 @@ verify: $(STAMP)
 	$(BIN)/python -m signal_drift.verify --dim 32
 
 test: $(STAMP)
-	$(BIN)/python -m ruff check signal_drift tests benchmarks
+	$(BIN)/python -m ruff check signal_drift tests benchmarks notebooks
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check signal_drift tests benchmarks
-	$(BIN)/python -m ruff format --check signal_drift tests benchmarks
+	$(BIN)/python -m ruff check signal_drift tests benchmarks notebooks
+	$(BIN)/python -m ruff format --check signal_drift tests benchmarks notebooks
 
 # Benchmark peers, installed without their CUDA-pulling dependencies (torch stays 2.13.0 CPU).
 PEERS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 hessian-eigenthings==1.0.0a5 \
