@@ -21,7 +21,7 @@ from .lora import LoraProblem, _join
 from .model import mse_loss
 from .operators import LinearOperator
 
-__all__ = ["ELEMENTWISE", "supports_fast_path", "MLPHessianOperator"]
+__all__ = ["ELEMENTWISE", "supports_fast_path", "MLPHessianOperator", "clear_workspace"]
 
 #: Activation modules known to act elementwise (their Jacobian is diagonal).
 ELEMENTWISE: tuple[type[nn.Module], ...] = (
@@ -57,6 +57,14 @@ def _derivatives(act: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.T
 _WORKSPACE = threading.local()
 _WORKSPACE_SETS = 3
 _WORKSPACE_BYTES = 512 * 2**20
+
+
+def clear_workspace() -> None:
+    """Free this thread's R-op buffers, e.g. before ``torch.cuda.empty_cache()``.
+
+    They are allocated again by the next product.
+    """
+    _WORKSPACE.__dict__.pop("sets", None)
 
 
 class MLPHessianOperator(LinearOperator):
