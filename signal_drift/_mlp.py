@@ -286,25 +286,26 @@ class MLPHessianOperator(LinearOperator):
         """``∇_w L`` flattened (``[P]``)."""
         return self.in_layout.flatten(self.gradient)
 
-    def _r_backward_from(self, start: int, Rz0: torch.Tensor) -> torch.Tensor:
-        """Inject ``Rz0: [N, k, m]`` after linear op ``start``; return ``R(∂L/∂z)`` there.
+    def _r_backward_from(self, start: int, F: list[torch.Tensor], k: int) -> torch.Tensor:
+        """Push ``F[start]`` (an R-tensor ``[m, k, N]`` injected after op ``start``) forward and back.
 
-        The perturbation is pushed forward through the rest of the network and back.
+        Returns ``R(∂L/∂z)`` at op ``start`` as ``[m, k, N]``, a view of a workspace buffer.
         """
-        ops = self._ops
-        Rh = Rz0
-        R_in: dict[int, torch.Tensor] = {}
+        ops, fm, N = self._ops, self._fm, self._n
         for i in range(start + 1, len(ops)):
-            op = ops[i]
-            R_in[i] = Rh
-            Rh = Rh @ op[2].T if op[0] == "lin" else Rh * op[2].unsqueeze(1)
-        Rg = Rh / self._n
-        for i in range(len(ops) - 1, start, -1):
-            op = ops[i]
-            if op[0] == "act":
-                Rg = Rg * op[2].unsqueeze(1) + self._g_d2[i].unsqueeze(1) * R_in[i]
+            if ops[i][0] == "lin":
+                m, n = ops[i][2].shape
+                torch.mm(ops[i][2], F[i - 1].view(n, k * N), out=F[i].view(m, k * N))
             else:
-                Rg = Rg @ op[2]
+                torch.mul(F[i - 1], fm[i]["d1"], out=F[i])
+        Rg = F[-1].div_(N)
+        for i in range(len(ops) - 1, start, -1):
+            if ops[i][0] == "act":
+                Rg.mul_(fm[i]["d1"]).addcmul_(fm[i]["gd2"], F[i - 1])
+            else:
+                m, n = ops[i][2].shape
+                torch.mm(fm[i]["Wt"], Rg.view(m, k * N), out=F[i - 1].view(n, k * N))
+                Rg = F[i - 1]
         return Rg
 
     def partial_traces(self, chunk: int = 64) -> dict[str, torch.Tensor]:
@@ -318,22 +319,30 @@ class MLPHessianOperator(LinearOperator):
         Computed exactly with ``m`` batched R-passes per layer. Then ``tr(H_ll) = tr K`` and, at
         ``B = 0``, ``tr(J_Bᵀ H J_B) = s² tr(K AᵀA)`` for any ``A`` (Prop. 3).
 
+        Args:
+            chunk: directions ``e_i`` pushed through at once (fewer where their buffers would
+                exceed a quarter of the 512 MiB workspace cap).
+
         Returns:
             ``{layer: K [n, n]}``.
         """
         out = {}
         N = self._n
+        # directions per pass: at most `chunk`, and buffers within a quarter of the workspace cap
+        per_direction = sum(self._widths) * N * torch.finfo(self.dtype).bits // 8
+        step = max(1, min(chunk, _WORKSPACE_BYTES // 4 // per_direction))
         for idx, op in enumerate(self._ops):
             if op[0] != "lin" or not op[4]:
                 continue
             _, name, W, h_in, _ = op
             m = W.shape[0]
             trM = torch.zeros(N, dtype=W.dtype, device=W.device)
-            for i0 in range(0, m, chunk):
-                ii = torch.arange(i0, min(i0 + chunk, m), device=W.device)
-                Rz0 = torch.zeros(N, len(ii), m, dtype=W.dtype, device=W.device)
-                Rz0[:, torch.arange(len(ii)), ii] = 1.0
-                Rg = self._r_backward_from(idx, Rz0)  # [N, k, m]; Rg[n, k, i_k] = (M_n)_{ii}
-                trM += Rg[:, torch.arange(len(ii)), ii].sum(1)
+            for i0 in range(0, m, step):
+                k = min(step, m - i0)
+                F = self._workspace(k)
+                ii, kk = torch.arange(i0, i0 + k, device=W.device), torch.arange(k, device=W.device)
+                F[idx].zero_()[ii, kk, :] = 1.0  # direction e_i for every sample
+                Rg = self._r_backward_from(idx, F, k)  # [m, k, N]; Rg[i_k, k, n] = (M_n)_{ii}
+                trM += Rg[ii, kk, :].sum(0)
             out[name] = (h_in * trM[:, None]).T @ h_in
         return out
