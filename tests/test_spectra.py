@@ -210,6 +210,40 @@ def test_spectra_cli_writes_figures_and_is_deterministic(tmp_path):
     assert "(d) slopes" in r1.stdout
 
 
+@pytest.mark.parametrize("lora_spectra", ["dense", "lanczos"])
+def test_spectra_cli_interrupted_keeps_every_finished_alpha(tmp_path, monkeypatch, lora_spectra):
+    import signal_drift.spectra.experiment as experiment
+    from signal_drift.spectra.__main__ import main
+
+    args = ["--dim", "6", "--rank", "2", "--samples", "64", "--slq-probes", "2", "--slq-steps", "12"]
+    args += ["--lora-spectra", lora_spectra, "--no-plot"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    full = json.loads((tmp_path / "full" / "spectra.json").read_text())
+    calls, append = [], experiment._append
+
+    def append_then_ctrl_c(*a, **kw):  # Ctrl-C while the third α is being processed
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return append(*a, **kw)
+
+    monkeypatch.setattr(experiment, "_append", append_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", str(tmp_path / "cut")])
+    part = json.loads((tmp_path / "cut" / "spectra.json").read_text())
+    arrays = np.load(tmp_path / "cut" / "spectra_arrays.npz")
+    assert full["complete"] is True and part["complete"] is False and part["alphas_done"] == 2
+    for key in ("lambda_max_fft", "trace_fft", "negative_fraction_fft"):
+        assert part[key] == full[key]
+    for key in ("lambda_max_lora", "lambda_min_lora", "norm_signal", "norm_drift"):
+        assert part[key] == full[key][:2]
+    assert "slq_nodes_fft" in arrays
+    if lora_spectra == "dense":
+        assert arrays["eig_lora"].shape[0] == 2
+    else:
+        assert arrays["slq_nodes_lora"].shape[0] == 2
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [

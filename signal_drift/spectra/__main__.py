@@ -61,11 +61,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg.validate()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     progress = sys.stderr.isatty()
-    res = run_spectra(cfg, progress=progress, log=lambda m: print(m, file=sys.stderr))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_savez(out / "spectra_arrays.npz", **res.arrays)
-    atomic_write_text(out / "spectra.json", json.dumps(res.summary, indent=1, default=float) + "\n")
+
+    def write(summary: dict, arrays: dict) -> None:
+        # finished stages and α values are on disk at every point (spectra.json "complete": false
+        # until the end), so Ctrl-C or a crash keeps them
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_savez(out / "spectra_arrays.npz", **arrays)
+        atomic_write_text(out / "spectra.json", json.dumps(summary, indent=1, default=float) + "\n")
+
+    res = run_spectra(cfg, progress=progress, log=lambda m: print(m, file=sys.stderr), checkpoint=write)
+    write(res.summary, res.arrays)
     if not args.no_plot:
         from ..plotting import plot_fig8
 

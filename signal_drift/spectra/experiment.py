@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._errors import DivergenceError, InputError, check_positive_float, check_positive_int
-from .._memory import format_bytes
+from .._memory import check_dense, format_bytes
 from ..decomposition import curvature
 from ..hessian import fft_hessian, lora_hessian
 from ..lora import LoraProblem, attach_lora, init_theta
@@ -188,7 +188,10 @@ def _autograd_residual(problem: LoraProblem, theta, Htheta: torch.Tensor, seed: 
 
 
 def run_spectra(
-    cfg: SpectraConfig, progress: bool = True, log: Callable[[str], None] = print
+    cfg: SpectraConfig,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    checkpoint: Callable[[dict, dict], None] | None = None,
 ) -> SpectraResult:
     """Run the Figure 8 experiment; see the module docstring.
 
@@ -196,9 +199,12 @@ def run_spectra(
         cfg: settings.
         progress: show tqdm bars.
         log: where to print stage messages.
+        checkpoint: called as ``checkpoint(summary, arrays)`` with everything finished so far
+            (``summary["complete"]`` False, the per-α lists as long as the α values done) after
+            every stage and every α, so an interrupted run keeps its finished results.
 
     Returns:
-        A :class:`SpectraResult`.
+        A :class:`SpectraResult` (``summary["complete"]`` True).
     """
     cfg.validate()
     dtype = getattr(torch, cfg.dtype)
@@ -210,12 +216,33 @@ def run_spectra(
         timings[name] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
 
+    def snapshot() -> None:
+        if checkpoint is None:
+            return
+        part = {**summary, **{k: list(v) for k, v in per.items()}, "alphas_done": len(per["norm_signal"])}
+        part.update(complete=False, config=asdict(cfg), warnings=list(warnings), timings=dict(timings))
+        arr = {**arrays, "alphas": np.array(alphas)}
+        if eig_lora:
+            arr["eig_lora"] = np.array(eig_lora)
+        if slq_lora:
+            arr["slq_nodes_lora"] = np.stack([d.nodes for d in slq_lora])
+            arr["slq_weights_lora"] = np.stack([d.weights for d in slq_lora])
+        checkpoint(part, arr)
+
+    per: dict[str, list] = {}
+    arrays: dict = {}
+    eig_lora: list = []
+    slq_lora: list = []
     problem = _build(cfg, dtype, progress)
     sigma2 = init_variance(cfg.init, cfg.dim)
     alphas = tuple(cfg.alphas) if cfg.alphas else default_alphas(cfg.rank, sigma2)
     theta0 = init_theta(problem, cfg.seed)
     P_w, P_t = problem.weight_layout.numel, problem.theta_layout.numel
     lap("build")
+    # refuse what will not fit before any work: the dense H_θ blocks (and H for --exact-fft)
+    check_dense("H_signal", P_t, P_t, dtype, alternative="the matrix-free SignalOperator")
+    if cfg.exact_fft:
+        check_dense("H (--exact-fft)", P_w, P_w, dtype, alternative="the default run without --exact-fft")
     if cfg.exact_fft:
         need = P_w * P_w * torch.empty((), dtype=dtype).element_size()
         log(f"--exact-fft: dense H is {P_w} x {P_w} ({format_bytes(need)}); eigvalsh takes roughly "
@@ -238,16 +265,16 @@ def run_spectra(
     K = fft_arrays.pop("K")
     summary.update(fft)
     warnings += warn
-    arrays: dict = dict(fft_arrays)
+    arrays.update(fft_arrays)
     lap("fft_spectrum")
 
-    per: dict[str, list] = {k: [] for k in (
+    per.update({k: [] for k in (
         "lambda_max_lora", "lambda_min_lora", "lambda_max_signal", "lambda_min_signal",
         "lambda_min_drift", "lambda_max_drift", "trace_lora", "trace_signal", "trace_rule_predicted",
         "norm_signal", "norm_drift", "drift_to_signal", "negative_mass_lora", "negative_mass_signal",
         "negative_count_lora", "lambda_max_fft_at_point", "diverged_step",
-    )}  # fmt: skip
-    eig_lora = []
+    )})  # fmt: skip
+    snapshot()
     method = cfg.lora_spectra
     if method == "auto":
         method = "lanczos" if cfg.train_steps == 0 and P_t > LANCZOS_ABOVE else "dense"
@@ -261,7 +288,7 @@ def run_spectra(
             blocks = _init_blocks(problem, S1, D1)
             eS1, eD1 = _signal_drift_eigvals_at_init(S1.shape[0], blocks)
         lap("signal_drift_dense")
-        slq_lora = []
+        snapshot()
         for a in tqdm(alphas, desc="H_θ(α) spectra", disable=not progress, leave=False):
             S, D = a * a * S1, a * D1
             # positive scalings keep the order: only H_θ(α) needs its own eigendecomposition
@@ -275,6 +302,7 @@ def run_spectra(
                 warnings += warn
                 slq_lora.append(dens)
                 _append(per, e, S, D, problem.with_alpha(a), K, summary["lambda_max_fft"], est)
+            snapshot()
         if slq_lora:
             arrays["slq_nodes_lora"] = np.stack([d.nodes for d in slq_lora])
             arrays["slq_weights_lora"] = np.stack([d.weights for d in slq_lora])
@@ -300,6 +328,7 @@ def run_spectra(
                 warnings.append(f"α={a:g}: {err}; its spectra are left out (NaN)")
                 _append_nan(per, err.step)
                 eig_lora.append(np.full(P_t, np.nan))
+                snapshot()
                 continue
             Ha = fft_hessian(pa, th)
             ca = curvature(pa, th, H=Ha)
@@ -313,6 +342,7 @@ def run_spectra(
             Ka = Ha.partial_traces() if hasattr(Ha, "partial_traces") else None
             lam = float(lanczos_eigs(Ha, 1, "LA", steps=60, seed=cfg.seed).values[-1])
             _append(per, e, S, D, pa, Ka, lam)
+            snapshot()
         lap("trained_spectra")
     summary.update(per)
     finite = [i for i, v in enumerate(per["norm_signal"]) if np.isfinite(v)]
@@ -325,6 +355,7 @@ def run_spectra(
     summary["config"] = asdict(cfg)
     summary["warnings"] = warnings
     summary["timings"] = timings
+    summary["complete"] = True
     res = SpectraResult(summary, arrays)
     res.lines = summarize(summary)
     return res
