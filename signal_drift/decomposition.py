@@ -128,6 +128,26 @@ class DriftOperator(LinearOperator):
             out[a.key_B] = a.scale * (G @ v[a.key_A].transpose(-1, -2))
         return self.in_layout.flatten(out, batch_dims=1).T
 
+    def to_dense(self, budget: int | None = None) -> torch.Tensor:
+        """Dense ``H_drift`` in closed form: per layer the block ``∂²L/∂A_ij ∂B_kl = s G_kj δ_il``.
+
+        No products through the model: ``O(|θ|²)`` writes, the rest of the matrix zero.
+        """
+        from ._memory import check_dense
+
+        P = self.shape[0]
+        check_dense("H_drift", P, P, self.dtype, alternative="the matrix-free DriftOperator", budget=budget)
+        out = torch.zeros(P, P, dtype=self.dtype, device=self.device)
+        for a in self.problem.adapters:
+            rows, cols = self.in_layout.slice(a.key_A), self.in_layout.slice(a.key_B)
+            eye = torch.eye(a.rank, dtype=self.dtype, device=self.device)
+            # [r, n, m, r]: (i, j) indexes A_ij, (k, l) indexes B_kl
+            blk = a.scale * torch.einsum("kj,il->ijkl", self.g[a.name].to(self.dtype), eye)
+            blk = blk.reshape(rows.stop - rows.start, cols.stop - cols.start)
+            out[rows, cols] = blk
+            out[cols, rows] = blk.T
+        return out
+
 
 class SignalOperator(LinearOperator):
     """``H_signal = J^T H J``, shape ``[|θ|, |θ|]`` (Prop. 1), through ``H``'s matvec."""

@@ -132,3 +132,14 @@ def test_decomposed_lora_hessian_equals_autograd_lora_hessian():
     problem = mlp_problem(bias=True)
     theta = trained_theta(problem)
     assert_close(decomposed_lora_hessian(problem, theta).to_dense(), dense_hessian(problem.loss_theta, theta))
+
+
+def test_closed_form_dense_drift_equals_its_products_on_a_subset_of_layers():
+    from signal_drift import attach_lora, make_mlp, make_task
+    from signal_drift.operators import LinearOperator
+
+    model, task = make_mlp(5, 4, seed=2), make_task(5, 20, seed=2)
+    problem = attach_lora(model, task.X, task.y, targets=["2", "6"], rank=3, alpha=2.0)
+    c = curvature(problem, trained_theta(problem))
+    # the generic to_dense pushes the identity through the matvec, block by block
+    assert_close(c.drift.to_dense(), LinearOperator.to_dense(c.drift))
