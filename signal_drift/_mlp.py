@@ -12,7 +12,7 @@ Exactness is tested against :class:`signal_drift.hessian.HessianOperator` (plain
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -154,6 +154,11 @@ class MLPHessianOperator(LinearOperator):
             del cache[next(iter(cache))]
         return bufs
 
+    def _directions_per_pass(self, chunk: int) -> int:
+        """At most ``chunk`` unit directions per pass, with buffers within a quarter of the cap."""
+        per_direction = sum(self._widths) * self._n * torch.finfo(self.dtype).bits // 8
+        return max(1, min(chunk, _WORKSPACE_BYTES // 4 // per_direction))
+
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         # R-tensors are laid out feature-major, [width, k, N]: W @ R is one short-wide GEMM, sums
         # of two products are one addmm, every R-tensor lives in a reused buffer, and each layer's
@@ -215,7 +220,7 @@ class MLPHessianOperator(LinearOperator):
                 Rg = F[i - 1]
         return out
 
-    def signal_at_init(self, right: Mapping[str, torch.Tensor], chunk: int = 8) -> torch.Tensor:
+    def signal_at_init(self, right: Mapping[str, torch.Tensor], chunk: int = 64) -> torch.Tensor:
         """Dense ``J_Bᵀ H J_B`` at ``B = 0``: the whole signal Hessian at init (Prop. 1, 3).
 
         Column ``(l, i, j)`` of ``J_B`` is the weight direction ``e_i R_l[j]`` in layer ``l``
@@ -232,7 +237,8 @@ class MLPHessianOperator(LinearOperator):
 
         Args:
             right: ``{layer: R_l [r_l, n_l]}`` for every adapted layer (``s_l A_l``).
-            chunk: directions ``e_i`` pushed through at once.
+            chunk: directions ``e_i`` pushed through at once (fewer where their buffers would
+                exceed a quarter of the 512 MiB workspace cap).
 
         Returns:
             ``[Σ m_l r_l, Σ m_l r_l]``, layers in adapter order, each ``B_l`` flattened row-major.
@@ -246,36 +252,31 @@ class MLPHessianOperator(LinearOperator):
         sizes = [m_of[nm] * R[nm].shape[0] for nm in names]
         offs = [sum(sizes[:t]) for t in range(len(sizes))]
         out = torch.zeros(sum(sizes), sum(sizes), dtype=self.dtype, device=self.device)
+        step = self._directions_per_pass(chunk)
         for t, nm in enumerate(names):
             start, m, r = lin[nm], m_of[nm], R[nm].shape[0]
-            for i0 in range(0, m, chunk):
-                k = min(chunk, m - i0)
-                Rh = torch.zeros(N, k, m, dtype=self.dtype, device=self.device)
-                Rh[:, torch.arange(k), torch.arange(i0, i0 + k)] = 1.0
-                R_in: dict[int, torch.Tensor] = {}
-                for i in range(start + 1, len(ops)):
-                    R_in[i] = Rh
-                    Rh = Rh @ ops[i][2].T if ops[i][0] == "lin" else Rh * ops[i][2].unsqueeze(1)
-                Rg = Rh / N
+            for i0 in range(0, m, step):
+                k = min(step, m - i0)
                 cols = slice(offs[t] + i0 * r, offs[t] + (i0 + k) * r)
-                for i in range(len(ops) - 1, start - 1, -1):
-                    op = ops[i]
-                    if op[0] == "act":
-                        Rg = Rg * op[2].unsqueeze(1) + self._g_d2[i].unsqueeze(1) * R_in[i]
-                        continue
-                    if op[4]:  # an adapted linear l' >= l: its block (l', l)
-                        nm2 = op[1]
-                        m2, r2 = m_of[nm2], R[nm2].shape[0]
-                        uu = (u[nm][:, :, None] * u[nm2][:, None, :]).reshape(N, r * r2)
-                        blk = (Rg.reshape(N, k * m2).T @ uu).view(k, m2, r, r2).permute(0, 2, 1, 3)
-                        if i in R_in:
-                            P = (R_in[i] @ R[nm2].T).reshape(N, k * r2)
-                            ug = (u[nm][:, :, None] * self._g_in[i][:, None, :]).reshape(N, r * m2)
-                            blk = blk + (P.T @ ug).view(k, r2, r, m2).permute(0, 2, 3, 1)
-                        t2 = names.index(nm2)
-                        out[offs[t2] : offs[t2] + sizes[t2], cols] = blk.reshape(k * r, m2 * r2).T
-                    if i > start:
-                        Rg = Rg @ op[2]
+
+                def block(i: int, Rg: torch.Tensor, R_in: torch.Tensor | None, k=k, cols=cols, nm=nm, r=r):
+                    # block (l', l) for the adapted linear l' = op i, as [k, r, m2, r2]
+                    nm2 = ops[i][1]
+                    m2, r2 = m_of[nm2], R[nm2].shape[0]
+                    uu = (u[nm][:, :, None] * u[nm2][:, None, :]).reshape(N, r * r2)
+                    blk = (Rg.reshape(m2 * k, N) @ uu).view(m2, k, r, r2).permute(1, 2, 0, 3)
+                    if R_in is not None:
+                        n2 = R_in.shape[0]
+                        P = (R[nm2] @ R_in.view(n2, k * N)).view(r2 * k, N)
+                        ug = (u[nm][:, :, None] * self._g_in[i][:, None, :]).reshape(N, r * m2)
+                        blk = blk + (P @ ug).view(r2, k, r, m2).permute(1, 2, 3, 0)
+                    t2 = names.index(nm2)
+                    out[offs[t2] : offs[t2] + sizes[t2], cols] = blk.reshape(k * r, m2 * r2).T
+
+                F = self._workspace(k)
+                ii, kk = torch.arange(i0, i0 + k, device=self.device), torch.arange(k, device=self.device)
+                F[start].zero_()[ii, kk, :] = 1.0  # direction e_i at layer l's output, every sample
+                block(start, self._r_backward_from(start, F, k, visit=block), None)
         for t in range(len(names)):  # blocks (l, l') with l < l' by symmetry
             for t2 in range(t + 1, len(names)):
                 rows, cols = slice(offs[t], offs[t] + sizes[t]), slice(offs[t2], offs[t2] + sizes[t2])
@@ -286,8 +287,17 @@ class MLPHessianOperator(LinearOperator):
         """``∇_w L`` flattened (``[P]``)."""
         return self.in_layout.flatten(self.gradient)
 
-    def _r_backward_from(self, start: int, F: list[torch.Tensor], k: int) -> torch.Tensor:
+    def _r_backward_from(
+        self,
+        start: int,
+        F: list[torch.Tensor],
+        k: int,
+        visit: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
         """Push ``F[start]`` (an R-tensor ``[m, k, N]`` injected after op ``start``) forward and back.
+
+        ``visit(i, Rg, R_in)`` is called at every adapted linear op ``i > start`` on the way back,
+        with ``R(∂L/∂z_i)`` ``[m_i, k, N]`` and the op's R-input ``[n_i, k, N]``.
 
         Returns ``R(∂L/∂z)`` at op ``start`` as ``[m, k, N]``, a view of a workspace buffer.
         """
@@ -303,6 +313,8 @@ class MLPHessianOperator(LinearOperator):
             if ops[i][0] == "act":
                 Rg.mul_(fm[i]["d1"]).addcmul_(fm[i]["gd2"], F[i - 1])
             else:
+                if visit is not None and ops[i][4]:
+                    visit(i, Rg, F[i - 1])
                 m, n = ops[i][2].shape
                 torch.mm(fm[i]["Wt"], Rg.view(m, k * N), out=F[i - 1].view(n, k * N))
                 Rg = F[i - 1]
@@ -328,9 +340,7 @@ class MLPHessianOperator(LinearOperator):
         """
         out = {}
         N = self._n
-        # directions per pass: at most `chunk`, and buffers within a quarter of the workspace cap
-        per_direction = sum(self._widths) * N * torch.finfo(self.dtype).bits // 8
-        step = max(1, min(chunk, _WORKSPACE_BYTES // 4 // per_direction))
+        step = self._directions_per_pass(chunk)
         for idx, op in enumerate(self._ops):
             if op[0] != "lin" or not op[4]:
                 continue
