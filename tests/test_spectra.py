@@ -61,6 +61,32 @@ def test_lanczos_basis_stays_orthonormal_where_plain_lanczos_would_not():
     assert abs(ritz[0] - lam_sorted[0]) < 1e-12
 
 
+def test_probes_advanced_together_equal_separate_lanczos_runs(h_theta):
+    from signal_drift.operators import FunctionOperator
+    from signal_drift.spectra.lanczos import lanczos, lanczos_probes
+
+    op, _ = h_theta
+    gen = torch.Generator().manual_seed(1)
+    V = torch.randn(op.shape[0], 4, generator=gen, dtype=torch.float64)
+    for tri, i in zip(lanczos_probes(op, V, 30), range(4), strict=True):
+        ref = lanczos(op, V[:, i], 30)
+        assert len(tri.alpha) == len(ref.alpha)
+        assert torch.allclose(
+            torch.linalg.eigvalsh(tri.T()), torch.linalg.eigvalsh(ref.T()), rtol=0, atol=1e-10
+        )
+    # runs stop on their own invariant subspaces: an eigenvector after 1 step, the others after 3
+    A = torch.diag(torch.tensor([1.0, 1.0, 2.0, 2.0, 5.0, 5.0], dtype=torch.float64))
+    small = FunctionOperator(lambda X: A @ X, (6, 6), torch.float64, symmetric=True)
+    V = torch.tensor([[0, 1, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6], [1, -1, 1, -1, 1, -1]], dtype=torch.float64).T
+    tris = lanczos_probes(small, V, 6)
+    assert (
+        [len(t.alpha) for t in tris] == [len(lanczos(small, V[:, i], 6).alpha) for i in range(3)] == [1, 3, 3]
+    )
+    assert torch.allclose(
+        torch.linalg.eigvalsh(tris[1].T()), torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
+    )
+
+
 def test_scipy_eigsh_bridge_matches_dense(h_theta):
     op, eig = h_theta
     top = eigsh(op, k=3, which="LA")

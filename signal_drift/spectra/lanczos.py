@@ -17,11 +17,20 @@ from typing import Literal
 import numpy as np
 import scipy.sparse.linalg as spla
 import torch
+from tqdm.auto import tqdm
 
 from .._errors import InputError
 from ..operators import LinearOperator
 
-__all__ = ["LanczosTridiag", "EigResult", "lanczos", "lanczos_eigs", "eigsh", "dense_eigvalsh"]
+__all__ = [
+    "LanczosTridiag",
+    "EigResult",
+    "lanczos",
+    "lanczos_probes",
+    "lanczos_eigs",
+    "eigsh",
+    "dense_eigvalsh",
+]
 
 
 #: DGKS threshold: reorthogonalise again when one pass leaves less than this fraction of ‖w‖.
@@ -120,6 +129,58 @@ def lanczos(
             m = j + 1
             break
     return LanczosTridiag(alpha[:m], beta[: max(m - 1, 0)], Q[:m].T)
+
+
+def lanczos_probes(
+    op: LinearOperator, V0: torch.Tensor, steps: int, progress: bool = False
+) -> list[LanczosTridiag]:
+    """Independent Lanczos runs from the columns of ``V0`` ``[P, k]``, advanced together.
+
+    Each run is the recurrence of :func:`lanczos` (full reorthogonalisation against its own
+    basis, DGKS second pass, its own invariant-subspace stop); advancing them together makes every
+    step one ``op.matmat`` of ``k`` vectors, which turns memory-bound matrix-vector products into
+    GEMMs. Used by :func:`~signal_drift.spectra.slq` for its probes.
+
+    Returns:
+        One :class:`LanczosTridiag` per column (``Q`` is not kept: ``[P, 0]``).
+    """
+    if not op.symmetric:
+        raise InputError("lanczos needs a symmetric operator")
+    P, k = V0.shape
+    steps = min(int(steps), P)
+    dt, dev = op.dtype, op.device
+    Q = torch.zeros(k, steps, P, dtype=dt, device=dev)  # per run, its basis row-wise
+    alpha = torch.zeros(k, steps, dtype=dt, device=dev)
+    beta = torch.zeros(k, max(steps - 1, 0), dtype=dt, device=dev)
+    q = V0.to(dt).to(dev).T
+    q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
+    active = torch.ones(k, dtype=torch.bool, device=dev)
+    m = [steps] * k
+    for j in tqdm(range(steps), desc="Lanczos", disable=not progress, leave=False):
+        Q[:, j] = q
+        w = op.matmat(q.T).T.contiguous()  # [k, P]
+        alpha[:, j] = (q * w).sum(1)
+        norm_in = torch.linalg.vector_norm(w, dim=1)
+        for i in range(k):  # each run against its own basis: contiguous [j + 1, P] rows
+            if active[i]:
+                Qi = Q[i, : j + 1]
+                w[i] -= Qi.T @ (Qi @ w[i])
+                if torch.linalg.vector_norm(w[i]) < _DGKS * norm_in[i]:
+                    w[i] -= Qi.T @ (Qi @ w[i])
+        b = torch.linalg.vector_norm(w, dim=1)
+        if j == steps - 1:
+            break
+        scale = alpha[:, : j + 1].abs().max(1).values.clamp_min(torch.finfo(dt).tiny)
+        stop = active & (b < 1e-12 * scale)
+        for i in torch.nonzero(stop).flatten().tolist():
+            m[i] = j + 1
+        active = active & ~stop
+        if not active.any():
+            break
+        beta[:, j] = torch.where(active, b, torch.zeros_like(b))
+        q = torch.where(active[:, None], w / b.clamp_min(torch.finfo(dt).tiny)[:, None], torch.zeros_like(w))
+    empty = torch.zeros(P, 0, dtype=dt, device=dev)
+    return [LanczosTridiag(alpha[i, : m[i]], beta[i, : max(m[i] - 1, 0)], empty) for i in range(k)]
 
 
 def lanczos_eigs(

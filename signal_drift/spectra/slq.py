@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..operators import LinearOperator
-from .lanczos import lanczos
+from .lanczos import lanczos_probes
 
 __all__ = ["SLQResult", "slq"]
 
@@ -72,13 +71,14 @@ def slq(
         probes: number of Rademacher probe vectors.
         steps: Lanczos steps per probe.
         seed: RNG seed (results are deterministic given it).
-        progress: show a tqdm bar over probes.
+        progress: show a tqdm bar over Lanczos steps.
     """
     gen = torch.Generator().manual_seed(seed)
+    V = torch.stack(
+        [torch.randint(0, 2, (op.shape[0],), generator=gen).to(op.dtype) * 2 - 1 for _ in range(probes)], 1
+    )
     nodes, weights = [], []
-    for _ in tqdm(range(probes), desc="SLQ", disable=not progress, leave=False):
-        v = torch.randint(0, 2, (op.shape[0],), generator=gen).to(op.dtype) * 2 - 1
-        tri = lanczos(op, v, steps)
+    for tri in lanczos_probes(op, V, steps, progress=progress):  # all probes advance together
         theta, S = torch.linalg.eigh(tri.T())
         m = len(theta)
         th = np.full(steps, np.nan)
