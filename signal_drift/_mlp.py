@@ -273,10 +273,8 @@ class MLPHessianOperator(LinearOperator):
                     t2 = names.index(nm2)
                     out[offs[t2] : offs[t2] + sizes[t2], cols] = blk.reshape(k * r, m2 * r2).T
 
-                F = self._workspace(k)
-                ii, kk = torch.arange(i0, i0 + k, device=self.device), torch.arange(k, device=self.device)
-                F[start].zero_()[ii, kk, :] = 1.0  # direction e_i at layer l's output, every sample
-                block(start, self._r_backward_from(start, F, k, visit=block), None)
+                Rg, _, _ = self._from_unit_directions(start, i0, k, visit=block)
+                block(start, Rg, None)
         for t in range(len(names)):  # blocks (l, l') with l < l' by symmetry
             for t2 in range(t + 1, len(names)):
                 rows, cols = slice(offs[t], offs[t] + sizes[t]), slice(offs[t2], offs[t2] + sizes[t2])
@@ -320,6 +318,24 @@ class MLPHessianOperator(LinearOperator):
                 Rg = F[i - 1]
         return Rg
 
+    def _from_unit_directions(
+        self,
+        start: int,
+        i0: int,
+        k: int,
+        visit: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_r_backward_from` for unit directions ``e_{i0} … e_{i0+k−1}`` at every sample.
+
+        Returns:
+            ``R(∂L/∂z)`` at op ``start`` ``[m, k, N]`` and the index pair ``(i0 + arange(k),
+            arange(k))`` that picks each direction's own output row.
+        """
+        F = self._workspace(k)
+        ii, kk = torch.arange(i0, i0 + k, device=self.device), torch.arange(k, device=self.device)
+        F[start].zero_()[ii, kk, :] = 1.0
+        return self._r_backward_from(start, F, k, visit), ii, kk
+
     def partial_traces(self, chunk: int = 64) -> dict[str, torch.Tensor]:
         """Per adapted layer, the partial trace of its diagonal Hessian block over output rows.
 
@@ -349,10 +365,7 @@ class MLPHessianOperator(LinearOperator):
             trM = torch.zeros(N, dtype=W.dtype, device=W.device)
             for i0 in range(0, m, step):
                 k = min(step, m - i0)
-                F = self._workspace(k)
-                ii, kk = torch.arange(i0, i0 + k, device=W.device), torch.arange(k, device=W.device)
-                F[idx].zero_()[ii, kk, :] = 1.0  # direction e_i for every sample
-                Rg = self._r_backward_from(idx, F, k)  # [m, k, N]; Rg[i_k, k, n] = (M_n)_{ii}
+                Rg, ii, kk = self._from_unit_directions(idx, i0, k)  # Rg[i_k, k, n] = (M_n)_{ii}
                 trM += Rg[ii, kk, :].sum(0)
             out[name] = (h_in * trM[:, None]).T @ h_in
         return out
