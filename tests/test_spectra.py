@@ -87,6 +87,19 @@ def test_probes_advanced_together_equal_separate_lanczos_runs(h_theta):
     )
 
 
+def test_slq_gives_the_same_quadrature_whatever_the_probe_grouping(h_theta, monkeypatch):
+    import importlib
+
+    slq_module = importlib.import_module("signal_drift.spectra.slq")  # the package re-exports slq()
+
+    op, _ = h_theta
+    together = slq(op, probes=5, steps=15, seed=3)
+    monkeypatch.setattr(slq_module, "_BASES_BYTES", 1)  # one probe at a time
+    alone = slq(op, probes=5, steps=15, seed=3)
+    assert np.allclose(together.nodes, alone.nodes, rtol=0, atol=1e-10 * np.abs(alone.nodes).max())
+    assert np.allclose(together.weights, alone.weights, rtol=0, atol=1e-10)
+
+
 def test_scipy_eigsh_bridge_matches_dense(h_theta):
     op, eig = h_theta
     top = eigsh(op, k=3, which="LA")

@@ -80,7 +80,7 @@ def lanczos(
     stop: Callable[[torch.Tensor, torch.Tensor, float], bool] | None = None,
     check_every: int = 10,
 ) -> LanczosTridiag:
-    """``steps`` Lanczos iterations from ``v0`` with full (twice) reorthogonalisation.
+    """``steps`` Lanczos iterations from ``v0`` with full reorthogonalisation.
 
     Stops early on an invariant subspace (``β < 1e-12 ‖T‖``), or when
     ``stop(alpha, beta, beta_next)`` returns True (checked every ``check_every`` steps).
@@ -92,95 +92,85 @@ def lanczos(
     >>> torch.linalg.eigvalsh(tri.T()).round(decimals=8).tolist()
     [1.0, 2.0, 3.0, 4.0, 5.0]
     """
-    if not op.symmetric:
-        raise InputError("lanczos needs a symmetric operator")
-    P = op.shape[0]
-    steps = min(int(steps), P)
-    # basis stored row-wise, [steps, P]: Q[: j + 1] is one contiguous block, so reorthogonalising
-    # reads j + 1 rows, not the whole (memory-bound at large P)
-    Q = torch.zeros(steps, P, dtype=op.dtype, device=op.device)
-    alpha = torch.zeros(steps, dtype=op.dtype, device=op.device)
-    beta = torch.zeros(max(steps - 1, 0), dtype=op.dtype, device=op.device)
-    q = v0.to(op.dtype).to(op.device)
-    q = q / torch.linalg.vector_norm(q)
-    m = steps
-    for j in range(steps):
-        Q[j] = q
-        w = op.matvec(q)
-        alpha[j] = q @ w
-        # full reorthogonalisation (classical Gram-Schmidt); a second pass only where the first
-        # cancelled much of w (the DGKS test, as in ARPACK): "twice is enough"
-        Qj = Q[: j + 1]
-        norm_in = torch.linalg.vector_norm(w)
-        w = w - Qj.T @ (Qj @ w)
-        b = torch.linalg.vector_norm(w)
-        if b < _DGKS * norm_in:
-            w = w - Qj.T @ (Qj @ w)
-            b = torch.linalg.vector_norm(w)
-        if j == steps - 1:
-            break
-        scale = alpha[: j + 1].abs().max().clamp_min(torch.finfo(op.dtype).tiny)
-        if b < 1e-12 * scale:
-            m = j + 1
-            break
-        beta[j] = b
-        q = w / b
-        if stop is not None and (j + 1) % check_every == 0 and stop(alpha[: j + 1], beta[:j], float(b)):
-            m = j + 1
-            break
-    return LanczosTridiag(alpha[:m], beta[: max(m - 1, 0)], Q[:m].T)
+    v0 = v0.reshape(-1, 1)
+    return lanczos_probes(op, v0, steps, stop=stop, check_every=check_every, keep_basis=True)[0]
 
 
 def lanczos_probes(
-    op: LinearOperator, V0: torch.Tensor, steps: int, progress: bool = False
+    op: LinearOperator,
+    V0: torch.Tensor,
+    steps: int,
+    progress: bool = False,
+    stop: Callable[[torch.Tensor, torch.Tensor, float], bool] | None = None,
+    check_every: int = 10,
+    keep_basis: bool = False,
 ) -> list[LanczosTridiag]:
     """Independent Lanczos runs from the columns of ``V0`` ``[P, k]``, advanced together.
 
-    Each run is the recurrence of :func:`lanczos` (full reorthogonalisation against its own
-    basis, DGKS second pass, its own invariant-subspace stop); advancing them together makes every
-    step one ``op.matmat`` of ``k`` vectors, which turns memory-bound matrix-vector products into
-    GEMMs. Used by :func:`~signal_drift.spectra.slq` for its probes.
+    Each run reorthogonalises fully against its own basis (classical Gram–Schmidt, a second pass
+    only where the first cancelled much of ``w``: the DGKS test ARPACK uses) and stops on its own
+    invariant subspace or ``stop``. Advancing them together makes every step one ``op.matmat`` of
+    ``k`` vectors, which turns memory-bound matrix-vector products into GEMMs (SLQ probes).
+
+    Args:
+        op: symmetric operator ``[P, P]``.
+        V0: start vectors ``[P, k]``.
+        steps: iterations per run (at most ``P``).
+        progress: tqdm bar over steps.
+        stop: ``stop(alpha, beta, beta_next)`` per run, checked every ``check_every`` steps.
+        check_every: see ``stop``.
+        keep_basis: return each run's basis ``Q`` ``[P, m]`` (otherwise ``[P, 0]``).
 
     Returns:
-        One :class:`LanczosTridiag` per column (``Q`` is not kept: ``[P, 0]``).
+        One :class:`LanczosTridiag` per column.
     """
     if not op.symmetric:
         raise InputError("lanczos needs a symmetric operator")
     P, k = V0.shape
     steps = min(int(steps), P)
-    dt, dev = op.dtype, op.device
-    Q = torch.zeros(k, steps, P, dtype=dt, device=dev)  # per run, its basis row-wise
+    dt, dev, tiny = op.dtype, op.device, torch.finfo(op.dtype).tiny
+    # each run's basis row-wise, [steps, P]: reorthogonalising reads its j + 1 contiguous rows,
+    # not the whole basis (memory-bound at large P)
+    Q = torch.zeros(k, steps, P, dtype=dt, device=dev)
     alpha = torch.zeros(k, steps, dtype=dt, device=dev)
     beta = torch.zeros(k, max(steps - 1, 0), dtype=dt, device=dev)
     q = V0.to(dt).to(dev).T
     q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
-    active = torch.ones(k, dtype=torch.bool, device=dev)
+    active = [True] * k
     m = [steps] * k
     for j in tqdm(range(steps), desc="Lanczos", disable=not progress, leave=False):
         Q[:, j] = q
         w = op.matmat(q.T).T.contiguous()  # [k, P]
         alpha[:, j] = (q * w).sum(1)
-        norm_in = torch.linalg.vector_norm(w, dim=1)
-        for i in range(k):  # each run against its own basis: contiguous [j + 1, P] rows
-            if active[i]:
-                Qi = Q[i, : j + 1]
+        for i in range(k):
+            if not active[i]:
+                continue
+            Qi, norm_in = Q[i, : j + 1], torch.linalg.vector_norm(w[i])
+            w[i] -= Qi.T @ (Qi @ w[i])
+            if torch.linalg.vector_norm(w[i]) < _DGKS * norm_in:  # "twice is enough"
                 w[i] -= Qi.T @ (Qi @ w[i])
-                if torch.linalg.vector_norm(w[i]) < _DGKS * norm_in[i]:
-                    w[i] -= Qi.T @ (Qi @ w[i])
-        b = torch.linalg.vector_norm(w, dim=1)
         if j == steps - 1:
             break
-        scale = alpha[:, : j + 1].abs().max(1).values.clamp_min(torch.finfo(dt).tiny)
-        stop = active & (b < 1e-12 * scale)
-        for i in torch.nonzero(stop).flatten().tolist():
-            m[i] = j + 1
-        active = active & ~stop
-        if not active.any():
+        b = torch.linalg.vector_norm(w, dim=1)
+        for i in range(k):
+            if not active[i]:
+                continue
+            done = bool(b[i] < 1e-12 * alpha[i, : j + 1].abs().max().clamp_min(tiny))  # invariant
+            if not done:
+                beta[i, j] = b[i]
+                checked = stop is not None and (j + 1) % check_every == 0
+                done = checked and stop(alpha[i, : j + 1], beta[i, :j], float(b[i]))
+            if done:
+                m[i], active[i] = j + 1, False
+        if not any(active):
             break
-        beta[:, j] = torch.where(active, b, torch.zeros_like(b))
-        q = torch.where(active[:, None], w / b.clamp_min(torch.finfo(dt).tiny)[:, None], torch.zeros_like(w))
+        on = torch.tensor(active, device=dev)[:, None]
+        q = torch.where(on, w / b.clamp_min(tiny)[:, None], torch.zeros_like(w))
     empty = torch.zeros(P, 0, dtype=dt, device=dev)
-    return [LanczosTridiag(alpha[i, : m[i]], beta[i, : max(m[i] - 1, 0)], empty) for i in range(k)]
+    return [
+        LanczosTridiag(alpha[i, : m[i]], beta[i, : max(m[i] - 1, 0)], Q[i, : m[i]].T if keep_basis else empty)
+        for i in range(k)
+    ]
 
 
 def lanczos_eigs(

@@ -19,6 +19,9 @@ from .lanczos import lanczos_probes
 
 __all__ = ["SLQResult", "slq"]
 
+#: Memory for the Lanczos bases of the probes advanced together (each ``steps × P``).
+_BASES_BYTES = 2**30
+
 
 @dataclass(frozen=True)
 class SLQResult:
@@ -77,8 +80,14 @@ def slq(
     V = torch.stack(
         [torch.randint(0, 2, (op.shape[0],), generator=gen).to(op.dtype) * 2 - 1 for _ in range(probes)], 1
     )
+    # probes advance together, as many at a time as keep their bases within _BASES_BYTES
+    per_probe = min(steps, op.shape[0]) * op.shape[0] * torch.finfo(op.dtype).bits // 8
+    group = max(1, min(probes, _BASES_BYTES // max(per_probe, 1)))
+    tris = []
+    for g0 in range(0, probes, group):
+        tris += lanczos_probes(op, V[:, g0 : g0 + group], steps, progress=progress)
     nodes, weights = [], []
-    for tri in lanczos_probes(op, V, steps, progress=progress):  # all probes advance together
+    for tri in tris:
         theta, S = torch.linalg.eigh(tri.T())
         m = len(theta)
         th = np.full(steps, np.nan)
