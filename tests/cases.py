@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -44,3 +48,12 @@ def linear_problem(dim=5, samples=30, rank=2, alpha=2.0, seed=0):
     model = make_mlp(dim, 1, seed=seed)
     task = make_task(dim, samples, seed=seed)
     return attach_lora(model, task.X, task.y, rank=rank, alpha=alpha)
+
+
+def assert_cli_refuses(cli: list[str], needle: str, out: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m *cli``: bad input must exit 2 naming ``needle``, with no traceback and no ``out``."""
+    r = subprocess.run([sys.executable, "-m", *cli], capture_output=True, text=True)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    if out is not None:
+        assert not out.exists()
+    return r

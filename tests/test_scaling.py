@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from cases import assert_cli_refuses
 
 from signal_drift import AdapterSpec, InputError, Rule, effective_alpha, lora_scale, table6, variant_ii_alpha
 
@@ -57,7 +58,4 @@ def test_bad_rule_arguments_raise_input_error(bad):
 
 
 def test_scaling_cli_rejects_rank_zero():
-    r = subprocess.run(
-        [sys.executable, "-m", "signal_drift.scaling", "--ranks", "0"], capture_output=True, text=True
-    )
-    assert r.returncode == 2 and "--ranks=0" in r.stderr and "Traceback" not in r.stderr
+    assert_cli_refuses(["signal_drift.scaling", "--ranks", "0"], "--ranks=0")

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from cases import assert_cli_refuses
 
 from signal_drift.io import read_jsonl
 from signal_drift.sweep import analyse, fit_power_law, run_grid
@@ -78,6 +79,7 @@ def test_sweep_killed_mid_way_keeps_finished_cells_and_resumes(tmp_path, sig):
 
 
 def test_sweep_rejects_rank_above_dim(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "signal_drift.sweep", "--dim", "4", "--ranks", "8", "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 2 and "--ranks=8" in r.stderr and not (tmp_path / "o").exists()
+    out = tmp_path / "o"
+    assert_cli_refuses(
+        ["signal_drift.sweep", "--dim", "4", "--ranks", "8", "--out", str(out)], "--ranks=8", out
+    )

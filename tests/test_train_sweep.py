@@ -11,6 +11,8 @@ import pytest
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
+from cases import assert_cli_refuses  # noqa: E402
+
 from signal_drift.sweep import cell_key  # noqa: E402
 from signal_drift.train import build_base_model  # noqa: E402
 from signal_drift.train.sweep import TrainSweepConfig, analyse_paths, path_cells, run_train_sweep  # noqa: E402
@@ -87,10 +89,8 @@ def test_a_rerun_resumes_every_finished_cell(sweep):
 
 
 def test_cli_rejects_bad_input(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "signal_drift.train", "sweep", "--ranks", "0", "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 2 and "--ranks" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "o").exists()
+    out = tmp_path / "o"
+    assert_cli_refuses(["signal_drift.train", "sweep", "--ranks", "0", "--out", str(out)], "--ranks", out)
 
 
 def test_torchrun_sweep_writes_each_cell_once(tmp_path, sweep):
