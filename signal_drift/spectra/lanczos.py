@@ -56,21 +56,47 @@ class LanczosTridiag:
         return torch.diag(self.alpha) + torch.diag(self.beta, 1) + torch.diag(self.beta, -1)
 
 
+#: A returned pair counts as converged when ``‖A v − λ v‖ ≤ ACCEPT · max|λ|`` (then ``λ`` is within
+#: that distance of an eigenvalue of ``A``).
+ACCEPT = 1e-6
+
+
 @dataclass(frozen=True)
 class EigResult:
-    """Eigenpairs with their residuals.
+    """Eigenpairs with their residuals and whether each converged.
 
     Attributes:
         values: eigenvalues, ascending, ``[k]``.
         vectors: eigenvectors ``[P, k]``.
         residuals: ``‖A v_i − λ_i v_i‖`` per pair, ``[k]``.
         matvecs: number of operator products used.
+        converged: ``residuals ≤ accept · scale`` per pair, ``[k]`` (``scale``: the largest
+            ``|λ|`` seen by the solver).
+        accept: the relative residual that counts as converged.
     """
 
     values: np.ndarray
     vectors: np.ndarray
     residuals: np.ndarray
     matvecs: int
+    converged: np.ndarray | None = None
+    accept: float = ACCEPT
+
+    def checked(self, name: str = "λ") -> tuple[np.ndarray, list[str]]:
+        """The values with NaN where a pair did not converge, and one warning per such pair.
+
+        >>> r = EigResult(np.array([1.0, 2.0]), np.eye(2), np.array([1e-12, 0.5]), 4, np.array([True, False]))
+        >>> r.checked("λ_max")
+        (array([ 1., nan]), ['λ_max = 2 not converged (residual 5.00e-01 > 1e-06 relative): reported as NaN'])
+        """
+        conv = np.ones(len(self.values), bool) if self.converged is None else self.converged
+        vals = np.where(conv, self.values, np.nan)
+        warn = [
+            f"{name} = {v:.6g} not converged (residual {r:.2e} > {self.accept:g} relative): reported as NaN"
+            for v, r, c in zip(self.values, self.residuals, conv, strict=True)
+            if not c
+        ]
+        return vals, warn
 
 
 def lanczos(
@@ -180,12 +206,15 @@ def lanczos_eigs(
     steps: int = 100,
     seed: int = 0,
     tol: float = 1e-10,
+    accept: float = ACCEPT,
 ) -> EigResult:
     """Extreme eigenpairs by torch-native Lanczos (GPU-capable), with true residuals.
 
     ``which="BE"`` returns ``k`` pairs from each end of the spectrum out of one Krylov space.
     Iterates until the wanted Ritz pairs' residual estimates ``|β_m s_{m,i}|`` fall below
-    ``tol · max|θ|`` (checked every 10 steps) or ``steps`` is reached.
+    ``tol · max|θ|`` (checked every 10 steps) or ``steps`` is reached. A pair whose true
+    residual exceeds ``accept · max|θ|`` is marked not converged (``EigResult.converged``);
+    :meth:`EigResult.checked` turns those into NaN with a warning.
     """
     gen = torch.Generator().manual_seed(seed)
     v0 = torch.randn(op.shape[0], generator=gen, dtype=op.dtype)
@@ -203,8 +232,9 @@ def lanczos_eigs(
     lo, hi = torch.arange(k), torch.arange(len(theta) - k, len(theta))
     idx = {"SA": lo, "LA": hi, "BE": torch.cat([lo, hi])}[which]
     vals, vecs = theta[idx], tri.Q @ S[:, idx]
-    res = torch.linalg.vector_norm(op.matmat(vecs) - vecs * vals, dim=0)
-    return EigResult(vals.cpu().numpy(), vecs.cpu().numpy(), res.cpu().numpy(), tri.Q.shape[1] + k)
+    res = torch.linalg.vector_norm(op.matmat(vecs) - vecs * vals, dim=0).cpu().numpy()
+    conv = res <= accept * float(theta.abs().max())
+    return EigResult(vals.cpu().numpy(), vecs.cpu().numpy(), res, tri.Q.shape[1] + k, conv, accept)
 
 
 def eigsh(
@@ -213,6 +243,7 @@ def eigsh(
     which: Literal["LA", "SA"] = "LA",
     tol: float = 1e-10,
     seed: int = 0,
+    accept: float = ACCEPT,
 ) -> EigResult:
     """Extreme eigenpairs by SciPy's ``eigsh`` on ``op.to_scipy()``, with true residuals.
 
@@ -222,6 +253,7 @@ def eigsh(
         which: ``"LA"`` (largest algebraic) or ``"SA"`` (smallest algebraic).
         tol: ARPACK's relative accuracy.
         seed: seed of the start vector (deterministic results).
+        accept: relative residual above which a pair is marked not converged.
     """
     if which not in ("LA", "SA"):
         raise InputError(f"which={which!r} is invalid: use 'LA' or 'SA'")
@@ -238,7 +270,8 @@ def eigsh(
     order = np.argsort(vals)
     vals, vecs = vals[order], vecs[:, order]
     res = np.linalg.norm(sp.matmat(vecs) - vecs * vals, axis=0)
-    return EigResult(vals, vecs, res, count[0] + k)
+    conv = res <= accept * float(np.abs(vals).max())
+    return EigResult(vals, vecs, res, count[0] + k, conv, accept)
 
 
 def dense_eigvalsh(op: LinearOperator, budget: int | None = None) -> torch.Tensor:
