@@ -71,10 +71,11 @@ def _panel_a(ax, s, arr):
     ax.set_ylabel("eigenvalues per decade")
     ax.set_title("(a) LoRA compresses the FFT spectrum (positive part)")
     txt = "tr H = {:.4g}".format(s["trace_fft"])
-    if s.get("trace_signal_mc_mean"):
+    if s.get("trace_signal_mc_interval"):
         i = int(np.argmin(abs(np.log(al / s["alpha_star_variant_ii"]))))
-        txt += "\nα={:g}: E_A tr H_signal = {:.4g} ± {:.2g}\n       α²ρ·tr H      = {:.4g}".format(
-            al[i], s["trace_signal_mc_mean"][i], s["trace_signal_mc_se"][i], s["trace_rule_predicted"][i]
+        b = s["trace_signal_mc_interval"][i]
+        txt += "\nα={:g}: E_A tr H_signal ∈ [{:.4g}, {:.4g}] (95 %)\n       α²ρ·tr H      = {:.4g}".format(
+            al[i], b["low"], b["high"], s["trace_rule_predicted"][i]
         )
     ax.text(0.02, 0.97, txt, transform=ax.transAxes, va="top", fontsize=8, family="monospace")
     ax.legend(fontsize=7, loc="lower left")
@@ -84,9 +85,12 @@ def _panel_b(ax, s, arr):
     al = np.array(s["alphas"])
     rho = s["rho"]
     ax.loglog(al, s["trace_signal"], "o", color="C0", label="tr H_signal (this A)")
-    if s.get("trace_signal_mc_mean"):
-        mc, se = s["trace_signal_mc_mean"], s["trace_signal_mc_se"]
-        ax.errorbar(al, mc, yerr=se, fmt="s", mfc="none", color="C0", ms=7, label="E_A tr H_signal (MC)")
+    if s.get("trace_signal_mc_interval"):
+        band = s["trace_signal_mc_interval"]
+        mc = np.array([b["estimate"] for b in band])
+        err = np.array([[b["estimate"] - b["low"] for b in band], [b["high"] - b["estimate"] for b in band]])
+        ax.errorbar(al, mc, yerr=err, fmt="s", mfc="none", color="C0", ms=7,
+                    label="E_A tr H_signal (MC, 95 %)")  # fmt: skip
     if s["trace_rule_predicted"][0] is not None:
         ax.loglog(al, s["trace_rule_predicted"], "-", color="C0", label="α²ρ · tr H")
     ax.loglog(al, s["lambda_max_signal"], "o", color="C3", label="λ_max(H_signal)")
@@ -108,6 +112,10 @@ def _panel_b(ax, s, arr):
 def _panel_c(ax, s, arr):
     al = np.array(s["alphas"])
     ax.semilogx(al, s["negative_mass_lora"], "o-", color="C1", label="H_θ")
+    if s.get("negative_mass_lora_interval"):  # SLQ estimate: draw its 95 % band
+        band = s["negative_mass_lora_interval"]
+        ax.fill_between(al, [b["low"] for b in band], [b["high"] for b in band], color="C1", alpha=0.2,
+                        lw=0, label="H_θ, 95 % band (SLQ)")  # fmt: skip
     ax.semilogx(al, s["negative_mass_signal"], "s--", color="C0", label="H_signal")
     ax.axhline(0.5, color="C2", ls=":", lw=1, label="H_drift (±pairs: 0.5)")
     ax.set_ylim(-0.02, 0.55)
@@ -124,8 +132,13 @@ def _panel_c(ax, s, arr):
 
 def _panel_d(ax, s, arr):
     al = np.array(s["alphas"])
-    ax.loglog(al, s["norm_signal"], "o-", color="C0", label=f"‖H_signal‖_F  slope {s['slope_signal']:.3f}")
-    ax.loglog(al, s["norm_drift"], "s-", color="C2", label=f"‖H_drift‖_F  slope {s['slope_drift']:.3f}")
+    # at init the slopes of the run's own S(α) = α²S₁, D(α) = αD₁ are identities: label the ones
+    # measured from products evaluated at each α when the run has them
+    ks, kd = ("slope_signal_measured", "slope_drift_measured") if s.get("slope_signal_measured") else (
+        "slope_signal", "slope_drift")  # fmt: skip
+    how = " (measured)" if ks.endswith("measured") else ""
+    ax.loglog(al, s["norm_signal"], "o-", color="C0", label=f"‖H_signal‖_F  slope {s[ks]:.3f}{how}")
+    ax.loglog(al, s["norm_drift"], "s-", color="C2", label=f"‖H_drift‖_F  slope {s[kd]:.3f}{how}")
     ax.loglog(al, s["lambda_max_lora"], "x", color="C1", label="λ_max(H_θ)")
     ax.loglog(al, s["lambda_max_signal"], "+", color="C3", ms=9, label="λ_max(H_signal)")
     ax.set_xlabel("α")

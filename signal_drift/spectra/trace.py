@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .._errors import InputError
+from ..intervals import Interval, t_quantile
 from ..operators import LinearOperator
 
 __all__ = ["TraceEstimate", "hutchinson", "hutchpp"]
@@ -19,11 +20,27 @@ __all__ = ["TraceEstimate", "hutchinson", "hutchpp"]
 
 @dataclass(frozen=True)
 class TraceEstimate:
-    """A trace estimate with its standard error and cost."""
+    """A trace estimate with its standard error and cost.
+
+    Attributes:
+        value: the estimate (unbiased).
+        stderr: standard error of its stochastic part (0 when exact).
+        matvecs: operator products used.
+        samples: Hutchinson samples behind ``stderr`` (its degrees of freedom + 1).
+    """
 
     value: float
     stderr: float
     matvecs: int
+    samples: int = 0
+
+    def interval(self, level: float = 0.95) -> Interval:
+        """Student-t band ``value ± t·stderr`` over the Hutchinson samples (exact when none)."""
+        if self.samples < 2:
+            return Interval(self.value, self.value, self.value, level, "exact")
+        h = t_quantile(level, self.samples) * self.stderr
+        return Interval(self.value, self.value - h, self.value + h, level,
+                        f"Student-t over {self.samples} Rademacher probes")  # fmt: skip
 
 
 def _rademacher(P: int, k: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -37,7 +54,7 @@ def hutchinson(op: LinearOperator, samples: int = 100, seed: int = 0) -> TraceEs
     gen = torch.Generator().manual_seed(seed)
     V = _rademacher(op.shape[0], samples, gen, op.dtype).to(op.device)
     vals = (V * op.matmat(V)).sum(0)
-    return TraceEstimate(float(vals.mean()), float(vals.std() / samples**0.5), samples)
+    return TraceEstimate(float(vals.mean()), float(vals.std() / samples**0.5), samples, samples)
 
 
 def hutchpp(op: LinearOperator, matvecs: int = 150, seed: int = 0) -> TraceEstimate:
@@ -63,4 +80,4 @@ def hutchpp(op: LinearOperator, matvecs: int = 150, seed: int = 0) -> TraceEstim
     G = _rademacher(P, m, gen, op.dtype).to(op.device)
     G = G - Q @ (Q.T @ G)
     vals = (G * op.matmat(G)).sum(0)
-    return TraceEstimate(t_top + float(vals.mean()), float(vals.std() / m**0.5), matvecs)
+    return TraceEstimate(t_top + float(vals.mean()), float(vals.std() / m**0.5), matvecs, m)
