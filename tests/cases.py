@@ -99,6 +99,19 @@ def compare_matmat(op, M: torch.Tensor, k: int = 4, seed: int = 0, rtol: float =
     check(S.rmatvec(U[:, 0].numpy()), M.T, U[:, 0], "to_scipy().rmatvec")
 
 
+def sample_variance_se(sigma2: float, n: int, kurtosis: float) -> float:
+    """Standard error of the unbiased sample variance of ``n`` iid draws with variance ``sigma2``.
+
+    ``Var(s²) = σ⁴ (κ − (n − 3)/(n − 1)) / n`` with ``κ = μ₄/σ⁴`` the kurtosis: ``3`` for a Gaussian
+    (``≈ 2σ⁴/n``), ``9/5`` for a uniform ``U(−b, b)`` (``≈ 0.8σ⁴/n``).
+    """
+    return sigma2 * math.sqrt((kurtosis - (n - 3) / (n - 1)) / n)
+
+
+#: Kurtosis ``μ₄/σ⁴`` of a uniform distribution (``(b⁴/5) / (b²/3)²``).
+UNIFORM_KURTOSIS = 9 / 5
+
+
 def mlp_problem(
     dim=6, depth=3, rank=2, alpha=3.0, samples=40, seed=0, activation=nn.SiLU, bias=False, init="gaussian"
 ):
