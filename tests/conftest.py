@@ -6,6 +6,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from cases import dense_case  # noqa: E402, F401  (shared session fixture)
+
 
 @pytest.fixture(autouse=True)
 def _float64():

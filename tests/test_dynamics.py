@@ -4,18 +4,57 @@ import subprocess
 import sys
 
 import pytest
-from cases import assert_cli_refuses, mlp_problem
+from cases import assert_cli_refuses, assert_close, mlp_problem
+from torch.func import grad, jvp
 
 from signal_drift import init_theta
 from signal_drift.dynamics import DynamicsConfig, run_dynamics, sdr_probes, train_lora
 
 
 def test_per_step_records_satisfy_the_decomposition_identities():
-    problem = mlp_problem()
-    run = train_lora(problem, init_theta(problem), steps=8, lr=0.05, optimizer="sgd", curvature_every=4)
+    # every record against Δw parts computed here, not by decompose_update: the GD step
+    # Δθ = −η ∇_θL by autograd, Δw_signal = J Δθ as a jvp of θ ↦ w, and Δw_drift = ½ ΔθᵀTΔθ
+    # as a second jvp (the map is bilinear, so nothing else is left)
+    problem, lr, steps = mlp_problem(), 0.05, 8
+    run = train_lora(
+        problem,
+        init_theta(problem),
+        steps=steps,
+        lr=lr,
+        optimizer="sgd",
+        curvature_every=4,
+        checkpoints=range(steps),
+    )
     assert len(run.loss) == 9 and not run.diverged
-    for s, d, r in zip(run.norm_signal, run.norm_drift, run.sdr, strict=True):
-        assert s > 0 and (d == 0 and math.isinf(r) or math.isclose(r, s / d))
+    thetas = [run.checkpoints[t][0] for t in range(steps)] + [run.theta]
+
+    def norm(d):
+        return math.sqrt(sum(float(v.pow(2).sum()) for v in d.values()))
+
+    for t, theta in enumerate(thetas[:-1]):
+        grad_theta = grad(problem.loss_theta)(theta)
+        dtheta = {k: -lr * v for k, v in grad_theta.items()}
+        for k in theta:  # the run took this step
+            assert_close(thetas[t + 1][k] - theta[k], dtheta[k], rtol=1e-9, atol=1e-15)
+        _, sig = jvp(problem.weights, (theta,), (dtheta,))
+        _, curv = jvp(
+            lambda th, dtheta=dtheta: jvp(problem.weights, (th,), (dtheta,))[1], (theta,), (dtheta,)
+        )
+        dri = {k: 0.5 * v for k, v in curv.items()}
+        G = grad(problem.loss_w)({k: v.detach() for k, v in problem.weights(theta).items()})
+        ns, nd = norm(sig), norm(dri)
+        assert ns > 0 and math.isclose(run.norm_signal[t], ns, rel_tol=1e-10)
+        if t == 0:  # at B = 0 the A-gradient s BᵀG vanishes, so ΔA = 0 and the drift s ΔB ΔA too
+            assert nd == 0 and run.norm_drift[0] == 0 and math.isinf(run.sdr[0])
+        else:
+            assert nd > 0 and math.isclose(run.norm_drift[t], nd, rel_tol=1e-10)
+            assert math.isclose(run.sdr[t], ns / nd, rel_tol=1e-10)
+        # Prop. 2(i): ⟨Δw_signal, −g⟩ = η ‖∇_θL‖² under GD
+        gg = sum(float(v.pow(2).sum()) for v in grad_theta.values())
+        assert math.isclose(run.align_signal[t], -sum(float((sig[k] * G[k]).sum()) for k in G), rel_tol=1e-10)
+        assert math.isclose(run.align_signal[t], lr * gg, rel_tol=1e-10)
+        ad = -sum(float((dri[k] * G[k]).sum()) for k in G)
+        assert math.isclose(run.align_drift[t], ad, rel_tol=1e-9, abs_tol=1e-15 * lr * gg)
     assert all(a > 0 for a in run.align_signal)  # Prop. 2(i) under GD
     assert [x[0] for x in run.lambda_max] == [0, 4]
 

@@ -1,9 +1,12 @@
+import math
+
 import pytest
 import torch
-from cases import mlp_problem
+from cases import UNIFORM_KURTOSIS, mlp_problem, sample_variance_se
+from scipy import stats
 from torch import nn
 
-from signal_drift import InputError, attach_lora, init_theta, make_mlp, make_task
+from signal_drift import InputError, attach_lora, init_theta, init_variance, make_mlp, make_task
 
 
 def _data(d=6, n=10):
@@ -18,9 +21,36 @@ def test_init_gives_zero_b_and_a_with_the_declared_variance():
     assert theta[a.key_B].abs().max() == 0
     A = theta[a.key_A]
     assert A.abs().max() <= 1 / 64**0.5
-    # sample variance of 512 entries within 5 standard errors of 1/(3n)
-    var, se = A.var().item(), (2 / 512) ** 0.5 * a.sigma2
+    # sample variance of 512 uniform entries within 5 standard errors of 1/(3n); a uniform's
+    # kurtosis is 9/5, so its SE is √(0.8/N)·σ², not the Gaussian √(2/N)·σ² (a 31 % band at 5 SE)
+    assert a.sigma2 == pytest.approx(1 / (3 * 64), rel=1e-15)
+    var, se = A.var().item(), sample_variance_se(a.sigma2, 512, UNIFORM_KURTOSIS)
     assert abs(var - a.sigma2) < 5 * se
+
+
+def test_kaiming_uniform_a_has_variance_one_over_3n():
+    # PEFT initialises lora_A by nn.init.kaiming_uniform_(a=√5): gain √(2/(1+a²)) = 1/√3, bound
+    # gain·√(3/n) = 1/√n, so A ~ U(−1/√n, 1/√n) and σ² = b²/3 = 1/(3n) (PAPER_NOTES Prop. 3)
+    n, r = 1024, 16
+    assert init_variance("kaiming_uniform", n) == pytest.approx(1 / (3 * n), rel=1e-15)
+    gen = torch.Generator().manual_seed(0)
+    peft_style = nn.init.kaiming_uniform_(torch.empty(r, n), a=math.sqrt(5), generator=gen)
+    model = nn.Sequential(nn.Linear(n, r, bias=False))
+    problem = attach_lora(
+        model,
+        torch.randn(4, n, generator=gen),
+        torch.randn(4, r, generator=gen),
+        rank=r,
+        init="kaiming_uniform",
+    )
+    ours = init_theta(problem, seed=3)[problem.adapters[0].key_A]
+    for A in (peft_style, ours):
+        N, sigma2, b = A.numel(), 1 / (3 * n), 1 / math.sqrt(n)
+        assert abs(A.var().item() - sigma2) < 4 * sample_variance_se(sigma2, N, UNIFORM_KURTOSIS)  # ±1.4 %
+        # support [−b, b] and filled up to its ends: P(max |A| < b(1 − 10/N)) ≈ e^{−10}
+        assert b * (1 - 10 / N) < A.abs().max() <= b
+        # and uniform in between (Kolmogorov–Smirnov against U(−1, 1) after scaling by 1/b)
+        assert stats.kstest((A.flatten() / b).numpy(), "uniform", args=(-1, 2)).pvalue > 1e-3
 
 
 def test_weights_follow_w0_plus_gamma_alpha_over_r_ba():

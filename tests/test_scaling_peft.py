@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from cases import UNIFORM_KURTOSIS, sample_variance_se
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -76,6 +77,22 @@ def test_peft_gaussian_init_has_the_variance_variant_ii_assumes():
     )
     se = math.sqrt(2 / A.numel()) / 16
     assert abs(A.var().item() - 1 / 16) < 5 * se
+
+
+def test_peft_default_init_is_kaiming_uniform_with_variance_one_over_3n():
+    # PEFT's default lora_A init, grouped by fan-in n: U(−1/√n, 1/√n), so σ² = 1/(3n)
+    model = tiny_llama()
+    pm = peft.get_peft_model(model, lora_alpha_config(model, "rank", 16))
+    by_n = {}
+    for m in pm.modules():
+        if hasattr(m, "lora_A") and "default" in m.lora_A:
+            A = m.lora_A["default"].weight.detach()
+            by_n.setdefault(A.shape[1], []).append(A.flatten())
+    assert sorted(by_n) == [32, 48]
+    for n, parts in by_n.items():
+        A, sigma2 = torch.cat(parts), 1 / (3 * n)
+        assert A.abs().max() <= 1 / math.sqrt(n)
+        assert abs(A.var().item() - sigma2) < 4 * sample_variance_se(sigma2, A.numel(), UNIFORM_KURTOSIS)
 
 
 def test_loraplus_groups_scale_only_b():

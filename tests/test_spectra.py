@@ -87,6 +87,45 @@ def test_probes_advanced_together_equal_separate_lanczos_runs(h_theta):
     )
 
 
+def _zero_diagonal_operator(n=10, rank=2):
+    """``[[0, C], [Cᵀ, 0]]`` with ``C`` of rank 2 (H_drift's shape) and a start vector in one block.
+
+    From there every Lanczos ``α_j`` is exactly 0 and the Krylov space is
+    ``span{v0} ⊕ range(C) ⊕ range(Cᵀ)``, of dimension ``1 + 2·rank``.
+    """
+    from signal_drift.operators import FunctionOperator
+
+    gen = torch.Generator().manual_seed(0)
+    L, R = (torch.randn(n, rank, generator=gen, dtype=torch.float64) for _ in range(2))
+    C = L @ R.T
+    Z = torch.zeros(n, n, dtype=torch.float64)
+    A = torch.cat([torch.cat([Z, C], 1), torch.cat([C.T, Z], 1)], 0)
+    v0 = torch.cat([torch.randn(n, generator=gen, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)])
+    return FunctionOperator(lambda V: A @ V, (2 * n, 2 * n), torch.float64, symmetric=True), v0, C
+
+
+def test_lanczos_on_a_zero_diagonal_operator_finds_plus_minus_singular_values():
+    from signal_drift.spectra.lanczos import lanczos
+
+    op, v0, C = _zero_diagonal_operator()
+    tri = lanczos(op, v0, op.shape[0])
+    assert tri.alpha.abs().max() == 0
+    m = tri.Q.shape[1]
+    assert torch.linalg.matrix_norm(tri.Q.T @ tri.Q - torch.eye(m, dtype=torch.float64)) < 1e-12
+    s = torch.linalg.svdvals(C)[:2]
+    ritz = torch.linalg.eigvalsh(tri.T())
+    assert torch.allclose(ritz[[0, 1, -2, -1]], torch.cat([-s, s.flip(0)]), rtol=0, atol=1e-12 * float(s[0]))
+
+
+def test_lanczos_stops_on_an_invariant_subspace_relative_to_the_norm_of_t():
+    from signal_drift.spectra.lanczos import lanczos
+
+    op, v0, _ = _zero_diagonal_operator()
+    tri = lanczos(op, v0, op.shape[0])
+    # the 5th residual is round-off, ~1e-15·‖T‖ (‖T‖ = σ_max(C)), far below 1e-12·‖T‖
+    assert len(tri.alpha) == 5
+
+
 def test_slq_gives_the_same_quadrature_whatever_the_probe_grouping(h_theta, monkeypatch):
     import importlib
 
@@ -115,6 +154,15 @@ def test_slq_trace_and_negative_fraction_agree_with_dense(h_theta):
     tr, se = res.trace()
     assert abs(tr - float(eig.sum())) < 4 * se + 1e-9
     assert res.negative_fraction().covers(float((eig < 0).double().mean()))
+    # a count needs no slack where the math gives it exactly: with a full Krylov space (steps = P)
+    # every probe's Ritz nodes are the eigenvalues, so each counts the exact number of negative
+    # ones, and the band is the probes' exact measures ± t·SE (with fewer steps Ritz nodes
+    # straddle 0 and the plain estimate is biased: the band above carries that bias)
+    full = slq(op, probes=30, steps=op.shape[0])
+    n_neg = int((eig < 0).sum())
+    assert 0 < n_neg < op.shape[0]
+    assert [int((nodes < 0).sum()) for nodes in full.nodes] == [n_neg] * 30
+    assert full.exact.all() and full.negative_fraction().covers(n_neg / op.shape[0])
     sigma = 0.05 * float(eig.abs().max())
     grid = np.linspace(float(eig[0]) - 8 * sigma, float(eig[-1]) + 8 * sigma, 4000)
     dens, _ = res.density(grid, sigma=sigma)

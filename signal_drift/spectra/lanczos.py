@@ -181,7 +181,9 @@ def lanczos_probes(
         for i in range(k):
             if not active[i]:
                 continue
-            done = bool(b[i] < 1e-12 * alpha[i, : j + 1].abs().max().clamp_min(tiny))  # invariant
+            # invariant subspace: β below 1e-12 ‖T‖ (Gershgorin bound max|α| + 2 max β, within 3× of ‖T‖)
+            t_norm = alpha[i, : j + 1].abs().max() + (2 * beta[i, :j].max() if j else 0.0)
+            done = bool(b[i] < 1e-12 * t_norm.clamp_min(tiny))
             if not done:
                 beta[i, j] = b[i]
                 checked = stop is not None and (j + 1) % check_every == 0
