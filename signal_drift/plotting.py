@@ -455,8 +455,10 @@ def plot_calibration(result: dict, path: str | Path) -> Path:
     x = np.arange(len(layers))
     fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(layers) + 3), 4.8))
     tr = np.array([d["alpha_trace"] for d in layers], dtype=float)
-    se = np.array([d["alpha_trace_se"] for d in layers], dtype=float)
-    ax.errorbar(x, tr, yerr=1.96 * se, fmt="o", capsize=3, label="trace: r√(tr H / tr J0ᵀHJ0) (95% CI)")
+    lo = np.array([d["alpha_trace_low"] for d in layers], dtype=float)
+    hi = np.array([d["alpha_trace_high"] for d in layers], dtype=float)
+    ax.errorbar(x, tr, yerr=[tr - lo, hi - tr], fmt="o", capsize=3,
+                label="trace: r√(tr H / tr J0ᵀHJ0) (95 %)")  # fmt: skip
     ax.plot(x, [d["alpha_lambda"] for d in layers], "s", label="λ_max: r√(λ_max H / λ_max J0ᵀHJ0)")
     ax.plot(x, [d["alpha_gaussian"] for d in layers], "_", ms=14, mew=2, color="k",
             label="Corollary 1: √(r/σ²), empirical σ² of A")  # fmt: skip

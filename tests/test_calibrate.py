@@ -23,6 +23,14 @@ def _mlp_loss(model, batch):
     return mse_loss(model(batch[0]), batch[1])
 
 
+def _mlp_case():
+    model = make_mlp(6, 3, seed=0)  # nn.SiLU modules between the linears
+    task = make_task(6, 50, seed=0)
+    gen = torch.Generator().manual_seed(2)
+    A = {"0": torch.randn(2, 6, generator=gen) / 6**0.5, "2": torch.randn(3, 6, generator=gen) / 6**0.5}
+    return model, (task.X, task.y), A, _mlp_loss, 1e-10
+
+
 @pytest.fixture(scope="module", params=["mlp", "llama"])
 def problem(request):
     """(model, batch, A, loss_fn, tol): a pure-float64 SiLU MLP, and a tiny Llama.
@@ -31,11 +39,7 @@ def problem(request):
     comparison tolerance is float32-sized; the MLP is float64 end to end.
     """
     if request.param == "mlp":
-        model = make_mlp(6, 3, seed=0)  # nn.SiLU modules between the linears
-        task = make_task(6, 50, seed=0)
-        gen = torch.Generator().manual_seed(2)
-        A = {"0": torch.randn(2, 6, generator=gen) / 6**0.5, "2": torch.randn(3, 6, generator=gen) / 6**0.5}
-        return model, (task.X, task.y), A, _mlp_loss, 1e-10
+        return _mlp_case()
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
@@ -99,6 +103,31 @@ def test_traces_are_unbiased_within_their_error_bars(problem, measured):
         assert rec.tr_H_se > 0 and rec.tr_S_se > 0
 
 
+def test_alpha_trace_interval_covers_the_exact_ratio():
+    """The printed 95 % interval of α_tr covers r √(tr H_ll / tr J0ᵀH_llJ0) in >= 90 % of 20 seeds."""
+    model, batch, A, loss_fn, _ = _mlp_case()
+    exact = {}
+    for name, a in A.items():
+        H_ref = _dense_block(model, batch, loss_fn, name)
+        J0 = _J0(a, H_ref.shape[0] // a.shape[1])
+        exact[name] = a.shape[0] * math.sqrt(float(H_ref.trace()) / float((J0.T @ H_ref @ J0).trace()))
+    covered = total = 0
+    for seed in range(20):
+        for rec in calibrate_model(model, batch, A, loss_fn, probes=20, lanczos_steps=30, seed=seed):
+            assert rec.alpha_trace_low < rec.alpha_trace < rec.alpha_trace_high
+            covered += rec.alpha_trace_low <= exact[rec.name] <= rec.alpha_trace_high
+            total += 1
+    assert total == 40 and covered >= 0.9 * total
+
+
+def test_unconverged_lambda_max_is_nan_with_a_warning(problem):
+    model, batch, A, loss_fn, _ = problem
+    with pytest.warns(UserWarning, match="not converged"):
+        recs = calibrate_model(model, batch, A, loss_fn, probes=4, lanczos_steps=3)
+    assert all(math.isnan(r.alpha_lambda) for r in recs if r.lam_H_residual > 1e-6 or r.lam_S_residual > 1e-6)
+    assert any(math.isnan(r.alpha_lambda) for r in recs)
+
+
 def test_alpha_lambda_is_the_exact_eigenvalue_ratio(problem, measured):
     model, batch, A, loss_fn, tol = problem
     for rec in measured:
@@ -139,7 +168,7 @@ def base(tmp_path_factory):
 def calibrated(base, tmp_path_factory):
     out = tmp_path_factory.mktemp("cal")
     r = subprocess.run([sys.executable, "-m", "signal_drift.calibrate", "--model", str(base), "--rank", "4",
-                        "--probes", "4", "--lanczos-steps", "12", "--seq-len", "32", "--samples", "2",
+                        "--probes", "4", "--lanczos-steps", "150", "--seq-len", "32", "--samples", "2",
                         "--out", str(out)], capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     return out
@@ -154,6 +183,8 @@ def test_cli_writes_a_peft_alpha_pattern_that_peft_applies(calibrated, base):
     assert (
         res["complete"] and len(res["layers"]) == 14 and (calibrated / "calibration.png").stat().st_size > 0
     )
+    assert res["warnings"] == []  # every λ_max converged (else NaN and a warning)
+    assert all(0 <= d["lam_H_residual"] < 1e-4 and 0 <= d["lam_S_residual"] < 1e-4 for d in res["layers"])
     pattern = res["alpha_pattern"]["lambda"]
     assert len(pattern) == 14 and all(math.isfinite(a) and a > 0 for a in pattern.values())
     model = transformers.AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True)

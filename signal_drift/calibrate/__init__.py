@@ -25,6 +25,7 @@ loaded in its eager form, whose second derivative exists everywhere.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,9 +35,16 @@ from tqdm.auto import tqdm
 
 from .._errors import InputError, check_positive_int
 from ..operators import FunctionOperator, LinearOperator
+from ..spectra.lanczos import EigResult, lanczos_eigs
+from ..spectra.trace import TraceEstimate, hutchinson
 from ..train import check_model_dir
 
 __all__ = ["CalibrateConfig", "LayerCurvature", "calibrate_model", "calibrate"]
+
+
+#: Relative Lanczos residual up to which a ``λ_max`` counts as converged (an eigenvalue lies within
+#: it, so ``α_λ ∝ √λ`` is within half of it); beyond, the value is NaN with a warning.
+LAMBDA_ACCEPT = 1e-4
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class CalibrateConfig:
     samples: int = 8
     seq_len: int = 128
     probes: int = 64
-    lanczos_steps: int = 40
+    lanczos_steps: int = 150
     dtype: str = "float64"
     pretrain_steps: int = 300
     seed: int = 0
@@ -83,11 +91,14 @@ class LayerCurvature:
         fan_in: ``n``; ``fan_out``: ``m``.
         sigma2: empirical variance of the layer's actual ``A``.
         tr_H, tr_H_se: Hutchinson estimate of ``tr H_ll`` and its standard error.
-        tr_S, tr_S_se: the same for ``tr(J0ᵀ H_ll J0)``.
-        lam_H, lam_S: ``λ_max(H_ll)`` and ``λ_max(J0ᵀ H_ll J0)`` by Lanczos (NaN if not positive).
-        alpha_trace, alpha_trace_se: ``r √(tr H / tr S)`` and its delta-method standard error
-            (NaN unless both traces have one sign and lie 2 standard errors from zero).
-        alpha_lambda: ``r √(λ_max H / λ_max S)``.
+        tr_S, tr_S_se: the same for ``tr(J0ᵀ H_ll J0)``, from probes independent of ``tr_H``'s.
+        lam_H, lam_S: ``λ_max(H_ll)`` and ``λ_max(J0ᵀ H_ll J0)`` by Lanczos (NaN if not positive
+            or not converged).
+        lam_H_residual, lam_S_residual: relative Lanczos residuals ``‖Av − λv‖ / |λ|``.
+        alpha_trace: ``r √(tr H / tr S)`` (NaN unless both trace bands exclude 0 with one sign).
+        alpha_trace_low, alpha_trace_high: its 95 % interval, from the two traces' 97.5 %
+            Student-t bands (union bound; ``α`` is monotone in each trace).
+        alpha_lambda: ``r √(λ_max H / λ_max S)`` (NaN unless both converged).
         alpha_gaussian: Corollary 1 with the empirical variance, ``√(r / σ²)``.
     """
 
@@ -101,8 +112,11 @@ class LayerCurvature:
     tr_S_se: float
     lam_H: float
     lam_S: float
+    lam_H_residual: float
+    lam_S_residual: float
     alpha_trace: float
-    alpha_trace_se: float
+    alpha_trace_low: float
+    alpha_trace_high: float
     alpha_lambda: float
     alpha_gaussian: float
 
@@ -146,7 +160,7 @@ def calibrate_model(
     loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
     *,
     probes: int = 64,
-    lanczos_steps: int = 40,
+    lanczos_steps: int = 150,
     seed: int = 0,
     progress: bool = False,
     on_layer: Callable[[LayerCurvature], None] | None = None,
@@ -167,9 +181,6 @@ def calibrate_model(
     Returns:
         One :class:`LayerCurvature` per entry of ``A``, in order.
     """
-    from ..spectra.lanczos import lanczos_eigs
-    from ..spectra.trace import hutchinson
-
     mods = dict(model.named_modules())
     missing = [n for n in A if not isinstance(mods.get(n), torch.nn.Linear)]
     if missing:
@@ -192,10 +203,16 @@ def calibrate_model(
         for i, name in enumerate(tqdm(curv.names, desc="calibrate layers", disable=not progress)):
             A_i = A[name].to(weights[name].dtype).to(weights[name].device)
             H, S = layer_operators(curv, i, A_i)
-            tr_H, tr_S = hutchinson(H, probes, seed), hutchinson(S, probes, seed)
-            lam_H = float(lanczos_eigs(H, 1, "LA", steps=lanczos_steps, seed=seed, tol=1e-8).values[-1])
-            lam_S = float(lanczos_eigs(S, 1, "LA", steps=lanczos_steps, seed=seed, tol=1e-8).values[-1])
-            rec = _layer(name, weights[name].shape, A_i, tr_H, tr_S, lam_H, lam_S)
+            # independent probes for the two traces (a shared seed would make S's probes the
+            # first m·r rows of H's, correlating the two estimates)
+            tr_H, tr_S = hutchinson(H, probes, seed), hutchinson(S, probes, seed + 1)
+            # iterate to 1e-8; accept a residual up to 1e-4 |λ| (then α_λ is within 5e-5 relative)
+            eig_H = lanczos_eigs(H, 1, "LA", steps=lanczos_steps, seed=seed, tol=1e-8, accept=LAMBDA_ACCEPT)
+            eig_S = lanczos_eigs(S, 1, "LA", steps=lanczos_steps, seed=seed, tol=1e-8, accept=LAMBDA_ACCEPT)
+            warn = eig_H.checked(f"{name}: λ_max(H_ll)")[1] + eig_S.checked(f"{name}: λ_max(J0ᵀH_llJ0)")[1]
+            for w in warn:
+                warnings.warn(w, stacklevel=2)
+            rec = _layer(name, weights[name].shape, A_i, tr_H, tr_S, eig_H, eig_S)
             out.append(rec)
             if on_layer is not None:
                 on_layer(rec)
@@ -205,21 +222,30 @@ def calibrate_model(
             w.requires_grad_(flag)
 
 
-def _layer(name, shape, A, tr_H, tr_S, lam_H, lam_S) -> LayerCurvature:
+def _layer(name, shape, A, tr_H: TraceEstimate, tr_S: TraceEstimate, eig_H: EigResult, eig_S: EigResult):
     r = A.shape[0]
-    tH, sH, tS, sS = tr_H.value, tr_H.stderr, tr_S.value, tr_S.stderr
-    # Away from a minimum tr H_ll can be negative; the criterion needs both traces of one sign
-    # and resolved from zero (2 standard errors), otherwise the ratio is noise and α_tr is NaN.
-    ok = tH * tS > 0 and abs(tH) > 2 * sH and abs(tS) > 2 * sS
-    a_tr = r * math.sqrt(tH / tS) if ok else math.nan
-    # delta method on log α = ½ (log |tr H| − log |tr S|), the two estimates treated as independent
-    se = a_tr * 0.5 * math.sqrt((sH / tH) ** 2 + (sS / tS) ** 2) if ok else math.nan
-    a_lam = r * math.sqrt(lam_H / lam_S) if lam_H > 0 and lam_S > 0 else math.nan
+    tH, tS = tr_H.value, tr_S.value
+    # Away from a minimum tr H_ll can be negative; the criterion needs both traces of one sign,
+    # resolved from zero, otherwise the ratio is noise and α_tr is NaN. Each band at 97.5 % makes
+    # the α interval 95 % by the union bound; α = r √(tr H / tr S) is monotone in each trace.
+    bH, bS = tr_H.interval(0.975), tr_S.interval(0.975)
+    sign = 1.0 if bH.low > 0 and bS.low > 0 else -1.0 if bH.high < 0 and bS.high < 0 else 0.0
+    if sign:
+        (hl, hh), (sl, sh) = sorted((sign * bH.low, sign * bH.high)), sorted((sign * bS.low, sign * bS.high))
+        a_tr, a_lo, a_hi = r * math.sqrt(tH / tS), r * math.sqrt(hl / sh), r * math.sqrt(hh / sl)
+    else:
+        a_tr = a_lo = a_hi = math.nan
+    (lam_H,), _ = eig_H.checked()
+    (lam_S,), _ = eig_S.checked()
+    lam_H, lam_S = (float(v) if v > 0 else math.nan for v in (lam_H, lam_S))
+    a_lam = r * math.sqrt(lam_H / lam_S) if math.isfinite(lam_H) and math.isfinite(lam_S) else math.nan
     sigma2 = float(A.detach().double().var(unbiased=False))
+    rel = [float(e.residuals[-1] / max(abs(e.values[-1]), 1e-300)) for e in (eig_H, eig_S)]
     return LayerCurvature(
-        name=name, fan_in=int(shape[1]), fan_out=int(shape[0]), sigma2=sigma2, tr_H=tH, tr_H_se=sH, tr_S=tS,
-        tr_S_se=sS, lam_H=lam_H if lam_H > 0 else math.nan, lam_S=lam_S if lam_S > 0 else math.nan,
-        alpha_trace=a_tr, alpha_trace_se=se, alpha_lambda=a_lam, alpha_gaussian=math.sqrt(r / sigma2),
+        name=name, fan_in=int(shape[1]), fan_out=int(shape[0]), sigma2=sigma2, tr_H=tH, tr_H_se=tr_H.stderr,
+        tr_S=tS, tr_S_se=tr_S.stderr, lam_H=lam_H, lam_S=lam_S, lam_H_residual=rel[0], lam_S_residual=rel[1],
+        alpha_trace=a_tr, alpha_trace_low=a_lo, alpha_trace_high=a_hi, alpha_lambda=a_lam,
+        alpha_gaussian=math.sqrt(r / sigma2),
     )  # fmt: skip
 
 
@@ -287,8 +313,13 @@ def calibrate(cfg: CalibrateConfig, progress: bool = False, log=print) -> dict:
 
     tokens = f"{cfg.samples}×{cfg.seq_len} tokens"
     log(f"calibrating {len(A)} layers (r={cfg.rank}, {cfg.init} A, {cfg.probes} probes, {tokens})")
-    calibrate_model(model, batch, A, _shifted_nll, probes=cfg.probes, lanczos_steps=cfg.lanczos_steps,
-                    seed=cfg.seed, progress=progress, on_layer=write)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:  # unconverged Lanczos values: NaN + a warning
+        warnings.simplefilter("always")
+        calibrate_model(model, batch, A, _shifted_nll, probes=cfg.probes, lanczos_steps=cfg.lanczos_steps,
+                        seed=cfg.seed, progress=progress, on_layer=write)  # fmt: skip
+    result["warnings"] = [str(w.message) for w in caught]
+    for w in result["warnings"]:
+        log(f"warning: {w}")
     result |= summarize(result["layers"])
     result["complete"] = True
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
