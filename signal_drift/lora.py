@@ -193,11 +193,26 @@ class LoraProblem:
         check_data(X, y)
         return dataclasses.replace(self, X=X, y=y)
 
-    def check_theta(self, theta: Mapping[str, torch.Tensor]) -> None:
-        """Validate ``θ``'s blocks, shapes and finiteness against the adapters."""
-        self.theta_layout._check(dict(theta), 0)
-        for k, v in theta.items():
-            check_finite(k, v)
+    def check_theta(self, theta: Mapping[str, torch.Tensor], name: str = "theta") -> None:
+        """Validate ``θ``'s blocks, shapes and finiteness against the adapters.
+
+        Raises:
+            InputError: naming ``name`` and the block that is missing, misshaped or not finite.
+        """
+        _check_blocks(self.theta_layout, theta, name)
+
+    def check_weights(self, w: Mapping[str, torch.Tensor], name: str = "w") -> None:
+        """Validate a weight-space dict (``w``, ``g``, ``Δw``: ``{layer: [m, n]}``) likewise."""
+        _check_blocks(self.weight_layout, w, name)
+
+
+def _check_blocks(layout: ParamLayout, tensors: Mapping[str, torch.Tensor], name: str) -> None:
+    try:
+        layout._check(dict(tensors), 0)
+    except InputError as err:
+        raise InputError(f"{name}: {err}") from None
+    for k, v in tensors.items():
+        check_finite(f"{name}[{k!r}]", v)
 
 
 def init_theta(problem: LoraProblem, seed: int = 0) -> Theta:
