@@ -3,7 +3,7 @@
 See the README for the two setup commands and ``PAPER_NOTES.md`` for the math.
 """
 
-from ._errors import DenseTooLargeError, InputError
+from ._errors import DenseTooLargeError, InputError, PrecisionWarning
 
 # curvature operators
 from .decomposition import (
@@ -41,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     # errors
     "InputError",
+    "PrecisionWarning",
     "DenseTooLargeError",
     # models and adapters
     "make_mlp",

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from ._errors import warn_low_precision
 from .lora import LoraProblem, _join
 from .model import mse_loss
 from .operators import LinearOperator
@@ -86,6 +87,7 @@ class MLPHessianOperator(LinearOperator):
         self.in_layout = self.out_layout = problem.weight_layout
         P = self.in_layout.numel
         self.shape, self.dtype, self.device = (P, P), problem.dtype, problem.device
+        warn_low_precision("Hessian", self.dtype)
         adapted = {a.name for a in problem.adapters}
         # forward pass, storing what the R-op needs
         ops = []  # ("lin", name, W, h_in, adapted) | ("act", z, φ', φ'')

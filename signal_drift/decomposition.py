@@ -47,9 +47,13 @@ class MappingJacobian(LinearOperator):
     """The mapping Jacobian ``J = ∂w/∂θ``, shape ``[|w|, |θ|]`` (PAPER_NOTES §1).
 
     With column-major vec, ``J_B = s (A^T ⊗ I_m)`` and ``J_A = s (I_n ⊗ B)``.
+
+    Raises:
+        InputError: ``theta`` with missing, misshaped or non-finite blocks.
     """
 
     def __init__(self, problem: LoraProblem, theta: Mapping[str, torch.Tensor]):
+        problem.check_theta(theta)
         self.problem = problem
         self.theta = {k: v.detach() for k, v in theta.items()}
         self.in_layout, self.out_layout = problem.theta_layout, problem.weight_layout
@@ -108,11 +112,17 @@ class DriftOperator(LinearOperator):
         theta: the point.
         g: ``{layer: G}``, the task gradient at ``w(θ)`` (computed if omitted).
 
+    Raises:
+        InputError: ``theta`` or ``g`` with missing, misshaped or non-finite blocks.
+
     """
 
     symmetric = True
 
     def __init__(self, problem: LoraProblem, theta: Mapping[str, torch.Tensor], g: TensorDict | None = None):
+        problem.check_theta(theta)
+        if g is not None:
+            problem.check_weights(g, "g")
         self.problem = problem
         self.g = fft_gradient(problem, theta) if g is None else g
         self.in_layout = self.out_layout = problem.theta_layout
@@ -304,9 +314,15 @@ def decompose_update(
     Returns:
         An :class:`UpdateDecomposition`.
 
+    Raises:
+        InputError: ``theta``, ``delta_theta`` or ``g`` with missing, misshaped (a ``g`` block
+            that would broadcast included) or non-finite blocks.
+
     """
     problem.check_theta(theta)
-    problem.check_theta(delta_theta)
+    problem.check_theta(delta_theta, "delta_theta")
+    if g is not None:
+        problem.check_weights(g, "g")
     sig, dri = {}, {}
     for a in problem.adapters:
         A, B = theta[a.key_A], theta[a.key_B]

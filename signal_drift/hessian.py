@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch.func import grad, jacrev, vjp
 
-from ._errors import InputError, check_finite
+from ._errors import InputError, check_finite, warn_low_precision
 from ._memory import check_dense
 from .lora import LoraProblem
 from .operators import LinearOperator, ParamLayout
@@ -48,6 +48,9 @@ class HessianOperator(LinearOperator):
         fn: scalar function of a ``{name: tensor}`` dict.
         params: the point ``p``; its insertion order defines the flat layout.
 
+    Warns:
+        PrecisionWarning: parameters coarser than float64 (float32 and below).
+
     >>> A = torch.tensor([[2.0, 1.0], [1.0, 4.0]], dtype=torch.float64)
     >>> op = HessianOperator(lambda p: 0.5 * p["x"] @ A @ p["x"], {"x": torch.ones(2, dtype=torch.float64)})
     >>> op.to_dense().tolist()
@@ -67,6 +70,7 @@ class HessianOperator(LinearOperator):
         P = self.in_layout.numel
         first = next(iter(params.values()))
         self.shape, self.dtype, self.device = (P, P), first.dtype, first.device
+        warn_low_precision("Hessian", self.dtype)
         self.gradient, self._vjp = vjp(grad(fn), params)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -89,10 +93,14 @@ def dense_hessian(
     Raises:
         DenseTooLargeError: if ``P x P`` does not fit in the memory budget.
 
+    Warns:
+        PrecisionWarning: parameters coarser than float64.
+
     """
     params = _detach(params)
     lay = ParamLayout.from_tensors(params)
     P = lay.numel
+    warn_low_precision("dense Hessian", next(iter(params.values())).dtype)
     check_dense(
         "Hessian",
         P,

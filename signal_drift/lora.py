@@ -8,12 +8,17 @@ A :class:`LoraProblem` bundles a user ``nn.Module`` (any architecture), the froz
 parameters, the adapted ``nn.Linear`` layers, data and loss. The LoRA parameters ``θ`` live
 in a plain dict ``{"<layer>.lora_A": A, "<layer>.lora_B": B}`` so every ``torch.func``
 transform applies to :meth:`LoraProblem.loss_theta`.
+
+The curvature is that of the deterministic network: every forward pass runs the module in
+eval mode (dropout off, batch norm on its running statistics), whatever mode the user left it
+in, and restores each submodule's ``training`` flag afterwards (see :func:`attach_lora`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +38,21 @@ Theta = dict[str, torch.Tensor]
 def _join(module: str, leaf: str) -> str:
     """Parameter path of ``leaf`` in submodule ``module`` (``""`` is the root module)."""
     return f"{module}.{leaf}" if module else leaf
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run the body with ``module`` in eval mode; restore every submodule's own flag after."""
+    modes = [(m, m.training) for m in module.modules()]
+    if not any(training for _, training in modes):
+        yield
+        return
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 @dataclass(frozen=True)
@@ -145,10 +165,11 @@ class LoraProblem:
         }
 
     def output_w(self, w: Mapping[str, torch.Tensor], X: torch.Tensor | None = None) -> torch.Tensor:
-        """Network output with the adapted weights replaced by ``w``."""
+        """Network output with the adapted weights replaced by ``w``, the module in eval mode."""
         params = dict(self.base)
         params.update({_join(k, "weight"): v for k, v in w.items()})
-        return functional_call(self.module, params, (self.X if X is None else X,))
+        with _eval_mode(self.module):
+            return functional_call(self.module, params, (self.X if X is None else X,))
 
     def loss_w(self, w: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Task loss ``L(w)`` as a function of the adapted weights (the FFT objective)."""
@@ -172,11 +193,26 @@ class LoraProblem:
         check_data(X, y)
         return dataclasses.replace(self, X=X, y=y)
 
-    def check_theta(self, theta: Mapping[str, torch.Tensor]) -> None:
-        """Validate ``θ``'s blocks, shapes and finiteness against the adapters."""
-        self.theta_layout._check(dict(theta), 0)
-        for k, v in theta.items():
-            check_finite(k, v)
+    def check_theta(self, theta: Mapping[str, torch.Tensor], name: str = "theta") -> None:
+        """Validate ``θ``'s blocks, shapes and finiteness against the adapters.
+
+        Raises:
+            InputError: naming ``name`` and the block that is missing, misshaped or not finite.
+        """
+        _check_blocks(self.theta_layout, theta, name)
+
+    def check_weights(self, w: Mapping[str, torch.Tensor], name: str = "w") -> None:
+        """Validate a weight-space dict (``w``, ``g``, ``Δw``: ``{layer: [m, n]}``) likewise."""
+        _check_blocks(self.weight_layout, w, name)
+
+
+def _check_blocks(layout: ParamLayout, tensors: Mapping[str, torch.Tensor], name: str) -> None:
+    try:
+        layout._check(dict(tensors), 0)
+    except InputError as err:
+        raise InputError(f"{name}: {err}") from None
+    for k, v in tensors.items():
+        check_finite(f"{name}[{k!r}]", v)
 
 
 def init_theta(problem: LoraProblem, seed: int = 0) -> Theta:
@@ -240,7 +276,16 @@ def attach_lora(
 
     Raises:
         InputError: unknown or non-linear targets, rank outside ``1..min(m, n)``, non-finite
-            weights or data, mismatched data shapes.
+            weights or data, mismatched data shapes, or a forward pass that is random even in
+            eval mode (two passes differ).
+
+    The loss, and so every gradient and Hessian of the problem, is that of the module in
+    **eval mode**: dropout is off and batch norm uses its running statistics (which are read,
+    never updated), whatever mode ``module`` is in, so that ``H_θ = H_signal + H_drift`` holds
+    and repeated calls agree. The module's own ``training`` flags are restored after every
+    pass. A Hessian of a training-mode forward (a new dropout mask at every call, batch
+    statistics) is not a fixed matrix and is not offered; a model that draws random numbers
+    in eval mode is refused.
 
     """
     check_data(X, y)
@@ -269,6 +314,13 @@ def attach_lora(
     problem = LoraProblem(module, base, tuple(adapters), X, y, loss_fn)
     with torch.no_grad():
         out = problem.output_w(problem.base_weights())
+        again = problem.output_w(problem.base_weights())
+    if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+        if float((out - again).abs().max()) > 1e3 * torch.finfo(out.dtype).eps * float(out.abs().max()):
+            raise InputError(
+                "module: two forward passes in eval mode differ (it draws random numbers); "
+                "the Hessian of a random loss is not defined: make the forward deterministic"
+            )
     if out.shape[0] != y.shape[0] or (loss_fn is mse_loss and out.shape != y.shape):
         raise InputError(f"model output has shape {tuple(out.shape)} but y has shape {tuple(y.shape)}")
     return problem

@@ -97,7 +97,8 @@ def adam_steps(
         The parameters after ``steps`` steps.
 
     Raises:
-        DivergenceError: when the loss or the parameters become NaN/Inf, naming the step.
+        DivergenceError: when the loss at a step's start, or a parameter after it, is NaN/Inf
+            (an infinite gradient of a finite loss included), naming the step.
     """
     from tqdm.auto import tqdm
 
@@ -116,6 +117,10 @@ def adam_steps(
             mhat = m[k] / (1 - b1**t)
             vhat = v2[k] / (1 - b2**t)
             p[k] = p[k] - lr * mhat / (vhat.sqrt() + eps)
+            if not torch.isfinite(p[k]).all():
+                bad = int((~torch.isfinite(p[k])).sum())
+                msg = f"{desc}: parameter {k!r} has {bad} NaN/Inf entries after step {t}"
+                raise DivergenceError(msg, step=t)
     return p
 
 

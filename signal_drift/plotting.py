@@ -261,6 +261,39 @@ def plot_fig2(summary: dict, runs: dict, out_dir: str | Path) -> Path:
     return path
 
 
+def _alpha_star_panel(ax, analysis: dict, label: str) -> np.ndarray:
+    """Plot α*(r) with its grid cell, edge-bounded ranks and the Eq. 3 fit; return the ranks.
+
+    Bracketed α* get their grid cell as a bar; edge-bounded ones an open triangle pointing the
+    way the optimum may lie; the fit line spans the bracketed ranks, labelled with the slope
+    range their cells allow.
+    """
+    st, cells, edge = analysis["alpha_star"], analysis["alpha_star_cell"], analysis["alpha_star_edge"]
+    inner = [r for r in st if r not in edge]
+    if inner:
+        x = np.asarray([float(r) for r in inner])
+        y = np.asarray([st[r] for r in inner])
+        err = np.asarray([[y[i] - cells[r][0], cells[r][1] - y[i]] for i, r in enumerate(inner)]).T
+        ax.errorbar(x, y, yerr=err, fmt="o", ms=7, capsize=4, label=f"{label}, bar: its grid cell")
+    for kind, marker, text in (("lower", "v", "smallest α tried: an upper bound"),
+                               ("upper", "^", "largest α tried: a lower bound"),
+                               ("both", "s", "only α tried")):  # fmt: skip
+        at = [r for r in st if edge.get(r) == kind]
+        if at:
+            ax.plot([float(r) for r in at], [st[r] for r in at], marker, mfc="none", ms=11, mew=1.5,
+                    color="k", label=f"at the grid edge ({text})")  # fmt: skip
+    if "fit" in analysis:
+        f = analysis["fit"]
+        fr = [float(r) for r in f["ranks"]]
+        xx = np.geomspace(min(fr), max(fr), 50)
+        kg = f["k_grid_range"]
+        fit = f"fit α* = {f['c']:.3g}·r^{f['k']:.2f}, k ∈ [{kg[0]:.2f}, {kg[1]:.2f}] (grid cells)"
+        ax.plot(xx, f["c"] * xx ** f["k"], "-", label=fit)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    return np.asarray([float(r) for r in st])
+
+
 def plot_fig1(analysis: dict, records: list[dict], out_dir: str | Path) -> Path:
     """Write ``fig1.png``: (a) loss vs η per α, (b) best loss vs α per rank, (c) α*(r) fit."""
     out = Path(out_dir)
@@ -302,16 +335,11 @@ def plot_fig1(analysis: dict, records: list[dict], out_dir: str | Path) -> Path:
     ax.set_title("(b) best loss against α (Finding I)")
     ax.legend(fontsize=7)
     ax = axes[2]
-    st = analysis["alpha_star"]
-    rs = [float(r) for r in st]
-    ax.loglog(rs, list(st.values()), "o", ms=8, label="α*(r) (grid argmin)")
-    if "fit" in analysis:
-        f = analysis["fit"]
-        xx = np.geomspace(min(rs), max(rs), 50)
-        ci = f["k_ci95"]
-        ci_txt = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci[0] is not None else ""
-        ax.loglog(xx, f["c"] * xx ** f["k"], "-", label=f"α* = {f['c']:.3g}·r^{f['k']:.2f}{ci_txt}")
-    ax.loglog(rs, rs, ":", color="gray", label="α = r (heuristic)")
+    rs = _alpha_star_panel(ax, analysis, "α*(r) (grid argmin)")
+    if len(rs):
+        ax.loglog(rs, rs, ":", color="gray", label="α = r (heuristic)")
+        ax.set_xticks(rs, [f"{r:g}" for r in rs])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("rank r")
     ax.set_ylabel("α*")
     ax.set_title("(c) optimal α against rank (Finding III)")
@@ -416,20 +444,11 @@ def plot_scaling_paths(result: dict, path: str | Path) -> Path:
     axes[2].legend(fontsize=7)
     ax = axes[1]
     ap = result["alpha_path"]
-    st = ap["alpha_star"]
-    if st:
-        rs = np.asarray([float(r) for r in st])
-        ax.loglog(rs, list(st.values()), "o", ms=8, label="α*(r) on the α-scaling path")
+    rs = _alpha_star_panel(ax, ap, "α*(r) on the α-scaling path")
+    if len(rs):
         xx = np.geomspace(rs.min(), rs.max(), 50) if len(rs) > 1 else rs
-        if "fit" in ap:
-            f = ap["fit"]
-            ax.loglog(xx, f["c"] * xx ** f["k"], "-", label=f"fit α* = {f['c']:.3g}·r^{f['k']:.2f}")
         ax.loglog(xx, 256 * np.sqrt(xx), ":", color="C3", label="Variant I: 256√r")
         ax.loglog(xx, xx, ":", color="gray", label="heuristic α = r")
-        edge = [float(r) for r in ap.get("alpha_star_at_edge", [])]
-        if edge:
-            ax.loglog(edge, [st[f"{r:g}"] for r in edge], "^", mfc="none", ms=14, color="k",
-                      label="at the grid edge (a bound, not an optimum)")  # fmt: skip
         ax.set_xticks(rs, [f"{r:g}" for r in rs])
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

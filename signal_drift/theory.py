@@ -99,6 +99,21 @@ def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
 
     >>> round(loglog_slope([1, 2, 4], [3, 12, 48]), 12)
     2.0
+
+    Raises:
+        InputError: fewer than 2 points, ``x`` and ``y`` of different lengths, a value that is
+            not finite and > 0 (its logarithm would make the slope NaN), or all ``x`` equal.
     """
-    lx, ly = np.log(np.asarray(x, dtype=float)), np.log(np.asarray(y, dtype=float))
-    return float(np.polyfit(lx, ly, 1)[0])
+    xa, ya = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
+    if len(xa) != len(ya) or len(xa) < 2:
+        raise InputError(f"x, y: a log–log slope needs >= 2 points, as many x as y; got {len(xa)}, {len(ya)}")
+    for name, v in (("x", xa), ("y", ya)):
+        bad = np.flatnonzero(~(np.isfinite(v) & (v > 0)))
+        if len(bad):
+            i = int(bad[0])
+            raise InputError(
+                f"{name}[{i}]={float(v[i])!r} is invalid: a log–log slope needs finite values > 0"
+            )
+    if np.ptp(xa) == 0:
+        raise InputError("x: all values are equal; a slope needs at least two distinct x")
+    return float(np.polyfit(np.log(xa), np.log(ya), 1)[0])

@@ -143,3 +143,28 @@ def test_closed_form_dense_drift_equals_its_products_on_a_subset_of_layers():
     c = curvature(problem, trained_theta(problem))
     # the generic to_dense pushes the identity through the matvec, block by block
     assert_close(c.drift.to_dense(), LinearOperator.to_dense(c.drift))
+
+
+def test_bad_gradient_and_non_finite_theta_are_refused():
+    from signal_drift import InputError
+    from signal_drift.decomposition import DriftOperator, MappingJacobian
+    from signal_drift.hessian import fft_gradient
+
+    problem = mlp_problem()
+    theta = trained_theta(problem)
+    step = {k: 1e-2 * torch.randn_like(v) for k, v in theta.items()}
+    g = fft_gradient(problem, theta)
+    name = problem.adapters[0].name
+    short = g | {name: g[name][:1]}  # [1, n] would broadcast against [m, n]
+    with pytest.raises(InputError, match=r"^g: block .* has shape"):
+        decompose_update(problem, theta, step, short)
+    with pytest.raises(InputError, match=r"^g: block .* has shape"):
+        DriftOperator(problem, theta, short)
+    with pytest.raises(InputError, match=r"^g\["):
+        decompose_update(problem, theta, step, g | {name: g[name] * float("nan")})
+    nan_theta = theta | {problem.adapters[0].key_A: theta[problem.adapters[0].key_A] * float("nan")}
+    for make in (MappingJacobian, DriftOperator):
+        with pytest.raises(InputError, match=r"^theta\[.*NaN or Inf"):
+            make(problem, nan_theta)
+    with pytest.raises(InputError, match=r"^delta_theta\["):
+        decompose_update(problem, theta, nan_theta)

@@ -59,3 +59,26 @@ def test_hessian_operator_rejects_non_finite_point():
 
     with pytest.raises(InputError, match="NaN or Inf"):
         HessianOperator(lambda p: (p["x"] ** 2).sum(), {"x": torch.tensor([1.0, float("nan")])})
+
+
+def test_every_exact_hessian_warns_below_float64():
+    import warnings
+
+    from signal_drift import PrecisionWarning, attach_lora, make_mlp, make_task
+
+    task = make_task(4, 8, dtype=torch.float32)
+    problem = attach_lora(make_mlp(4, 2, dtype=torch.float32), task.X, task.y, rank=1)
+    theta = init_theta(problem)
+    for build in (
+        lambda: fft_hessian(problem, theta, backend="mlp"),
+        lambda: fft_hessian(problem, theta, backend="autograd"),
+        lambda: lora_hessian(problem, theta),
+        lambda: dense_hessian(problem.loss_theta, theta),
+    ):
+        with pytest.warns(PrecisionWarning, match="float32: eigenvalues below .* use float64"):
+            build()
+    problem64 = mlp_problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)
+        fft_hessian(problem64, init_theta(problem64))
+        lora_hessian(problem64, init_theta(problem64))

@@ -123,3 +123,46 @@ def test_user_module_with_custom_loss_and_selected_layers():
     )
     assert [a.name for a in problem.adapters] == ["head"]
     assert problem.loss_theta(init_theta(problem)).ndim == 0
+
+
+@pytest.mark.parametrize("noisy", [nn.Dropout(0.5), nn.BatchNorm1d(6)], ids=["dropout", "batchnorm"])
+def test_a_module_in_training_mode_gives_the_eval_mode_hessian(noisy):
+    from signal_drift.decomposition import decomposed_lora_hessian
+    from signal_drift.hessian import lora_hessian
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(6, 6), nn.SiLU(), noisy, nn.Linear(6, 6)).double()
+    if isinstance(noisy, nn.BatchNorm1d):  # non-trivial running statistics
+        noisy.running_mean.uniform_(-1, 1)
+        noisy.running_var.uniform_(0.5, 2)
+    buffers = {k: v.clone() for k, v in module.named_buffers()}
+    module.train()
+    X, y = _data()
+    problem = attach_lora(module, X, y, rank=2)
+    theta = {k: torch.randn_like(v) for k, v in init_theta(problem).items()}
+    H1 = lora_hessian(problem, theta).to_dense()
+    H2 = lora_hessian(problem, theta).to_dense()
+    torch.testing.assert_close(H1, H2, rtol=0, atol=0)
+    # Prop. 1 holds (it fails by ~0.9·‖H_θ‖ with a fresh dropout mask at every call)
+    torch.testing.assert_close(decomposed_lora_hessian(problem, theta).to_dense(), H1, rtol=0, atol=1e-11)
+    # the module's mode and buffers are left as they were
+    assert all(m.training for m in module.modules())
+    for k, v in module.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    # and the Hessian is that of the module in eval mode
+    module.eval()
+    H_eval = lora_hessian(attach_lora(module, X, y, rank=2), theta).to_dense()
+    torch.testing.assert_close(H1, H_eval, rtol=0, atol=1e-13)
+
+
+def test_a_forward_that_is_random_in_eval_mode_is_refused():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 6, dtype=torch.float64)
+
+        def forward(self, x):
+            return nn.functional.dropout(self.lin(x), 0.5, training=True)
+
+    with pytest.raises(InputError, match="two forward passes in eval mode differ"):
+        attach_lora(Noisy().eval(), *_data(), rank=2)

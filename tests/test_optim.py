@@ -71,3 +71,18 @@ def test_first_adam_step_is_the_sign_up_to_epsilon():
     D, state = step_direction("adam", g, init_opt_state(g))
     torch.testing.assert_close(D["w"], torch.sign(g["w"]), rtol=1e-4, atol=0)
     assert state.t == 1
+
+
+def test_adam_steps_stops_when_a_parameter_becomes_nan_while_the_loss_is_finite():
+    import pytest
+
+    from signal_drift._errors import DivergenceError
+    from signal_drift.optim import adam_steps
+
+    # sqrt at 0: a finite loss (0) with an infinite gradient, so Adam's step is inf/inf = NaN
+    params = {"x": torch.tensor([0.0, 1.0], dtype=torch.float64)}
+    with pytest.raises(DivergenceError, match="parameter 'x'.*after step 1") as err:
+        adam_steps(lambda p: p["x"].sqrt().sum(), params, steps=1, lr=0.1)
+    assert err.value.step == 1
+    out = adam_steps(lambda p: (p["x"] ** 2).sum(), params, steps=3, lr=0.1)
+    assert torch.isfinite(out["x"]).all()

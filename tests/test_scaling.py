@@ -59,3 +59,13 @@ def test_bad_rule_arguments_raise_input_error(bad):
 
 def test_scaling_cli_rejects_rank_zero():
     assert_cli_refuses(["signal_drift.scaling", "--ranks", "0"], "--ranks=0")
+
+
+@pytest.mark.parametrize(
+    "alpha,rank,gamma,needle",
+    [(16, -4, 1.0, "rank=-4"), (16, 0, 1.0, "rank=0"), (16, 2.5, 1.0, "rank=2.5"), (-16, 4, 1.0, "alpha=-16"),
+     (0, 4, 1.0, "alpha=0"), (float("nan"), 4, 1.0, "alpha=nan"), (16, 4, -1.0, "gamma=-1.0")],
+)  # fmt: skip
+def test_lora_scale_refuses_a_rank_alpha_or_gamma_out_of_range(alpha, rank, gamma, needle):
+    with pytest.raises(InputError, match=needle):
+        lora_scale(alpha, rank, gamma)

@@ -9,6 +9,7 @@ from cases import linear_problem, mlp_problem, trained_theta
 from torch import nn
 
 from signal_drift import (
+    InputError,
     attach_lora,
     curvature,
     decompose_update,
@@ -137,3 +138,14 @@ def test_gd_is_stable_just_below_two_over_lambda_max_and_diverges_just_above():
     start = float(problem.loss_w(w0))
     assert _gd_final_loss(problem, w0, 0.98 * eta_c, 600) < start
     assert _gd_final_loss(problem, w0, 1.02 * eta_c, 600) > 1e3 * start
+
+
+@pytest.mark.parametrize(
+    "x,y,needle",
+    [([1, 2, 4], [3, 0, 48], r"y\[1\]=0\.0"), ([1, 2, 4], [3, -1, 48], r"y\[1\]=-1\.0"),
+     ([1, 2, 4], [3, float("inf"), 48], r"y\[1\]=inf"), ([0, 2, 4], [3, 12, 48], r"x\[0\]=0\.0"),
+     ([1, 2], [3, 12, 48], ">= 2 points"), ([1], [3], ">= 2 points"), ([2, 2], [3, 12], "distinct x")],
+)  # fmt: skip
+def test_loglog_slope_refuses_what_would_make_it_nan(x, y, needle):
+    with pytest.raises(InputError, match=needle):
+        loglog_slope(x, y)

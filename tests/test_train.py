@@ -143,3 +143,15 @@ def test_user_corpus_and_bad_inputs(tmp_path, base):
 def test_cli_rejects_bad_input(tmp_path, args, needle):
     out = tmp_path / "o"
     assert_cli_refuses(["signal_drift.train", *args, "--out", str(out)], needle, out)
+
+
+def test_a_model_without_llama_linears_is_refused_before_anything_is_written(tmp_path):
+    # GPT-2's projections are Conv1D, not nn.Linear: no fallback to them, a clear refusal
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300, n_positions=64)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "o"
+    assert_cli_refuses(
+        ["signal_drift.train", "--model", str(tmp_path / "gpt2"), "--steps", "1", "--out", str(out)],
+        "Conv1D",
+        out,
+    )

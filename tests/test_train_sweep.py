@@ -46,14 +46,23 @@ def test_alpha_star_and_its_fit_come_from_the_alpha_path():
         res["alpha_path"]["fit"]["c"], 8.0
     )
     assert res["best_k"]["4"] == {"alpha": 16.0, "eta": 1.0}
-    assert res["alpha_path"]["alpha_star_at_edge"] == []
+    assert res["alpha_path"]["alpha_star_edge"] == {}
+    # each α* known to within a factor √2 either side: k = 0.5 ± (log √2)·Σ|w_i| = 0.5 ± 0.25
+    assert all(
+        math.isclose(a, b)
+        for a, b in zip(res["alpha_path"]["fit"]["k_grid_range"], [0.25, 0.75], strict=True)
+    )
 
 
 def test_an_optimum_at_the_grid_edge_is_flagged():
     cfg = TrainSweepConfig(ranks=(1, 4), multipliers=(1, 2, 4))
     res = analyse_paths(_records(cfg, lambda c: -c["alpha"]), cfg)  # loss keeps falling with α
     assert res["alpha_path"]["alpha_star"] == {"1": 4.0, "4": 16.0}
-    assert res["alpha_path"]["alpha_star_at_edge"] == ["1", "4"]
+    assert res["alpha_path"]["alpha_star_edge"] == {"1": "upper", "4": "upper"}
+    assert "fit" not in res["alpha_path"] and "fit_skipped" in res["alpha_path"]
+    res = analyse_paths(_records(cfg, lambda c: c["alpha"]), cfg)  # loss rises with α: α* = α0
+    assert res["alpha_path"]["alpha_star"] == {"1": 1.0, "4": 4.0}
+    assert res["alpha_path"]["alpha_star_edge"] == {"1": "lower", "4": "lower"}
 
 
 def test_diverged_cells_are_never_best():

@@ -56,8 +56,12 @@ def lora_scale(alpha: float, rank: int, gamma: float = 1.0) -> float:
 
     >>> lora_scale(16, 4), lora_scale(16, 4, gamma=2.0)
     (4.0, 8.0)
+
+    Raises:
+        InputError: ``rank`` not an integer ``>= 1``, ``alpha`` or ``gamma`` not finite ``> 0``.
     """
-    return float(gamma) * float(alpha) / int(rank)
+    r = check_positive_int("rank", rank)
+    return check_positive_float("gamma", gamma) * check_positive_float("alpha", alpha) / r
 
 
 def init_variance(init: InitKind, fan_in: int, std: float | None = None) -> float:

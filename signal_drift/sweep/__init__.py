@@ -4,8 +4,10 @@
   (flushed and fsynced); a rerun skips the cells already there, so a sweep killed by Ctrl-C or
   SIGKILL loses at most the cell in flight. The training path reuses it.
 - :func:`mlp_cell`: one (r, α, η) cell on the controlled MLP task, scored by held-out loss.
-- :func:`analyse`: η*(α) per rank (Finding I), α*(r) and the fit ``α* = c·r^k`` by linear
-  regression in log–log space with a 95 % confidence interval (Finding III, paper Eq. 3).
+- :func:`analyse`: η*(α) per rank (Finding I), α*(r) with its grid cell and a flag where it
+  sits at either edge of the grid, and the fit ``α* = c·r^k`` by linear regression in log–log
+  space over the bracketed ranks, with the slope interval their cells allow (Finding III,
+  paper Eq. 3).
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from tqdm.auto import tqdm
 from .._errors import InputError, check_positive_float, check_positive_int
 from ..io import append_jsonl, read_jsonl
 
-__all__ = ["run_grid", "cell_key", "MLPSweepConfig", "mlp_cell", "analyse", "fit_power_law"]
+__all__ = [
+    "run_grid",
+    "cell_key",
+    "MLPSweepConfig",
+    "mlp_cell",
+    "analyse",
+    "fit_power_law",
+    "describe_alpha_star",
+]
 
 
 def cell_key(cell: dict) -> str:
@@ -127,18 +137,53 @@ def mlp_cell(cell: dict) -> dict:
     return run.summary() | {"test_loss": float(test)}
 
 
-def fit_power_law(x: Sequence[float], y: Sequence[float]) -> dict:
-    """Fit ``y = c·x^k`` by least squares in log–log space, with 95 % confidence intervals.
+def fit_power_law(
+    x: Sequence[float], y: Sequence[float], y_cells: Sequence[tuple[float, float]] | None = None
+) -> dict:
+    r"""Fit ``y = c·x^k`` by least squares in log–log space (paper Eq. 3).
+
+    The slope is linear in the data, ``k̂ = Σ_i w_i log y_i`` with
+    ``w_i = (log x_i − mean log x) / Σ_j (log x_j − mean log x)²`` (likewise ``log ĉ``). When
+    each ``y_i`` is only known to lie in a cell ``[lo_i, hi_i]`` (a grid argmin stands for
+    every value of its grid cell), the slopes that the cells allow form the interval
+
+    .. math::
+
+        \Big[k̂ + Σ_i \min(−w_i h_i^-, w_i h_i^+),\; k̂ + Σ_i \max(−w_i h_i^-, w_i h_i^+)\Big],
+        \quad h_i^- = \log(y_i / lo_i),\; h_i^+ = \log(hi_i / y_i)
+
+    (``k̂ ± h Σ|w_i|`` for cells of half-width ``h`` in log space), reported as ``k_grid_range``
+    and ``c_grid_range``. It bounds the effect of the grid's resolution only, not that of noise
+    in which cell wins.
+
+    Args:
+        x: positive abscissae (e.g. ranks).
+        y: positive values (e.g. α*).
+        y_cells: optional ``(lo_i, hi_i)`` with ``0 < lo_i <= y_i <= hi_i < inf``.
+
+    Returns:
+        ``{"k", "c", "r2", "n", "k_ci95_gaussian", "c_ci95_gaussian"}`` and, with ``y_cells``,
+        ``"k_grid_range"``, ``"c_grid_range"``. The ``*_ci95_gaussian`` intervals are the
+        Student-t regression intervals, valid only for Gaussian scatter of ``log y`` (not for
+        grid argmins); ``None`` with 2 points.
+
+    Raises:
+        InputError: fewer than 2 points, values that are not finite and > 0, all ``x`` equal,
+            or cells that do not contain their ``y``.
 
     >>> f = fit_power_law([1, 4, 16], [3, 6, 12])
     >>> round(f["k"], 6), round(f["c"], 6)
     (0.5, 3.0)
+    >>> g = fit_power_law([1, 4, 16], [2, 4, 8], y_cells=[(v / 2**0.5, v * 2**0.5) for v in (2, 4, 8)])
+    >>> [round(v, 6) for v in g["k_grid_range"]]  # 0.5 ± (log √2)·Σ|w| = 0.5 ± 0.25
+    [0.25, 0.75]
     """
     from scipy import stats
 
+    from ..theory import loglog_slope
+
+    loglog_slope(x, y)  # the same validation: >= 2 points, finite > 0, distinct x
     lx, ly = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
-    if len(lx) < 2:
-        raise InputError("a power-law fit needs at least 2 points")
     res = stats.linregress(lx, ly)
     n = len(lx)
     tq = stats.t.ppf(0.975, n - 2) if n > 2 else float("inf")
@@ -151,29 +196,58 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> dict:
         if n > 2
         else [None, None]
     )
-    return {
+    out = {
         "k": float(res.slope),
         "c": float(math.exp(res.intercept)),
-        "k_ci95": k_ci,
-        "c_ci95": c_ci,
+        "k_ci95_gaussian": k_ci,
+        "c_ci95_gaussian": c_ci,
         "r2": float(res.rvalue**2),
         "n": n,
     }
+    if y_cells is not None:
+        cells = np.asarray(y_cells, float)
+        if cells.shape != (n, 2) or not np.all(np.isfinite(cells)) or not np.all(cells > 0):
+            raise InputError(f"y_cells: need {n} pairs (lo, hi) of finite values > 0")
+        if not np.all((cells[:, 0] <= np.asarray(y, float)) & (np.asarray(y, float) <= cells[:, 1])):
+            raise InputError("y_cells: every cell must contain its y (lo <= y <= hi)")
+        h_lo, h_hi = ly - np.log(cells[:, 0]), np.log(cells[:, 1]) - ly
+        w = (lx - lx.mean()) / ((lx - lx.mean()) ** 2).sum()
+        for name, wt, centre in (("k", w, res.slope), ("c", 1.0 / n - lx.mean() * w, res.intercept)):
+            lo = centre + np.minimum(-wt * h_lo, wt * h_hi).sum()
+            hi = centre + np.maximum(-wt * h_lo, wt * h_hi).sum()
+            lo, hi = (float(lo), float(hi)) if name == "k" else (math.exp(lo), math.exp(hi))
+            out[f"{name}_grid_range"] = [lo, hi]
+    return out
 
 
 def analyse(records: Sequence[dict], metric: str = "test_loss") -> dict:
     """Findings I and III from sweep records.
 
+    α*(r) is a grid argmin, so it stands for its whole grid cell: from the geometric midpoint
+    to the previous α tried to the one to the next. At the smallest (largest) α tried the cell
+    is open below (above): the grid did not bracket the optimum and α* is only an upper
+    (lower) bound. The Eq. 3 fit uses the bracketed ranks only, and reports the slope interval
+    that their cells allow (:func:`fit_power_law`).
+
     Returns:
-        ``{"eta_star": {r: {α: η*}}, "best_loss": {r: {α: loss}}, "alpha_star": {r: α*},
-        "fit": power-law fit of α*(r)}`` (keys as strings for JSON).
+        A JSON-ready dict (rank and α keys as strings):
+
+        - ``eta_star`` ``{r: {α: η*}}`` and ``best_loss`` ``{r: {α: loss}}`` (Finding I);
+        - ``alpha_star`` ``{r: α*}``, the grid argmin of the best loss over η;
+        - ``alpha_star_cell`` ``{r: [lo, hi]}``, the α interval that α* stands for (``None``
+          on an open side);
+        - ``alpha_star_edge`` ``{r: "lower" | "upper"}``, only the ranks whose α* is the
+          smallest / largest α tried (a bound, not an optimum; ``"both"`` if one α was tried);
+        - ``fit`` (when >= 2 ranks are bracketed): :func:`fit_power_law` of the bracketed α*
+          with their cells, plus ``ranks`` (those fitted) and ``excluded_at_edge``; otherwise
+          ``fit_skipped``, the reason.
     """
     by: dict[int, dict[float, list[tuple[float, float]]]] = {}
     for rec in records:
         c = rec["cell"]
         val = rec.get(metric, float("nan"))
         by.setdefault(c["rank"], {}).setdefault(c["alpha"], []).append((c["lr"], val))
-    eta_star, best, alpha_star = {}, {}, {}
+    eta_star, best, alpha_star, cell, edge = {}, {}, {}, {}, {}
     for r, per_alpha in sorted(by.items()):
         eta_star[str(r)], best[str(r)] = {}, {}
         for a, rows in sorted(per_alpha.items()):
@@ -182,11 +256,54 @@ def analyse(records: Sequence[dict], metric: str = "test_loss") -> dict:
                 lr, v = min(ok, key=lambda t: t[1])
                 eta_star[str(r)][f"{a:g}"], best[str(r)][f"{a:g}"] = lr, v
         if best[str(r)]:
-            alpha_star[str(r)] = float(min(best[str(r)].items(), key=lambda t: t[1])[0])
-    out = {"metric": metric, "eta_star": eta_star, "best_loss": best, "alpha_star": alpha_star}
-    if len(alpha_star) >= 2:
-        out["fit"] = fit_power_law([float(r) for r in alpha_star], list(alpha_star.values()))
+            tried = sorted(per_alpha)
+            a_star = float(min(best[str(r)].items(), key=lambda t: t[1])[0])
+            i = min(range(len(tried)), key=lambda j: abs(math.log(tried[j] / a_star)))
+            alpha_star[str(r)] = a_star
+            cell[str(r)] = [
+                math.sqrt(tried[i - 1] * tried[i]) if i > 0 else None,
+                math.sqrt(tried[i] * tried[i + 1]) if i < len(tried) - 1 else None,
+            ]
+            if i in (0, len(tried) - 1):
+                edge[str(r)] = "both" if len(tried) == 1 else "lower" if i == 0 else "upper"
+    out = {"metric": metric, "eta_star": eta_star, "best_loss": best, "alpha_star": alpha_star,
+           "alpha_star_cell": cell, "alpha_star_edge": edge}  # fmt: skip
+    inner = [r for r in alpha_star if r not in edge]
+    if len(inner) >= 2:
+        out["fit"] = fit_power_law(
+            [float(r) for r in inner], [alpha_star[r] for r in inner], [tuple(cell[r]) for r in inner]
+        ) | {"ranks": inner, "excluded_at_edge": sorted(edge, key=int)}
+    else:
+        out["fit_skipped"] = (
+            f"{len(inner)} rank(s) with α* bracketed by the grid (at the edge: {sorted(edge, key=int)}); "
+            "the fit needs 2"
+        )
     return out
+
+
+def describe_alpha_star(analysis: dict) -> list[str]:
+    """Lines for a CLI: α*(r) with its cell and edge flags, and the Eq. 3 fit (or why none)."""
+    edge = analysis["alpha_star_edge"]
+    lines = []
+    for r, a in analysis["alpha_star"].items():
+        lo, hi = analysis["alpha_star_cell"][r]
+        cell = f"[{'0' if lo is None else f'{lo:.3g}'}, {'∞' if hi is None else f'{hi:.3g}'}]"
+        note = {"lower": "  (smallest α tried: an upper bound)",
+                "upper": "  (largest α tried: a lower bound)",
+                "both": "  (the only α tried)"}.get(edge.get(r), "")  # fmt: skip
+        lines.append(f"  α*(r={r}) = {a:g}, cell {cell}{note}")
+    if "fit" in analysis:
+        f = analysis["fit"]
+        kg, kc = f["k_grid_range"], f["k_ci95_gaussian"]
+        gauss = "undefined" if kc[0] is None else f"[{kc[0]:.3f}, {kc[1]:.3f}]"
+        lines.append(
+            f"  fit α* = {f['c']:.3g} · r^{f['k']:.3f} over r = {', '.join(f['ranks'])}: k within "
+            f"[{kg[0]:.3f}, {kg[1]:.3f}] as the grid cells allow (Gaussian-regression 95% CI "
+            f"{gauss}); left out at the grid edge: r = {', '.join(f['excluded_at_edge']) or 'none'}"
+        )
+    else:
+        lines.append(f"  no fit: {analysis['fit_skipped']}")
+    return lines
 
 
 def config_dict(cfg: MLPSweepConfig) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .._errors import run_cli
 from ..io import atomic_write_text
-from . import MLPSweepConfig, analyse, config_dict, mlp_cell, run_grid
+from . import MLPSweepConfig, analyse, config_dict, describe_alpha_star, mlp_cell, run_grid
 
 PROG = "python -m signal_drift.sweep"
 
@@ -56,10 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r, per in result["eta_star"].items():
         trend = ", ".join(f"α={al}: η*={lr:g}" for al, lr in per.items())
         print(f"  r={r}: {trend}")
-    print(f"  α*(r): {result['alpha_star']}")
-    if "fit" in result:
-        f = result["fit"]
-        print(f"  fit α* = {f['c']:.3g} · r^{f['k']:.3f}, k 95% CI {f['k_ci95']}, R² {f['r2']:.3f}")
+    print("\n".join(describe_alpha_star(result)))
     return 0
 
 

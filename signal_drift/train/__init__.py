@@ -232,6 +232,9 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
 
     Raises:
         DivergenceError: after writing metrics up to the diverged step.
+        InputError: bad settings, data, or a model without Llama-style ``nn.Linear``
+            projections (e.g. GPT-2, whose ``Conv1D`` layers are not supported), before
+            anything is written under ``out``.
     """
     from peft import get_peft_model
 
@@ -249,10 +252,9 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
     if cfg.batch_size % dist.world:
         raise InputError(f"--batch-size={cfg.batch_size} must be a multiple of the {dist.world} processes")
     out = Path(cfg.out)
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
     if cfg.model is None:
         if dist.main:
+            out.mkdir(parents=True, exist_ok=True)
             build_base_model(out / "base_model", cfg.pretrain_steps, cfg.seq_len, cfg.seed, progress)
         dist.barrier()
         model_dir = out / "base_model"
@@ -260,7 +262,14 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
         model_dir = Path(cfg.model)
     model = load_model(model_dir)
     train_ids, val_ids = corpus_ids(model, model_dir, cfg.data)
-    targets = present_targets(model, LLAMA_TARGETS) or ["c_attn", "c_proj", "c_fc"]
+    targets = present_targets(model, LLAMA_TARGETS)
+    if not targets:
+        raise InputError(
+            f"--model {model_dir}: has none of the Llama projections {list(LLAMA_TARGETS)}; the trainer "
+            "adapts Llama-style nn.Linear projections (GPT-2's Conv1D layers are not supported)"
+        )
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rule = "rank" if cfg.scaling == "calibrated" else cfg.scaling
     lcfg = lora_alpha_config(model, rule, cfg.rank, target_modules=targets, gamma=cfg.gamma, alpha=cfg.alpha)

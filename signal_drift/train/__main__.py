@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def sweep_main(argv: Sequence[str]) -> int:
     """``train sweep``: Eq. 2 paths and the Eq. 3 fit (resumable)."""
+    from ..sweep import describe_alpha_star
     from .sweep import TrainSweepConfig, run_train_sweep
 
     p = argparse.ArgumentParser(prog=f"{PROG} sweep", description=run_train_sweep.__doc__)
@@ -113,12 +114,12 @@ def sweep_main(argv: Sequence[str]) -> int:
     for r, best in result["best_k"].items():
         print(f"  r={r}: best k on the η path {best['eta']}, on the α path {best['alpha']}")
     ap = result["alpha_path"]
-    print(f"  α*(r) at η_FFT: {ap['alpha_star']}")
-    if ap["alpha_star_at_edge"]:
-        print(f"  warning: α* of r={ap['alpha_star_at_edge']} is the largest α tried; widen --multipliers")
-    if "fit" in ap:
-        f = ap["fit"]
-        print(f"  fit α* = {f['c']:.3g} · r^{f['k']:.3f}, k 95% CI {f['k_ci95']}")
+    print("  α* at η_FFT (α-scaling path):")
+    print("\n".join(describe_alpha_star(ap)))
+    if ap["alpha_star_edge"]:
+        print(
+            f"  warning: α* of r={list(ap['alpha_star_edge'])} is at the end of the path; widen --multipliers"
+        )
     return 0
 
 

@@ -6,8 +6,10 @@ one :func:`~signal_drift.train.train` run with the fixed-α rule (scale ``γα/r
 final held-out NLL; cells land in a resumable JSONL through :func:`~signal_drift.sweep.run_grid`
 (and each run resumes from its own checkpoint), so an interrupted sweep loses nothing finished.
 
-α*(r) is the best α on the α-scaling path (η fixed at η_FFT); ``α* = c·r^k`` is fitted in
-log–log space with a 95 % CI (:func:`~signal_drift.sweep.fit_power_law`).
+α*(r) is the best α on the α-scaling path (η fixed at η_FFT), known to within its grid cell
+and flagged where it sits at either end of the path; ``α* = c·r^k`` is fitted in log–log space
+over the bracketed ranks, with the slope interval their cells allow
+(:func:`~signal_drift.sweep.analyse`, :func:`~signal_drift.sweep.fit_power_law`).
 """
 
 from __future__ import annotations
@@ -118,8 +120,10 @@ def analyse_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
 
     Returns:
         ``{"paths": {r: {"eta": [[k, nll, sdr]], "alpha": [...]}}, "best_k": {r: {"eta": k, "alpha": k}},
-        "alpha_path": analyse(α-path records)}`` (the last holds ``alpha_star``, ``fit`` and
-        ``alpha_star_at_edge``: the ranks whose α* is the largest α tried, a lower bound only).
+        "alpha_path": analyse(α-path records)}``; the last holds ``alpha_star``, its grid cell
+        ``alpha_star_cell``, ``alpha_star_edge`` (ranks whose α* is the smallest α tried, k = 1,
+        an upper bound only, or the largest, a lower bound only) and the ``fit`` over the
+        bracketed ranks with its ``k_grid_range`` (:func:`~signal_drift.sweep.analyse`).
     """
     paths, best_k, alpha_recs = {}, {}, []
     for r in cfg.ranks:
@@ -137,14 +141,7 @@ def analyse_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
             p: min((row for row in v if math.isfinite(row[1])), key=lambda row: row[1], default=[None])[0]
             for p, v in rows.items()
         }
-    alpha_path = analyse(alpha_recs, metric="heldout_nll")
-    # α* at the largest α of its rank's path is only a lower bound: the grid did not bracket it
-    alpha_path["alpha_star_at_edge"] = [
-        r
-        for r, a in alpha_path["alpha_star"].items()
-        if math.isclose(a, max(cfg.multipliers) * cfg.alpha0(int(r)))
-    ]
-    return {"paths": paths, "best_k": best_k, "alpha_path": alpha_path}
+    return {"paths": paths, "best_k": best_k, "alpha_path": analyse(alpha_recs, metric="heldout_nll")}
 
 
 def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) -> tuple[dict, list[dict]]:
