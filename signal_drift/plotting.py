@@ -197,7 +197,7 @@ def _fig2_curvature(ax, summary: dict, ks: list, cmap) -> None:
     lc = summary.get("lambda_max_convergence", {})
     ax.set_title(
         "λ_max(H_θ) (solid: η-path, dashed: α-path; dotted: 2/η of the η-path,\n"
-        f"α-path 2/η0); {lc.get('converged', 0)}/{lc.get('measured', 0)} converged, others omitted",
+        f"α-path 2/η0); {lc.get('converged', 0)}/{lc.get('measured', 0)} converged (others: NaN, not drawn)",
         fontsize=9,
     )
     ax.set_xlabel("step")
