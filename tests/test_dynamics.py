@@ -4,11 +4,18 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from cases import assert_cli_refuses, assert_close, mlp_problem
 from torch.func import grad, jvp
 
 from signal_drift import init_theta
-from signal_drift.dynamics import DynamicsConfig, run_dynamics, sdr_probes, train_lora
+from signal_drift.dynamics import (
+    DynamicsConfig,
+    consistent_alpha_point,
+    run_dynamics,
+    sdr_probes,
+    train_lora,
+)
 
 
 def test_per_step_records_satisfy_the_decomposition_identities():
@@ -66,12 +73,75 @@ def test_divergence_is_detected_with_its_step():
     assert run.summary()["diverged"] and math.isnan(run.summary()["final_loss"])
 
 
-def test_one_step_sdr_probe_slopes_from_a_checkpoint():
+def _checkpoint(problem, step=5):
+    run = train_lora(problem, init_theta(problem), steps=step + 1, lr=0.02, checkpoints=[step])
+    return run.checkpoints[step]
+
+
+def test_consistent_alpha_point_keeps_the_function_and_scales_the_b_gradient():
+    # the derivation behind the consistent probe: at (kα, A, B/k) w is unchanged, ∇_A too, ∇_B → k ∇_B
     problem = mlp_problem()
-    run = train_lora(problem, init_theta(problem), steps=6, lr=0.02, checkpoints=[5])
-    out = sdr_probes(problem, run.checkpoints[5], 3.0, 0.02, [1, 2, 4, 8], optimizer="signsgd")
-    assert abs(out["slope_eta"] + 1) < 1e-9
-    assert abs(out["slope_alpha"]) < 0.2  # sign steps: α only changes which entries flip
+    theta, state = _checkpoint(problem)
+    g1 = grad(problem.loss_theta)(theta)
+    for k in (0.5, 3.0, 16.0):
+        pk, thk, stk = consistent_alpha_point(problem, theta, state, k)
+        w1, wk = problem.weights(theta), pk.weights(thk)
+        for name in w1:
+            assert_close(wk[name], w1[name], rtol=1e-13, atol=1e-15)
+        gk = grad(pk.loss_theta)(thk)
+        for a in problem.adapters:
+            assert_close(gk[a.key_A], g1[a.key_A], rtol=1e-10, atol=1e-15)
+            assert_close(gk[a.key_B], k * g1[a.key_B], rtol=1e-10, atol=1e-15)
+            assert_close(stk.m[a.key_B], k * state.m[a.key_B], rtol=1e-15, atol=0)
+            assert_close(stk.v[a.key_B], k**2 * state.v[a.key_B], rtol=1e-15, atol=0)
+            assert stk.m[a.key_A] is state.m[a.key_A] and thk[a.key_A] is theta[a.key_A]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "signsgd", "sgd", "muon"])
+def test_consistent_probe_matches_its_closed_form_at_a_checkpoint(optimizer):
+    # B ≠ 0: the direction is the same at every k (SGD: its B block ∝ k), and SDR(k) is exactly
+    # ‖k^(1+p_B) S_B + S_A‖/(k^(1+p_B)‖Dr‖): what remains of the α-dependence is the B·ΔA signal
+    problem = mlp_problem()
+    out = sdr_probes(problem, _checkpoint(problem), 3.0, 0.02, [1, 2, 4, 8], optimizer=optimizer, eps=0.0)
+    assert out.consistent_direction_change < 1e-12
+    for got, want in zip(out.sdr_alpha_consistent, out.sdr_alpha_consistent_predicted, strict=True):
+        assert math.isclose(got, want, rel_tol=1e-11)
+    assert 0.01 < out.signal_share_b_da < 0.5  # B ≠ 0: the B·ΔA part is present ...
+    assert out.slope_alpha_consistent < -1e-3  # ... and is what makes the slope negative
+    assert abs(out.slope_eta_identity + 1) < 1e-12
+
+
+def test_consistent_probe_is_exactly_alpha_invariant_at_b_zero_and_the_frozen_probe_is_not():
+    # B = 0 with Adam moments as training leaves them (m_A ≠ 0, so ΔA ≠ 0 and the drift is not 0):
+    # Prop. 4's exact case. The frozen-state probe mixes a k-scaled gradient into an unscaled
+    # state and moves the direction; the consistent one does not.
+    problem = mlp_problem()
+    theta, state = _checkpoint(problem)
+    theta = dict(theta) | {a.key_B: torch.zeros_like(theta[a.key_B]) for a in problem.adapters}
+    ks = [1, 2, 4, 8, 16]
+    out = sdr_probes(problem, (theta, state), 3.0, 0.02, ks, optimizer="adam", eps=0.0)
+    assert out.signal_share_b_da == 0.0
+    assert abs(out.slope_alpha_consistent) < 1e-10
+    assert max(out.sdr_alpha_consistent) / min(out.sdr_alpha_consistent) - 1 < 1e-10
+    # frozen state: ∇_A = 0 leaves ΔA alone, but ΔB's direction moves (mild, far above round-off)
+    assert abs(out.slope_alpha_frozen_state) > 1e-3
+    # with Adam's ε the invariance holds to O(ε/√v)
+    out = sdr_probes(problem, (theta, state), 3.0, 0.02, ks, optimizer="adam")
+    assert abs(out.slope_alpha_consistent) < 1e-5
+
+
+def test_frozen_state_probe_is_not_alpha_invariant_at_a_checkpoint():
+    # B ≠ 0: α changes the loss itself, so even sign-SGD (no state) moves; the consistent probe
+    # is its closed form and differs from the frozen one by far more than round-off
+    problem = mlp_problem()
+    ckpt = _checkpoint(problem)
+    for optimizer in ("signsgd", "adam"):
+        out = sdr_probes(problem, ckpt, 3.0, 0.02, [1, 2, 4, 8], optimizer=optimizer, eps=0.0)
+        gap = [
+            abs(f / c - 1) for f, c in zip(out.sdr_alpha_frozen_state, out.sdr_alpha_consistent, strict=True)
+        ]
+        assert max(gap) > 1e-2, (optimizer, gap)
+        assert abs(out.slope_alpha_frozen_state - out.slope_alpha_consistent) > 1e-2
 
 
 def test_dynamics_runs_both_paths_and_reports_slopes():
@@ -81,8 +151,45 @@ def test_dynamics_runs_both_paths_and_reports_slopes():
     s, runs = run_dynamics(cfg)
     assert set(s["eta_scaling"]) == set(s["alpha_scaling"]) == {"1", "4", "400"}
     assert s["eta_scaling"]["400"]["diverged"]  # η = 8 blows up
-    assert abs(s["sdr_slope_eta"] + 1) < 1e-9
-    assert s["curvature"]["eta_scaling"]["1"]["steps"] == [0, 6]
+    assert abs(s["sdr_slope_eta_identity"] + 1) < 1e-9
+    probes = s["sdr_probes"]["probes"]
+    assert [p["checkpoint"] for p in probes] == s["sdr_probes"]["checkpoints"] == [3, 6, 9]
+    assert s["sdr_slope_alpha_frozen_state"] == [p["slope_alpha_frozen_state"] for p in probes]
+    assert s["sdr_slope_alpha_consistent"] == [p["slope_alpha_consistent"] for p in probes]
+    for p in probes:
+        for got, want in zip(p["sdr_alpha_consistent"], p["sdr_alpha_consistent_predicted"], strict=True):
+            assert math.isclose(got, want, rel_tol=1e-6)  # Adam's ε: O(ε/√v)
+    curv = s["curvature"]["eta_scaling"]["1"]
+    assert curv["steps"] == [0, 6] and curv["converged"] == [True, True]
+    assert all(r <= 1e-6 * abs(v) for r, v in zip(curv["residual"], curv["lambda_max"], strict=True))
+    lc = s["lambda_max_convergence"]
+    assert lc["measured"] == lc["converged"] > 0 and lc["max_relative_residual_converged"] < 1e-6
+
+
+def test_unconverged_lambda_max_is_nan_with_its_residual_and_a_warning():
+    problem = mlp_problem()
+    run = train_lora(problem, init_theta(problem), steps=5, lr=0.02, curvature_every=4, lanczos_steps=3)
+    for c in run.lambda_max:
+        assert not c.converged and math.isnan(c.value) and c.residual > 1e-6 and c.matvecs <= 4
+        assert f"λ_max(H_θ) at step {c.step} =" in c.warning and "not converged" in c.warning
+    run = train_lora(problem, init_theta(problem), steps=5, lr=0.02, curvature_every=4)
+    assert all(c.converged and c.warning is None and c.residual <= 1e-6 * c.value for c in run.lambda_max)
+
+
+def test_unconverged_lambda_max_reaches_the_json_the_warnings_and_stderr(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "signal_drift.dynamics", "--dim", "6", "--rank", "2", "--samples", "32", "--steps", "6",
+         "--multipliers", "1", "2", "--curvature-every", "3", "--lanczos-steps", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    js = json.loads((tmp_path / "dynamics.json").read_text())
+    curv = js["curvature"]["alpha_scaling"]["2"]
+    assert curv["converged"] == [False, False] and all(math.isnan(v) for v in curv["lambda_max"])
+    assert js["lambda_max_convergence"]["converged"] == 0 and js["lambda_max_convergence"]["measured"] == 6
+    lines = [w for w in js["warnings"] if "not converged" in w]
+    assert len(lines) == 6 and all(f"warning: {w}" in r.stderr for w in lines)
+    assert (tmp_path / "fig2.png").stat().st_size > 0  # the plot skips the NaN
 
 
 def test_dynamics_cli_writes_json_and_figure(tmp_path):

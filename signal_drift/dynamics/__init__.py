@@ -2,10 +2,12 @@
 
 - :func:`train_lora`: optimizer steps on ``θ`` recording, per step, the loss, ``‖Δw_signal‖``,
   ``‖Δw_drift‖``, SDR, ``⟨Δw_signal, −g⟩``, ``⟨Δw_drift, −g⟩`` and, every ``K`` steps,
-  ``λ_max(H_θ)`` (matrix-free Lanczos) against the GD stability bound ``2/η`` (Lemma 1).
-  Divergence (NaN/Inf or loss blow-up) stops the run and is reported with its step.
-- :func:`sdr_probes`: one-step SDR probes from common checkpoints, varying only ``η`` or only
-  ``α`` (PAPER_NOTES §2, Prop. 4: SDR ∝ 1/η, α-invariant).
+  ``λ_max(H_θ)`` (matrix-free Lanczos to a tolerance, with its residual and a converged flag;
+  NaN and a warning where it did not converge) against the GD stability bound ``2/η``
+  (Lemma 1). Divergence (NaN/Inf or loss blow-up) stops the run and is reported with its step.
+- :func:`sdr_probes` (:mod:`.probes`): one-step SDR probes from common checkpoints, varying only
+  ``η`` (slope −1, an identity) or only ``α``, by the frozen-state and the consistent
+  (function-preserving) probe (PAPER_NOTES §2, Prop. 4 and its Adam clarification).
 - :func:`run_dynamics`: the η-scaling path ``(α0, k η0)`` against the α-scaling path
   ``(k α0, η0)`` for every multiplier ``k`` (paper Eq. 2).
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,10 +32,40 @@ from ..lora import LoraProblem, attach_lora, init_theta
 from ..model import make_mlp, make_task
 from ..optim import OptimizerName, OptState, init_opt_state, step_direction
 from ..theory import loglog_slope
+from .probes import SdrProbe, consistent_alpha_point, sdr_probes
 
-__all__ = ["Run", "train_lora", "sdr_probes", "DynamicsConfig", "run_dynamics"]
+__all__ = [
+    "CurvatureRecord",
+    "Run",
+    "train_lora",
+    "SdrProbe",
+    "sdr_probes",
+    "consistent_alpha_point",
+    "DynamicsConfig",
+    "run_dynamics",
+]
 
 TensorDict = dict[str, torch.Tensor]
+
+
+class CurvatureRecord(NamedTuple):
+    """``λ_max(H_θ)`` at one step, as Lanczos returned it (a named tuple: ``record[0]`` is the step).
+
+    Attributes:
+        step: 0-based step (before the update).
+        value: ``λ_max``, NaN when the pair did not converge.
+        residual: true residual ``‖H_θ v − λ v‖`` of the returned pair.
+        converged: residual within the solver's acceptance (``EigResult.converged``).
+        matvecs: operator products used.
+        warning: the solver's message when it did not converge, else None.
+    """
+
+    step: int
+    value: float
+    residual: float
+    converged: bool
+    matvecs: int
+    warning: str | None = None
 
 
 @dataclass
@@ -42,7 +75,7 @@ class Run:
     Attributes:
         loss: loss before each step ``[steps]`` (plus the final loss at the end).
         norm_signal, norm_drift, sdr, align_signal, align_drift: per step.
-        lambda_max: ``[(step, λ_max(H_θ), residual)]`` every ``curvature_every`` steps.
+        lambda_max: a :class:`CurvatureRecord` every ``curvature_every`` steps.
         diverged_step: 1-based step at which the run diverged, or None.
         checkpoints: ``{step: (θ, OptState)}`` at the requested steps.
         theta: the final ``θ`` (None if the run diverged).
@@ -54,7 +87,7 @@ class Run:
     sdr: list[float] = field(default_factory=list)
     align_signal: list[float] = field(default_factory=list)
     align_drift: list[float] = field(default_factory=list)
-    lambda_max: list[tuple[int, float, float]] = field(default_factory=list)
+    lambda_max: list[CurvatureRecord] = field(default_factory=list)
     diverged_step: int | None = None
     checkpoints: dict[int, tuple[TensorDict, OptState]] = field(default_factory=dict)
     theta: TensorDict | None = None
@@ -85,7 +118,8 @@ def train_lora(
     lr: float,
     optimizer: OptimizerName = "adam",
     curvature_every: int = 0,
-    lanczos_steps: int = 20,
+    lanczos_steps: int = 300,
+    lanczos_tol: float = 1e-9,
     blowup: float = 1e3,
     checkpoints: Sequence[int] = (),
     progress: bool = False,
@@ -100,7 +134,10 @@ def train_lora(
         lr: learning rate ``η``.
         optimizer: ``adam``, ``sgd``, ``signsgd`` or ``muon``.
         curvature_every: every this many steps, ``λ_max(H_θ)`` by Lanczos (0: never).
-        lanczos_steps: Lanczos steps for ``λ_max``.
+        lanczos_steps: cap on Lanczos steps for ``λ_max``.
+        lanczos_tol: Lanczos stops when the top Ritz pair's residual estimate is below
+            ``lanczos_tol · max|θ_i|``; the pair counts as converged when its true residual is
+            within ``EigResult.accept`` (1e-6) of that scale.
         blowup: divergence when the loss exceeds ``blowup ×`` the initial loss (or is NaN/Inf).
         checkpoints: steps (0-based, before the step) at which ``(θ, state)`` is kept.
         progress: show a tqdm bar.
@@ -131,9 +168,15 @@ def train_lora(
             run.checkpoints[t] = ({k: v.clone() for k, v in theta.items()}, state)
         if curvature_every and t % curvature_every == 0:
             res = lanczos_eigs(
-                decomposed_lora_hessian(problem, theta), 1, "LA", steps=lanczos_steps, tol=1e-6
+                decomposed_lora_hessian(problem, theta), 1, "LA", steps=lanczos_steps, tol=lanczos_tol
             )
-            run.lambda_max.append((t, float(res.values[-1]), float(res.residuals[-1])))
+            vals, warn = res.checked(f"λ_max(H_θ) at step {t}")
+            run.lambda_max.append(
+                CurvatureRecord(
+                    t, float(vals[-1]), float(res.residuals[-1]), bool(res.converged[-1]), res.matvecs,
+                    warn[0] if warn else None,
+                )
+            )  # fmt: skip
         D, state = step_direction(optimizer, pullback(problem, theta, G), state)
         step = {k: -lr * d for k, d in D.items()}
         dec = decompose_update(problem, theta, step, g=G)
@@ -154,36 +197,6 @@ def train_lora(
     return run
 
 
-def sdr_probes(
-    problem: LoraProblem,
-    checkpoint: tuple[TensorDict, OptState],
-    alpha0: float,
-    lr0: float,
-    multipliers: Sequence[float],
-    optimizer: OptimizerName = "adam",
-) -> dict:
-    """One-step SDR from a fixed state, changing only ``η`` (``k η0``) or only ``α`` (``k α0``).
-
-    With ``(A, B)`` and the optimizer state held fixed, ``Δθ ∝ η`` exactly, so SDR ∝ 1/η; the
-    α-probe recomputes the gradient and the optimizer direction at ``k α0``.
-
-    Returns:
-        ``{"sdr_eta": [...], "sdr_alpha": [...], "slope_eta": s, "slope_alpha": s}``.
-    """
-    theta, state = checkpoint
-    out = {"sdr_eta": [], "sdr_alpha": []}
-    for which in ("eta", "alpha"):
-        for k in multipliers:
-            alpha, lr = (alpha0, k * lr0) if which == "eta" else (k * alpha0, lr0)
-            p = problem.with_alpha(alpha)
-            G, _ = grad_and_value(p.loss_w)({n: v.detach() for n, v in p.weights(theta).items()})
-            D, _ = step_direction(optimizer, pullback(p, theta, G), state)
-            out[f"sdr_{which}"].append(decompose_update(p, theta, {n: -lr * d for n, d in D.items()}).sdr)
-    out["slope_eta"] = loglog_slope(multipliers, out["sdr_eta"])
-    out["slope_alpha"] = loglog_slope(multipliers, out["sdr_alpha"])
-    return out
-
-
 @dataclass(frozen=True)
 class DynamicsConfig:
     """Settings of :func:`run_dynamics` (the CLI's flags)."""
@@ -198,7 +211,8 @@ class DynamicsConfig:
     lr0: float = 1e-2
     multipliers: tuple[float, ...] = (1, 2, 4, 8, 16)
     curvature_every: int = 25
-    lanczos_steps: int = 20
+    lanczos_steps: int = 300
+    lanczos_tol: float = 1e-9
     seed: int = 0
 
     def validate(self) -> None:
@@ -217,6 +231,19 @@ class DynamicsConfig:
             raise InputError(f"--multipliers={list(self.multipliers)} is invalid: need positive values")
         if self.curvature_every < 0:
             raise InputError("--curvature-every must be >= 0")
+        check_positive_int("--lanczos-steps", self.lanczos_steps)
+        if not (0 < self.lanczos_tol < 1):
+            raise InputError(f"--lanczos-tol={self.lanczos_tol} is invalid: need 0 < tol < 1")
+
+
+#: What each one-step probe in ``dynamics.json`` measures (see :mod:`.probes`).
+PROBE_DEFINITIONS = {
+    "sdr_eta": "(α0, k·η0), direction fixed: SDR(1)/k, slope −1 is an identity (Δθ ∝ η), not a finding",
+    "sdr_alpha_frozen_state": "(k·α0, η0), (A, B) and optimizer state frozen, gradient recomputed at k·α0: "
+    "the network function changes with k where B ≠ 0",
+    "sdr_alpha_consistent": "(k·α0, A, B/k) with m_B → k·m_B, v_B → k²·v_B, η0: same function, same "
+    "direction; residual α-dependence is the B·ΔA part of the signal (sdr_alpha_consistent_predicted)",
+}
 
 
 def run_dynamics(cfg: DynamicsConfig, progress: bool = False) -> tuple[dict, dict[str, dict[float, Run]]]:
@@ -240,29 +267,29 @@ def run_dynamics(cfg: DynamicsConfig, progress: bool = False) -> tuple[dict, dic
         alpha, lr = (alpha0, k * cfg.lr0) if path == "eta_scaling" else (k * alpha0, cfg.lr0)
         runs[path][k] = train_lora(
             problem.with_alpha(alpha), theta0, steps=cfg.steps, lr=lr, optimizer=cfg.optimizer,
-            curvature_every=cfg.curvature_every, lanczos_steps=cfg.lanczos_steps,
+            curvature_every=cfg.curvature_every, lanczos_steps=cfg.lanczos_steps, lanczos_tol=cfg.lanczos_tol,
             checkpoints=ckpts if (path, k) == ("eta_scaling", 1.0) else (), desc=f"{path} k={k:g}",
         )  # fmt: skip
     if 1.0 in runs["eta_scaling"]:
         runs["alpha_scaling"][1.0] = runs["eta_scaling"][1.0]
     base = runs["eta_scaling"].get(1.0)
-    probes = (
-        [
-            sdr_probes(problem, base.checkpoints[c], alpha0, cfg.lr0, ks, cfg.optimizer)
-            for c in sorted(base.checkpoints)
-        ]
-        if base
-        else []
-    )
+    points = sorted(base.checkpoints) if base else []
+    probes = [sdr_probes(problem, base.checkpoints[c], alpha0, cfg.lr0, ks, cfg.optimizer) for c in points]
     summary: dict = {
         "config": asdict(cfg) | {"alpha0": alpha0},
         "eta_scaling": {f"{k:g}": runs["eta_scaling"][k].summary() for k in ks},
         "alpha_scaling": {
             f"{k:g}": runs["alpha_scaling"][k].summary() for k in ks if k in runs["alpha_scaling"]
         },
-        "sdr_slope_eta": float(np.mean([p["slope_eta"] for p in probes])) if probes else None,
-        "sdr_slope_alpha": float(np.mean([p["slope_alpha"] for p in probes])) if probes else None,
-        "sdr_probes": {"checkpoints": sorted(base.checkpoints) if base else [], "probes": probes},
+        # Δθ ∝ η with the direction fixed: −1 by construction, a check of the code, not a finding
+        "sdr_slope_eta_identity": float(np.mean([p.slope_eta_identity for p in probes])) if probes else None,
+        "sdr_slope_alpha_frozen_state": [p.slope_alpha_frozen_state for p in probes],
+        "sdr_slope_alpha_consistent": [p.slope_alpha_consistent for p in probes],
+        "sdr_probes": {
+            "checkpoints": points,
+            "definitions": PROBE_DEFINITIONS,
+            "probes": [{"checkpoint": c} | asdict(p) for c, p in zip(points, probes, strict=True)],
+        },
     }
     for path in ("eta_scaling", "alpha_scaling"):
         ok = [
@@ -273,21 +300,35 @@ def run_dynamics(cfg: DynamicsConfig, progress: bool = False) -> tuple[dict, dic
         summary[f"trajectory_sdr_slope_{path.split('_')[0]}"] = (
             loglog_slope(*zip(*ok, strict=True)) if len(ok) > 1 else None
         )
-    warnings = []
+    warnings, records = [], []
     for path in runs:
         for k, r in sorted(runs[path].items()):
-            if r.diverged and not (path == "alpha_scaling" and k == 1.0):
+            if path == "alpha_scaling" and k == 1.0:
+                continue  # the same run as eta_scaling k=1
+            if r.diverged:
                 warnings.append(f"{path} k={k:g} diverged at step {r.diverged_step}")
-            for step, lam, res in r.lambda_max:
-                if res > 1e-3 * abs(lam):
-                    warnings.append(
-                        f"{path} k={k:g}: λ_max(H_θ) at step {step} not converged (residual {res:.1e})"
-                    )
+            warnings += [f"{path} k={k:g}: {c.warning}" for c in r.lambda_max if c.warning]
+            records += r.lambda_max
     summary["warnings"] = warnings
+    rel = [c.residual / abs(c.value) for c in records if c.converged and c.value != 0]
+    summary["lambda_max_convergence"] = {
+        "measured": len(records),
+        "converged": sum(c.converged for c in records),
+        "max_relative_residual_converged": max(rel) if rel else None,
+        "max_matvecs": max((c.matvecs for c in records), default=None),
+    }
     summary["curvature"] = {
-        path: {f"{k:g}": {"lambda_max": [x[1] for x in r.lambda_max], "steps": [x[0] for x in r.lambda_max],
-                          "stability_bound": 2.0 / (k * cfg.lr0 if path == "eta_scaling" else cfg.lr0)}
-               for k, r in runs[path].items()}
+        path: {
+            f"{k:g}": {
+                "steps": [c.step for c in r.lambda_max],
+                "lambda_max": [c.value for c in r.lambda_max],
+                "residual": [c.residual for c in r.lambda_max],
+                "converged": [c.converged for c in r.lambda_max],
+                "matvecs": [c.matvecs for c in r.lambda_max],
+                "stability_bound": 2.0 / (k * cfg.lr0 if path == "eta_scaling" else cfg.lr0),
+            }
+            for k, r in runs[path].items()
+        }
         for path in runs
-    }  # fmt: skip
+    }
     return summary, runs
