@@ -28,8 +28,8 @@ import torch
 from torch.func import grad, jvp, vmap
 
 from signal_drift import attach_lora, curvature, init_theta, make_mlp, make_task
-from signal_drift._mlp import MLPHessianOperator
 from signal_drift.hessian import HessianOperator
+from signal_drift.mlp_hessian import MLPHessianOperator
 from signal_drift.spectra import eigsh, hutchpp, lanczos_eigs
 
 ROWS: list[tuple[str, str, float | None, str]] = []

@@ -27,6 +27,7 @@ from .hessian import (
 
 # models and adapters
 from .lora import AdapterSpec, LoraProblem, attach_lora, init_theta
+from .mlp_hessian import MLPHessianOperator
 from .model import Task, make_mlp, make_task, mse_loss
 from .operators import FunctionOperator, LinearOperator, ParamLayout
 
@@ -57,6 +58,7 @@ __all__ = [
     "FunctionOperator",
     "ParamLayout",
     "HessianOperator",
+    "MLPHessianOperator",
     "dense_hessian",
     "fft_hessian",
     "lora_hessian",

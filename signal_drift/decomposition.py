@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._memory import check_dense
 from .hessian import fft_gradient, fft_hessian, lora_hessian
 from .lora import LoraProblem
 from .operators import LinearOperator
@@ -143,8 +144,6 @@ class DriftOperator(LinearOperator):
 
         No products through the model: ``O(|θ|²)`` writes, the rest of the matrix zero.
         """
-        from ._memory import check_dense
-
         P = self.shape[0]
         check_dense("H_drift", P, P, self.dtype, alternative="the matrix-free DriftOperator", budget=budget)
         out = torch.zeros(P, P, dtype=self.dtype, device=self.device)
@@ -178,16 +177,14 @@ class SignalOperator(LinearOperator):
 
         At ``B = 0`` every ``A`` column of ``J`` vanishes (``J_A = s(I ⊗ B) = 0``), which halves
         the number of Hessian-vector products; with the MLP fast path the ``B`` block then comes
-        from :meth:`~signal_drift._mlp.MLPHessianOperator.signal_at_init` (low-rank R-op).
+        from ``H.signal_at_init`` where ``H`` supports it (the MLP fast path's low-rank R-op,
+        :meth:`~signal_drift.mlp_hessian.MLPHessianOperator.signal_at_init`).
         """
-        from ._memory import check_dense
-        from ._mlp import MLPHessianOperator
-
         P = self.shape[0]
         check_dense("H_signal", P, P, self.dtype, alternative="the matrix-free SignalOperator", budget=budget)
         out = torch.zeros(P, P, dtype=self.dtype, device=self.device)
         problem, theta = self.J.problem, self.J.theta
-        if isinstance(self.H, MLPHessianOperator) and not any(theta[a.key_B].any() for a in problem.adapters):
+        if self.H.supports_signal_at_init and not any(theta[a.key_B].any() for a in problem.adapters):
             idx = self.in_layout.indices([a.key_B for a in problem.adapters])
             out[idx[:, None], idx] = self.H.signal_at_init(
                 {a.name: a.scale * theta[a.key_A] for a in problem.adapters}

@@ -21,6 +21,7 @@ from torch.func import grad, jacrev, vjp
 from ._errors import InputError, check_finite, warn_low_precision
 from ._memory import check_dense
 from .lora import LoraProblem
+from .mlp_hessian import MLPHessianOperator, supports_fast_path
 from .operators import LinearOperator, ParamLayout
 
 __all__ = [
@@ -130,14 +131,12 @@ def fft_hessian(
         problem: the LoRA problem.
         theta: the point.
         backend: ``"autograd"`` (reverse-over-reverse on any module), ``"mlp"`` (batched exact
-            R-operator for ``nn.Sequential`` MLPs with MSE, see :mod:`signal_drift._mlp`), or
+            R-operator for ``nn.Sequential`` MLPs with MSE, see :mod:`signal_drift.mlp_hessian`), or
             ``"auto"`` (``"mlp"`` where it applies).
 
     Raises:
         InputError: ``backend="mlp"`` on a model it does not support, or an unknown backend.
     """
-    from ._mlp import MLPHessianOperator, supports_fast_path
-
     problem.check_theta(theta)
     with torch.no_grad():
         w = {k: v.detach() for k, v in problem.weights(theta).items()}

@@ -9,7 +9,7 @@ restriction to blocks, sums and scalar multiples) is shared.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,7 +110,17 @@ class LinearOperator:
         symmetric: whether the operator equals its transpose.
         in_layout: optional :class:`ParamLayout` of the input vector.
         out_layout: optional :class:`ParamLayout` of the output vector.
+        supports_partial_traces: whether :meth:`partial_traces` is implemented.
+        supports_signal_at_init: whether :meth:`signal_at_init` is implemented.
 
+    Optional abilities are declared here so that callers ask the operator, never its type: a
+    Hessian over adapted weights that can do more than products (such as
+    :class:`~signal_drift.mlp_hessian.MLPHessianOperator`) sets the ``supports_...`` flag and
+    overrides the method; everywhere else the method raises :class:`NotImplementedError`.
+
+    >>> op = FunctionOperator(lambda V: 2 * V, (3, 3), torch.float64, symmetric=True)
+    >>> op.supports_partial_traces
+    False
     """
 
     shape: tuple[int, int]
@@ -121,6 +131,8 @@ class LinearOperator:
     out_layout: ParamLayout | None = None
     #: Number of columns pushed through :meth:`_matmat` at once by :meth:`matmat`.
     chunk_size: int = 256
+    supports_partial_traces: bool = False
+    supports_signal_at_init: bool = False
 
     # -- to implement -------------------------------------------------------------------
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -132,6 +144,45 @@ class LinearOperator:
         if self.symmetric:
             return self._matmat(U)
         raise NotImplementedError(f"{type(self).__name__} has no transpose product")
+
+    # -- optional abilities (see ``supports_...``) ----------------------------------------
+    def partial_traces(self, chunk: int = 64) -> dict[str, torch.Tensor]:
+        """Exact partial traces of the diagonal blocks of a Hessian over adapted weights.
+
+        For each adapted layer ``W [m, n]`` (row-major vec), ``K[j, j'] = Σ_i H[(i, j), (i, j')]``;
+        then ``tr H_ll = tr K`` and, at ``B = 0``, ``tr(J_Bᵀ H J_B) = s² tr(K AᵀA)`` (Prop. 3).
+
+        Args:
+            chunk: directions pushed through at once.
+
+        Returns:
+            ``{layer: K [n, n]}``.
+
+        Raises:
+            NotImplementedError: unless :attr:`supports_partial_traces`.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no exact partial traces (supports_partial_traces is False); "
+            "estimate the trace with signal_drift.spectra.hutchpp"
+        )
+
+    def signal_at_init(self, right: Mapping[str, torch.Tensor], chunk: int = 64) -> torch.Tensor:
+        """The dense signal block ``J_Bᵀ H J_B`` at ``B = 0`` (Prop. 1), without ``J``'s products.
+
+        Args:
+            right: ``{layer: s_l A_l [r_l, n_l]}`` for every adapted layer.
+            chunk: directions pushed through at once.
+
+        Returns:
+            ``[Σ m_l r_l, Σ m_l r_l]``, layers in adapter order, each ``B_l`` flattened row-major.
+
+        Raises:
+            NotImplementedError: unless :attr:`supports_signal_at_init`.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no dense signal block at init (supports_signal_at_init is "
+            "False); use SignalOperator.to_dense()"
+        )
 
     # -- shared -------------------------------------------------------------------------
     def matmat(self, V: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,7 @@ def signal_trace_at_init(
     Args:
         problem: the LoRA problem.
         theta: a point with ``B = 0`` (only ``A`` is read).
-        K: ``{layer: K_l}``, e.g. from ``MLPHessianOperator.partial_traces()``.
+        K: ``{layer: K_l}``, e.g. from ``H.partial_traces()`` where ``H.supports_partial_traces``.
     """
     return float(
         sum(a.scale**2 * torch.sum(K[a.name] * (theta[a.key_A].T @ theta[a.key_A])) for a in problem.adapters)

@@ -1,4 +1,4 @@
-"""The batched R-operator fast path (signal_drift/_mlp.py) against plain autograd."""
+"""The batched R-operator fast path (signal_drift/mlp_hessian.py) against plain autograd."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from cases import assert_close, mlp_problem, trained_theta
 from torch import nn
 
 from signal_drift import InputError, attach_lora, fft_hessian, init_theta, make_mlp, make_task
-from signal_drift._mlp import MLPHessianOperator, clear_workspace, supports_fast_path
+from signal_drift.mlp_hessian import MLPHessianOperator, clear_workspace, supports_fast_path
 
 
 @pytest.mark.parametrize("activation", [nn.SiLU, nn.GELU, nn.Tanh, nn.ReLU])

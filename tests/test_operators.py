@@ -24,8 +24,8 @@ from signal_drift import (
     lora_gradient,
     lora_hessian,
 )
-from signal_drift._mlp import MLPHessianOperator
 from signal_drift.decomposition import decomposed_lora_hessian
+from signal_drift.mlp_hessian import MLPHessianOperator
 
 
 def test_the_reference_itself_obeys_prop1(dense_case):
@@ -166,3 +166,16 @@ def test_function_operator_products():
     assert_close(bad.to_dense(), S, rtol=1e-12, atol=0)
     with pytest.raises(AssertionError, match="matmat"):
         compare_matmat(bad, S)
+
+
+def test_optional_abilities_are_declared_on_the_base(dense_case):
+    # callers ask the operator (supports_...), never its type; the base raises for the rest
+    ref = dense_case
+    fast = fft_hessian(ref.problem, ref.theta, backend="mlp")
+    slow = fft_hessian(ref.problem, ref.theta, backend="autograd")
+    assert fast.supports_partial_traces and fast.supports_signal_at_init
+    assert not slow.supports_partial_traces and not slow.supports_signal_at_init
+    with pytest.raises(NotImplementedError, match="supports_partial_traces"):
+        slow.partial_traces()
+    with pytest.raises(NotImplementedError, match="supports_signal_at_init"):
+        slow.signal_at_init({})

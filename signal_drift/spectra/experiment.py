@@ -155,7 +155,7 @@ def _fft_summary(H, cfg: SpectraConfig, progress: bool) -> tuple[dict, dict, lis
     out["lambda_max_fft"], out["lambda_min_fft"] = float(lam_max), float(lam_min)
     out["lanczos_residual_max_fft"] = float(top.residuals[-1])
     out["lanczos_residual_min_fft"] = float(bottom.residuals[0])
-    if hasattr(H, "partial_traces"):
+    if H.supports_partial_traces:
         K = H.partial_traces()
         out["trace_fft"] = float(sum(torch.trace(k) for k in K.values()))
         out["trace_fft_method"] = "exact (partial traces)"
@@ -359,7 +359,7 @@ def run_spectra(
                 "drift": torch.linalg.eigvalsh(D),
             }
             eig_lora.append(e["lora"].cpu().numpy())
-            Ka = Ha.partial_traces() if hasattr(Ha, "partial_traces") else None
+            Ka = Ha.partial_traces() if Ha.supports_partial_traces else None
             top = lanczos_eigs(Ha, 1, "LA", steps=cfg.lanczos_steps, seed=cfg.seed)
             (lam,), warn = top.checked(f"α={a:g}: Lanczos λ_max(H) at the trained point")
             warnings += warn
