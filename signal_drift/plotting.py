@@ -1,4 +1,7 @@
-"""Figures: Fig. 8 (spectra), Fig. 2 (dynamics), Fig. 1 (sweeps) and the training-path plots."""
+"""Figures: Fig. 2 (dynamics), Fig. 1 (sweeps) and the training-path plots.
+
+Figure 8 is drawn by its experiment, :mod:`signal_drift.spectra.figure`.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 __all__ = [
-    "plot_fig8",
     "plot_fig2",
     "plot_fig1",
     "plot_train_loss",
@@ -22,171 +24,11 @@ __all__ = [
 ]
 
 
-def _per_decade(nodes, weights, grid, sigma=0.12):
-    """Eigenvalues per decade on ``grid`` (log10 λ), Gaussian-broadened in log space."""
-    pos = nodes > 0
-    ln = np.where(pos, np.log10(np.where(pos, nodes, 1.0)), np.nan)
-    k = np.exp(-0.5 * ((grid[None, None, :] - ln[..., None]) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
-    k = np.nan_to_num(k)
-    return (weights[..., None] * k).sum(1).mean(0)
-
-
-def _panel_a(ax, s, arr):
-    al = np.array(s["alphas"])
-    lam = s["lambda_max_fft"]
-    top = max(lam, float(np.nanmax(s["lambda_max_lora"])))
-    grid = np.linspace(np.log10(top) - 7, np.log10(top) + 0.5, 400)
-    P = s["params_fft"]
-    d = P * _per_decade(arr["slq_nodes_fft"], arr["slq_weights_fft"], grid)
-    ax.plot(10**grid, d, color="k", lw=2.2, label=f"H (FFT, {P} params; SLQ)")
-    ymax = float(d.max())
-    ax.axvline(lam, color="k", ls=":", lw=1)
-    picks = sorted({0, int(np.argmin(abs(np.log(al / s["rank"])))),
-                    int(np.argmin(abs(np.log(al / s["alpha_star_variant_ii"])))), len(al) - 1})  # fmt: skip
-    cmap = plt.get_cmap("viridis")
-    slq_lora = "slq_nodes_lora" in arr  # matrix-free mode: SLQ densities instead of full spectra
-    Pt = s["params_lora"]
-    for i in picks:
-        if not np.isfinite(s["lambda_max_lora"][i]):
-            continue
-        if slq_lora:
-            dd = Pt * _per_decade(arr["slq_nodes_lora"][i], arr["slq_weights_lora"][i], grid)
-        else:
-            e = arr["eig_lora"][i]
-            dd = _per_decade(e[None, :], np.ones((1, len(e))), grid)
-        c = cmap(i / max(len(al) - 1, 1))
-        ax.plot(
-            10**grid,
-            dd,
-            color=c,
-            lw=1.4,
-            label=f"H_θ, α={al[i]:g} ({Pt} params{'; SLQ' if slq_lora else ''})",
-        )
-        ymax = max(ymax, float(dd.max()))
-        ax.axvline(float(s["lambda_max_lora"][i]), color=c, ls=":", lw=1)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_ylim(1, 30 * ymax)
-    ax.set_xlabel("eigenvalue λ > 0 (dotted: λ_max)")
-    ax.set_ylabel("eigenvalues per decade")
-    ax.set_title("(a) LoRA compresses the FFT spectrum (positive part)")
-    txt = "tr H = {:.4g}".format(s["trace_fft"])
-    if s.get("trace_signal_mc_interval"):
-        i = int(np.argmin(abs(np.log(al / s["alpha_star_variant_ii"]))))
-        b = s["trace_signal_mc_interval"][i]
-        txt += "\nα={:g}: E_A tr H_signal ∈ [{:.4g}, {:.4g}] (95 %)\n       α²ρ·tr H      = {:.4g}".format(
-            al[i], b["low"], b["high"], s["trace_rule_predicted"][i]
-        )
-    ax.text(0.02, 0.97, txt, transform=ax.transAxes, va="top", fontsize=8, family="monospace")
-    ax.legend(fontsize=7, loc="lower left")
-
-
-def _panel_b(ax, s, arr):
-    al = np.array(s["alphas"])
-    rho = s["rho"]
-    ax.loglog(al, s["trace_signal"], "o", color="C0", label="tr H_signal (this A)")
-    if s.get("trace_signal_mc_interval"):
-        band = s["trace_signal_mc_interval"]
-        mc = np.array([b["estimate"] for b in band])
-        err = np.array([[b["estimate"] - b["low"] for b in band], [b["high"] - b["estimate"] for b in band]])
-        ax.errorbar(al, mc, yerr=err, fmt="s", mfc="none", color="C0", ms=7,
-                    label="E_A tr H_signal (MC, 95 %)")  # fmt: skip
-    if s["trace_rule_predicted"][0] is not None:
-        ax.loglog(al, s["trace_rule_predicted"], "-", color="C0", label="α²ρ · tr H")
-    ax.loglog(al, s["lambda_max_signal"], "o", color="C3", label="λ_max(H_signal)")
-    ax.loglog(al, [a * a * rho * s["lambda_max_fft"] for a in al], "-", color="C3", label="α²ρ · λ_max(H)")
-    ax.loglog(al, np.abs(s["lambda_max_lora"]), "x", color="C1", label="λ_max(H_θ)")
-    ax.axhline(s["trace_fft"], color="C0", ls=":", lw=1)
-    ax.axhline(s["lambda_max_fft"], color="C3", ls=":", lw=1)
-    ax.axvline(s["alpha_star_variant_ii"], color="gray", ls="--", lw=1)
-    ax.text(
-        s["alpha_star_variant_ii"], ax.get_ylim()[0], " α* (α²ρ=1)", fontsize=7, color="gray", va="bottom"
-    )
-    ax.set_xlabel("α")
-    ax.set_title(
-        "(b) trace follows α²ρ·tr H; λ_max less strictly\n(dotted: FFT tr H and λ_max(H))", fontsize=10
-    )
-    ax.legend(fontsize=7)
-
-
-def _panel_c(ax, s, arr):
-    al = np.array(s["alphas"])
-    ax.semilogx(al, s["negative_mass_lora"], "o-", color="C1", label="H_θ")
-    if s.get("negative_mass_lora_interval"):  # SLQ estimate: draw its 95 % band
-        band = s["negative_mass_lora_interval"]
-        ax.fill_between(al, [b["low"] for b in band], [b["high"] for b in band], color="C1", alpha=0.2,
-                        lw=0, label="H_θ, 95 % band (SLQ)")  # fmt: skip
-    ax.semilogx(al, s["negative_mass_signal"], "s--", color="C0", label="H_signal")
-    ax.axhline(0.5, color="C2", ls=":", lw=1, label="H_drift (±pairs: 0.5)")
-    ax.set_ylim(-0.02, 0.55)
-    ax.set_xlabel("α")
-    ax.set_ylabel("negative spectral mass Σ|λ<0| / Σ|λ|")
-    ax.set_title("(c) drift injects negative curvature; large α purifies")
-    ax2 = ax.twinx()
-    ax2.loglog(al, s["drift_to_signal"], "^-", color="C4", ms=4, label="‖H_drift‖/‖H_signal‖")
-    ax2.set_ylabel("‖H_drift‖_F / ‖H_signal‖_F", color="C4")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center right")
-
-
-def _panel_d(ax, s, arr):
-    al = np.array(s["alphas"])
-    # at init the slopes of the run's own S(α) = α²S₁, D(α) = αD₁ are identities: label the ones
-    # measured from products evaluated at each α when the run has them
-    ks, kd = ("slope_signal_measured", "slope_drift_measured") if s.get("slope_signal_measured") else (
-        "slope_signal", "slope_drift")  # fmt: skip
-    how = " (measured)" if ks.endswith("measured") else ""
-    ax.loglog(al, s["norm_signal"], "o-", color="C0", label=f"‖H_signal‖_F  slope {s[ks]:.3f}{how}")
-    ax.loglog(al, s["norm_drift"], "s-", color="C2", label=f"‖H_drift‖_F  slope {s[kd]:.3f}{how}")
-    ax.loglog(al, s["lambda_max_lora"], "x", color="C1", label="λ_max(H_θ)")
-    ax.loglog(al, s["lambda_max_signal"], "+", color="C3", ms=9, label="λ_max(H_signal)")
-    ax.set_xlabel("α")
-    ax.set_title("(d) signal ∝ α², drift ∝ α")
-    ax.legend(fontsize=7)
-
-
-_PANELS = {"a": _panel_a, "b": _panel_b, "c": _panel_c, "d": _panel_d}
-
-
 def _save(fig, path: Path) -> None:
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     os.replace(tmp, path)
     plt.close(fig)
-
-
-def plot_fig8(summary: dict, arrays: dict, out_dir: str | Path) -> list[Path]:
-    """Write ``fig8.png`` (four panels) and ``fig8a.png`` … ``fig8d.png``.
-
-    Args:
-        summary: the ``spectra.json`` content.
-        arrays: ``slq_nodes_fft``, ``slq_weights_fft``, and ``eig_lora`` ([n_alpha, P]) or, in the
-            matrix-free mode, ``slq_nodes_lora`` / ``slq_weights_lora`` ([n_alpha, probes, steps]).
-        out_dir: output folder.
-
-    Returns:
-        The written paths.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
-    for ax, fn in zip(axes.flat, _PANELS.values(), strict=True):
-        fn(ax, summary, arrays)
-    fig.suptitle(
-        f"Figure 8 — {summary['depth']}-layer SiLU MLP, d={summary['dim']}, r={summary['rank']}, "
-        f"N={summary['samples']}, {summary['point']}"
-    )
-    fig.tight_layout()
-    paths = [out / "fig8.png"]
-    _save(fig, paths[0])
-    for key, fn in _PANELS.items():
-        f, ax = plt.subplots(figsize=(6.5, 5))
-        fn(ax, summary, arrays)
-        f.tight_layout()
-        paths.append(out / f"fig8{key}.png")
-        _save(f, paths[-1])
-    return paths
 
 
 def _fig2_curvature(ax, summary: dict, ks: list, cmap) -> None:

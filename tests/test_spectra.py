@@ -220,7 +220,7 @@ def test_matrix_free_negative_count_is_exact(small_run, lanczos_run):
 
 
 def test_matrix_free_mode_plots_slq_densities(lanczos_run, tmp_path):
-    from signal_drift.plotting import plot_fig8
+    from signal_drift.spectra.figure import plot_fig8
 
     assert (
         lanczos_run.arrays["slq_nodes_lora"].shape == (8, 16, 30)

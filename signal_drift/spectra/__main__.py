@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = run_spectra(cfg, progress=progress, log=lambda m: print(m, file=sys.stderr), checkpoint=write)
     write(res.summary, res.arrays)
     if not args.no_plot:
-        from ..plotting import plot_fig8
+        from .figure import plot_fig8
 
         plot_fig8(res.summary, res.arrays, out)
     print(f"signal-drift spectra: d={cfg.dim}, r={cfg.rank}, {res.summary['point']} -> {out}/")
