@@ -8,11 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from cases import assert_cli_refuses, mlp_problem, trained_theta
+from cases import assert_cli_refuses, assert_close, compare_matmat, mlp_problem, rect_problem, trained_theta
 
-from signal_drift import curvature
+from signal_drift import curvature, init_theta
 from signal_drift.spectra import (
+    InitBlocks,
     SpectraConfig,
+    SpectrumStats,
     eigsh,
     hutchinson,
     hutchpp,
@@ -177,6 +179,44 @@ def test_trace_estimators_are_within_their_error_bars(h_theta, estimator):
     assert abs(est.value - float(eig.sum())) < 4 * est.stderr
 
 
+def test_spectrum_stats_from_lanczos_and_slq_agree_with_the_dense_ones(h_theta):
+    op, eig = h_theta
+    dense = SpectrumStats.from_eigenvalues(eig)
+    assert dense.negative_count == int((eig < 0).sum()) and dense.trace == float(eig.sum())
+    ext = lanczos_eigs(op, 1, "BE", steps=op.shape[0])
+    dens = slq(op, probes=30, steps=op.shape[0])
+    est = SpectrumStats.from_lanczos_slq(ext, ext, dens, dense.trace, negative=("mass", "fraction"))
+    assert math.isclose(est.lambda_max, dense.lambda_max, rel_tol=1e-8)
+    assert math.isclose(est.lambda_min, dense.lambda_min, rel_tol=1e-8)
+    assert est.negative_mass_interval.covers(dense.negative_mass)
+    assert est.negative_fraction_interval.covers(dense.negative_count / op.shape[0])
+    assert list(est.to_json("x")) == [
+        "lambda_max_x", "lambda_min_x", "lanczos_residual_max_x", "lanczos_residual_min_x", "trace_x",
+        "negative_fraction_x", "negative_fraction_x_interval", "negative_mass_x", "negative_mass_x_interval",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["square", "rectangular"])
+def test_init_blocks_reproduce_h_theta_at_init(case):
+    """Block-wise spectra, products and inertia of α² S₁ + α D₁ against the dense matrices."""
+    problem = mlp_problem(dim=5, depth=3, rank=2) if case == "square" else rect_problem()
+    c = curvature(problem, init_theta(problem, seed=1))
+    S1, D1 = c.signal.to_dense(), c.drift.to_dense()
+    blocks = InitBlocks.from_dense(problem, S1, D1)
+    eS, eD = blocks.eigvalsh()
+    assert_close(eS, torch.linalg.eigvalsh(S1), atol=1e-12 * float(S1.abs().max()))
+    assert_close(eD, torch.linalg.eigvalsh(D1), atol=1e-12 * float(D1.abs().max()))
+    for a in (0.5, 3.0):
+        M = a * a * S1 + a * D1
+        compare_matmat(blocks.H_theta(a), M)
+        assert_close(blocks.dense_H_theta(a), M)
+        assert math.isclose(blocks.trace_H_theta(a), float(torch.trace(M)), rel_tol=1e-12)
+        eig = torch.linalg.eigvalsh(M)
+        count, how = blocks.negative_count(a)
+        assert count == int((eig < -1e-9 * float(eig.abs().max())).sum())
+        assert ("|A|" in how) == (case == "square") and ("LDLᵀ" in how) == (case == "rectangular")
+
+
 @pytest.fixture(scope="module")
 def small_run():
     cfg = SpectraConfig(dim=8, rank=2, samples=128, a_draws=2000, slq_probes=4, slq_steps=30)
@@ -229,6 +269,17 @@ def test_matrix_free_mode_plots_slq_densities(lanczos_run, tmp_path):
     )
     paths = plot_fig8(lanczos_run.summary, lanczos_run.arrays, tmp_path)
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_spectra_result_is_frozen_and_json_ready(small_run):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        small_run.summary = {}
+    js = small_run.to_json()
+    assert json.loads(json.dumps(js, allow_nan=False)) == js
+    assert js["lambda_max_lora"] == small_run.summary["lambda_max_lora"] and js["config"]["alphas"] is None
+    assert small_run.lines and all(isinstance(line, str) for line in small_run.lines)
 
 
 def test_spectra_slopes_are_two_and_one_at_init(small_run):

@@ -4,18 +4,25 @@ PAPER_NOTES §5 (Fig. 8 a–d) on the 5-layer SiLU MLP. At init (``B = 0``) the 
 hence ``g`` and ``H``, do not depend on ``α``; then ``H_signal(α) = α² S₁`` and
 ``H_drift(α) = α D₁`` exactly (Prop. 1 and 4), so ``S₁`` and ``D₁`` are computed once (exact,
 dense) and every ``H_θ(α) = α² S₁ + α D₁`` is diagonalised densely. The assembled ``H_θ`` is
-cross-checked against plain autograd ``H_θ`` at the smallest and largest ``α`` in the same run.
+cross-checked against plain autograd ``H_θ`` at every ``α`` in the same run
+(:func:`~signal_drift.spectra.checks.alpha_check`).
 
 Past a few thousand LoRA parameters (``lora_spectra="auto"`` switches at 6 000; d = 256 has
 10 240) the per-α dense eigendecompositions are replaced by Lanczos extremes and SLQ densities
 on ``α² S₁ + α D₁`` (products with the dense blocks, milliseconds each), while the signal and
-drift spectra stay exact and are diagonalised once: ``S₁`` is non-zero only on the ``B`` block
-at init, and ``D₁``'s eigenvalues are ``±σ(C_l)`` of its per-layer ``A``–``B`` coupling blocks.
-With ``train_steps > 0`` every ``α`` gets its own trained point and everything is recomputed.
+drift spectra stay exact and are diagonalised once: the block structure at init
+(:class:`~signal_drift.spectra.init_blocks.InitBlocks`) puts ``S₁`` on the ``B`` block and gives
+``D₁``'s eigenvalues as ``±σ(C_l)``. With ``train_steps > 0`` every ``α`` gets its own trained
+point and everything is recomputed.
+
+The run is a sequence of stages (build, FFT spectrum, signal/drift blocks, one H_θ(α) per α,
+checks), each recorded in ``timings`` and checkpointed; per-matrix numbers are
+:class:`~signal_drift.spectra.stats.SpectrumStats`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -29,19 +36,25 @@ from tqdm.auto import tqdm
 from .._errors import DivergenceError, InputError, check_positive_float, check_positive_int
 from .._memory import check_dense, format_bytes
 from ..decomposition import curvature
-from ..hessian import fft_hessian, lora_hessian
-from ..intervals import mean_interval
+from ..hessian import fft_hessian
 from ..lora import LoraProblem, attach_lora, init_theta
 from ..model import make_mlp, make_task, pretrain, shifted_task
-from ..operators import FunctionOperator
+from ..operators import LinearOperator
 from ..optim import adam_steps
 from ..scaling import InitKind, init_variance, variant_ii_alpha
-from ..theory import loglog_slope, signal_trace_at_init, trace_rule
-from .inertia import count_below
-from .lanczos import lanczos_eigs
-from .slq import slq
+from ..theory import loglog_slope, trace_rule
+from .checks import alpha_check, trace_rule_mc
+from .claims import summarize
+from .init_blocks import InitBlocks
+from .lanczos import EigResult, lanczos_eigs
+from .slq import SLQResult, slq
+from .stats import SpectrumStats
+from .trace import hutchpp
 
 __all__ = ["SpectraConfig", "SpectraResult", "default_alphas", "run_spectra"]
+
+#: ``lora_spectra="auto"`` uses Lanczos + SLQ on H_θ(α) above this many LoRA parameters.
+LANCZOS_ABOVE = 6000
 
 
 @dataclass(frozen=True)
@@ -111,102 +124,96 @@ def default_alphas(rank: int, sigma2: float, n: int = 8) -> tuple[float, ...]:
     return tuple(float(star * 2.0 ** (i - 4)) for i in range(n))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SpectraResult:
-    """JSON-ready numbers (``summary``) and arrays for the figures (``arrays``)."""
+    """What :func:`run_spectra` returns.
+
+    Attributes:
+        summary: every number of the run, keyed as in ``spectra.json`` (per-α lists in ``alphas``
+            order; ``config``, ``warnings``, ``timings``, ``complete``).
+        arrays: what the figure needs beyond the numbers (``spectra_arrays.npz``):
+            ``slq_nodes_fft``, ``slq_weights_fft`` ``[probes, steps]``, ``alphas``, and
+            ``eig_lora`` ``[n_alpha, P_θ]`` or, matrix-free, ``slq_nodes_lora`` /
+            ``slq_weights_lora`` ``[n_alpha, probes, steps]``; ``eig_fft`` with ``exact_fft``.
+        lines: one line per claim of Figure 8 (:func:`~signal_drift.spectra.claims.summarize`).
+    """
 
     summary: dict
     arrays: dict = field(default_factory=dict)
-    lines: list[str] = field(default_factory=list)
+    lines: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        """``summary`` in plain JSON types (what ``spectra.json`` holds; NaN stays NaN)."""
+        return json.loads(json.dumps(self.summary, default=float))
 
 
-def _point_label(cfg: SpectraConfig) -> str:
-    label = "init (B = 0)" if cfg.train_steps == 0 else f"{cfg.train_steps} Adam steps per α"
-    if cfg.pretrain_steps:
-        label += f", W0 pre-trained {cfg.pretrain_steps} steps, task shift {cfg.task_shift}"
-    return label
+@dataclass(frozen=True)
+class _Solver:
+    """The Lanczos and SLQ settings every stage shares."""
+
+    lanczos_steps: int
+    slq_probes: int
+    slq_steps: int
+    seed: int
+
+    def extremes(self, op: LinearOperator, which: Literal["LA", "SA", "BE"]) -> EigResult:
+        """One extreme eigenpair of ``op`` (each end for ``"BE"``) by Lanczos."""
+        return lanczos_eigs(op, 1, which, steps=self.lanczos_steps, seed=self.seed)
+
+    def density(self, op: LinearOperator, progress: bool = False) -> SLQResult:
+        """The SLQ quadrature of ``op``'s spectral density."""
+        return slq(op, probes=self.slq_probes, steps=self.slq_steps, seed=self.seed, progress=progress)
 
 
-def _neg_mass(eig: torch.Tensor) -> float:
-    """``Σ|λ_i<0| / Σ|λ_i|``: the share of spectral mass that is negative."""
-    tot = float(eig.abs().sum())
-    return float(eig[eig < 0].abs().sum()) / tot if tot > 0 else 0.0
+#: The per-α series of the summary (more appear with the first α: interval and method keys).
+_PER_ALPHA = (
+    "lambda_max_lora", "lambda_min_lora", "lambda_max_signal", "lambda_min_signal",
+    "lambda_min_drift", "lambda_max_drift", "trace_lora", "trace_signal", "trace_rule_predicted",
+    "norm_signal", "norm_drift", "drift_to_signal", "negative_mass_lora", "negative_mass_signal",
+    "negative_count_lora", "lambda_max_fft_at_point", "diverged_step",
+)  # fmt: skip
 
 
-def _build(cfg: SpectraConfig, dtype: torch.dtype, progress: bool) -> LoraProblem:
-    model = make_mlp(cfg.dim, cfg.depth, seed=cfg.seed, dtype=dtype)
-    task = make_task(cfg.dim, cfg.samples, decay=cfg.decay, seed=cfg.seed, dtype=dtype)
-    X, y = task.X.to(cfg.device), task.y.to(cfg.device)
-    model = model.to(cfg.device)
-    if cfg.pretrain_steps:
-        # pre-train W0 on the source task, fine-tune on a shifted target (g ≠ 0 at W0)
-        model = pretrain(model, X, y, cfg.pretrain_steps, cfg.pretrain_lr, progress=progress)
-        y = shifted_task(task, cfg.task_shift, seed=cfg.seed).y.to(cfg.device)
-    return attach_lora(model, X, y, rank=cfg.rank, alpha=1.0, init=cfg.init)
+@dataclass
+class _Run:
+    """Everything a run has finished so far, its stage timings, and the checkpoint hook."""
 
+    alphas: tuple[float, ...]
+    config: dict
+    checkpoint: Callable[[dict, dict], None] | None
+    summary: dict = field(default_factory=dict)
+    per: dict[str, list] = field(default_factory=dict)
+    arrays: dict = field(default_factory=dict)
+    eig_lora: list = field(default_factory=list)
+    slq_lora: list[SLQResult] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    t0: float = field(default_factory=time.perf_counter)
 
-def _fft_summary(H, cfg: SpectraConfig, progress: bool) -> tuple[dict, dict, list[str]]:
-    out, arrays, warn = {}, {}, []
-    top = lanczos_eigs(H, k=1, which="LA", steps=cfg.lanczos_steps, seed=cfg.seed)
-    bottom = lanczos_eigs(H, k=1, which="SA", steps=cfg.lanczos_steps, seed=cfg.seed)
-    (lam_max,), w1 = top.checked("Lanczos λ_max(H)")
-    (lam_min,), w2 = bottom.checked("Lanczos λ_min(H)")
-    warn += w1 + w2
-    out["lambda_max_fft"], out["lambda_min_fft"] = float(lam_max), float(lam_min)
-    out["lanczos_residual_max_fft"] = float(top.residuals[-1])
-    out["lanczos_residual_min_fft"] = float(bottom.residuals[0])
-    if H.supports_partial_traces:
-        K = H.partial_traces()
-        out["trace_fft"] = float(sum(torch.trace(k) for k in K.values()))
-        out["trace_fft_method"] = "exact (partial traces)"
-    else:
-        from .trace import hutchpp
+    def lap(self, name: str) -> None:
+        """Record the seconds since the previous lap as stage ``name``."""
+        self.timings[name] = round(time.perf_counter() - self.t0, 3)
+        self.t0 = time.perf_counter()
 
-        est = hutchpp(H, 300, seed=cfg.seed)
-        K = None
-        out["trace_fft"], out["trace_fft_interval"] = est.value, est.interval().to_json()
-        out["trace_fft_method"] = "Hutch++ (300 matvecs)"
-    dens = slq(H, probes=cfg.slq_probes, steps=cfg.slq_steps, seed=cfg.seed, progress=progress)
-    frac = dens.negative_fraction()
-    out["negative_fraction_fft"], out["negative_fraction_fft_interval"] = frac.estimate, frac.to_json()
-    arrays["slq_nodes_fft"], arrays["slq_weights_fft"] = dens.nodes, dens.weights
-    if cfg.exact_fft:
-        e = torch.linalg.eigvalsh(H.to_dense())
-        arrays["eig_fft"] = e.cpu().numpy()
-        out["negative_mass_fft"] = _neg_mass(e)
-        out["negative_fraction_fft_dense"] = float((e < 0).double().mean())
-        out["trace_fft_dense"] = float(e.sum())
-    return out, {"K": K, **arrays}, warn
+    def lora_arrays(self) -> dict:
+        """The per-α H_θ spectra (dense) or SLQ quadratures (matrix-free) finished so far."""
+        out = {}
+        if self.eig_lora:
+            out["eig_lora"] = np.array(self.eig_lora)
+        if self.slq_lora:
+            out["slq_nodes_lora"] = np.stack([d.nodes for d in self.slq_lora])
+            out["slq_weights_lora"] = np.stack([d.weights for d in self.slq_lora])
+        return out
 
-
-def _alpha_check(problem: LoraProblem, theta, S1: torch.Tensor, D1: torch.Tensor, alphas, seed: int) -> dict:
-    """An independent look at every α: products computed at that α, not scaled from α = 1.
-
-    The run builds ``H_θ(α) = α² S₁ + α D₁`` from one evaluation at ``α = 1``, so its slopes 2
-    and 1 hold by construction. Here, on 4 random directions ``V`` ``[P_θ, 4]`` and at each α,
-    plain autograd gives ``H_θ(α) V`` and the signal operator built at α gives ``S(α) V`` (its ``J``
-    evaluated at α); their gap to the assembled products is reported, and the log–log slopes of
-    ``‖S(α)V‖`` and ``‖(H_θ(α) − S(α))V‖`` are measured from these products alone.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    V = torch.randn(S1.shape[0], 4, generator=gen, dtype=S1.dtype).to(S1.device)
-    S1V, D1V = S1 @ V, D1 @ V
-    res, res_s, ns, nd = {}, {}, [], []
-    for a in alphas:
-        pa = problem.with_alpha(a)
-        HV = lora_hessian(pa, theta).matmat(V)
-        SV = curvature(pa, theta).signal.matmat(V)
-        ref = a * a * S1V + a * D1V
-        res[f"{a:g}"] = float(torch.linalg.matrix_norm(HV - ref) / torch.linalg.matrix_norm(HV))
-        res_s[f"{a:g}"] = float(torch.linalg.matrix_norm(SV - a * a * S1V) / torch.linalg.matrix_norm(SV))
-        ns.append(float(torch.linalg.matrix_norm(SV)))
-        nd.append(float(torch.linalg.matrix_norm(HV - SV)))
-    return {
-        "autograd_check_residual": res,
-        "signal_at_alpha_check_residual": res_s,
-        "slope_signal_measured": loglog_slope(alphas, ns),
-        "slope_drift_measured": loglog_slope(alphas, nd),
-    }
+    def snapshot(self) -> None:
+        """Hand everything finished so far to the checkpoint (``complete`` False)."""
+        if self.checkpoint is None:
+            return
+        part = {**self.summary, **{k: list(v) for k, v in self.per.items()}}
+        part["alphas_done"] = len(self.per["norm_signal"])
+        part.update(complete=False, config=self.config, warnings=list(self.warnings))
+        part["timings"] = dict(self.timings)
+        self.checkpoint(part, {**self.arrays, "alphas": np.array(self.alphas), **self.lora_arrays()})
 
 
 def run_spectra(
@@ -230,368 +237,296 @@ def run_spectra(
     """
     cfg.validate()
     dtype = getattr(torch, cfg.dtype)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t0
-        timings[name] = round(time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
-
-    def snapshot() -> None:
-        if checkpoint is None:
-            return
-        part = {**summary, **{k: list(v) for k, v in per.items()}, "alphas_done": len(per["norm_signal"])}
-        part.update(complete=False, config=asdict(cfg), warnings=list(warnings), timings=dict(timings))
-        arr = {**arrays, "alphas": np.array(alphas)}
-        if eig_lora:
-            arr["eig_lora"] = np.array(eig_lora)
-        if slq_lora:
-            arr["slq_nodes_lora"] = np.stack([d.nodes for d in slq_lora])
-            arr["slq_weights_lora"] = np.stack([d.weights for d in slq_lora])
-        checkpoint(part, arr)
-
-    per: dict[str, list] = {}
-    arrays: dict = {}
-    eig_lora: list = []
-    slq_lora: list = []
-    problem = _build(cfg, dtype, progress)
     sigma2 = init_variance(cfg.init, cfg.dim)
-    alphas = tuple(cfg.alphas) if cfg.alphas else default_alphas(cfg.rank, sigma2)
+    run = _Run(tuple(cfg.alphas) if cfg.alphas else default_alphas(cfg.rank, sigma2), asdict(cfg), checkpoint)
+    problem = _build(cfg, dtype, progress)
     theta0 = init_theta(problem, cfg.seed)
     P_w, P_t = problem.weight_layout.numel, problem.theta_layout.numel
-    lap("build")
-    # refuse what will not fit before any work: the dense H_θ blocks (and H for --exact-fft)
-    check_dense("H_signal", P_t, P_t, dtype, alternative="the matrix-free SignalOperator")
-    if cfg.exact_fft:
-        check_dense("H (--exact-fft)", P_w, P_w, dtype, alternative="the default run without --exact-fft")
-    if cfg.exact_fft:
-        need = P_w * P_w * torch.empty((), dtype=dtype).element_size()
-        log(f"--exact-fft: dense H is {P_w} x {P_w} ({format_bytes(need)}); eigvalsh takes roughly "
-            f"{P_w**3 * 9 / 3e10 / 60:.0f} min on 2 cores")  # fmt: skip
-    summary: dict = {
+    run.lap("build")
+    _refuse_dense_beyond_budget(P_w, P_t, dtype, cfg.exact_fft, log)
+    run.summary.update({
         "dim": cfg.dim, "rank": cfg.rank, "depth": cfg.depth, "samples": cfg.samples,
-        "alphas": list(alphas), "alpha_star_variant_ii": variant_ii_alpha(cfg.rank, sigma2),
+        "alphas": list(run.alphas), "alpha_star_variant_ii": variant_ii_alpha(cfg.rank, sigma2),
         "rho": sigma2 / cfg.rank, "params_fft": P_w, "params_lora": P_t,
-        "point": _point_label(cfg),
-    }  # fmt: skip
-    warnings: list[str] = []
+        "point": _point_label(cfg.train_steps, cfg.pretrain_steps, cfg.task_shift),
+    })  # fmt: skip
     if cfg.dtype == "float32":
-        warnings.append(
+        run.warnings.append(
             "float32: eigenvalues below ~1e-6·λ_max, slopes and the Prop. 1 residual are at round-off; "
             "use float64 to verify the theory"
         )
+    solver = _Solver(cfg.lanczos_steps, cfg.slq_probes, cfg.slq_steps, cfg.seed)
     H0 = fft_hessian(problem, theta0)
     log(f"FFT Hessian H: {P_w} x {P_w} (matrix-free, {type(H0).__name__}); LoRA H_θ: {P_t} x {P_t} (dense)")
-    fft, fft_arrays, warn = _fft_summary(H0, cfg, progress)
-    K = fft_arrays.pop("K")
-    summary.update(fft)
-    warnings += warn
-    arrays.update(fft_arrays)
-    lap("fft_spectrum")
+    K = _fft_spectrum(run, H0, solver, cfg.exact_fft, progress)
+    run.lap("fft_spectrum")
 
-    per.update({k: [] for k in (
-        "lambda_max_lora", "lambda_min_lora", "lambda_max_signal", "lambda_min_signal",
-        "lambda_min_drift", "lambda_max_drift", "trace_lora", "trace_signal", "trace_rule_predicted",
-        "norm_signal", "norm_drift", "drift_to_signal", "negative_mass_lora", "negative_mass_signal",
-        "negative_count_lora", "lambda_max_fft_at_point", "diverged_step",
-    )})  # fmt: skip
+    run.per.update({k: [] for k in _PER_ALPHA})
     if cfg.train_steps:
-        per["lanczos_residual_fft_at_point"] = []
-    snapshot()
-    method = cfg.lora_spectra
-    if method == "auto":
-        method = "lanczos" if cfg.train_steps == 0 and P_t > LANCZOS_ABOVE else "dense"
-    summary["lora_spectra_method"] = "dense eigvalsh" if method == "dense" else "Lanczos extremes + SLQ"
+        run.per["lanczos_residual_fft_at_point"] = []
+    run.snapshot()
+    method = _lora_method(cfg.lora_spectra, cfg.train_steps, P_t)
+    run.summary["lora_spectra_method"] = "dense eigvalsh" if method == "dense" else "Lanczos extremes + SLQ"
     if cfg.train_steps == 0:
-        c1 = curvature(problem.with_alpha(1.0), theta0, H=H0)
-        S1, D1 = c1.signal.to_dense(), c1.drift.to_dense()
-        if method == "dense":
-            eS1, eD1 = torch.linalg.eigvalsh(S1), torch.linalg.eigvalsh(D1)
-        else:
-            blocks = _init_blocks(problem, S1, D1)
-            eS1, eD1 = _signal_drift_eigvals_at_init(S1.shape[0], blocks)
-        lap("signal_drift_dense")
-        snapshot()
-        for a in tqdm(alphas, desc="H_θ(α) spectra", disable=not progress, leave=False):
-            S, D = a * a * S1, a * D1
-            # positive scalings keep the order: only H_θ(α) needs its own eigendecomposition
-            e = {"signal": a * a * eS1, "drift": a * eD1}
-            if method == "dense":
-                e["lora"] = torch.linalg.eigvalsh(S + D)
-                eig_lora.append(e["lora"].cpu().numpy())
-                _append(per, e, S, D, problem.with_alpha(a), K, summary["lambda_max_fft"])
-            else:
-                est, dens, warn = _lora_extremes_slq(blocks, S1.shape[0], a, cfg)
-                warnings += warn
-                slq_lora.append(dens)
-                _append(per, e, S, D, problem.with_alpha(a), K, summary["lambda_max_fft"], est)
-            snapshot()
-        if slq_lora:
-            arrays["slq_nodes_lora"] = np.stack([d.nodes for d in slq_lora])
-            arrays["slq_weights_lora"] = np.stack([d.weights for d in slq_lora])
-        lap("lora_spectra")
-        check = _alpha_check(problem, theta0, S1, D1, alphas, cfg.seed)
-        summary.update(check)
-        if max(check["autograd_check_residual"].values()) > 1e-8:
-            warnings.append(f"assembled H_θ differs from autograd H_θ: {check['autograd_check_residual']}")
-        lap("autograd_check")
-        if K is not None:
-            summary.update(_trace_mc(problem, theta0, K, S1, alphas, cfg))
-            lap("trace_rule_mc")
+        S1, D1 = _spectra_at_init(run, problem, theta0, H0, K, method, solver, progress)
+        _checks_at_init(run, problem, theta0, K, S1, D1, seed=cfg.seed, a_draws=cfg.a_draws)
     else:
-        for a in tqdm(alphas, desc=f"train {cfg.train_steps} steps + spectra per α", disable=not progress):
-            pa = problem.with_alpha(a)
-            try:
-                th = adam_steps(pa.loss_theta, theta0, cfg.train_steps, cfg.lr, desc=f"α={a:g}")
-            except DivergenceError as err:
-                warnings.append(f"α={a:g}: {err}; its spectra are left out (NaN)")
-                _append_nan(per, err.step)
-                eig_lora.append(np.full(P_t, np.nan))
-                snapshot()
-                continue
-            Ha = fft_hessian(pa, th)
-            ca = curvature(pa, th, H=Ha)
-            S, D = ca.signal.to_dense(), ca.drift.to_dense()
-            e = {
-                "lora": torch.linalg.eigvalsh(S + D),
-                "signal": torch.linalg.eigvalsh(S),
-                "drift": torch.linalg.eigvalsh(D),
-            }
-            eig_lora.append(e["lora"].cpu().numpy())
-            Ka = Ha.partial_traces() if Ha.supports_partial_traces else None
-            top = lanczos_eigs(Ha, 1, "LA", steps=cfg.lanczos_steps, seed=cfg.seed)
-            (lam,), warn = top.checked(f"α={a:g}: Lanczos λ_max(H) at the trained point")
-            warnings += warn
-            per["lanczos_residual_fft_at_point"].append(float(top.residuals[-1]))
-            _append(per, e, S, D, pa, Ka, float(lam))
-            snapshot()
-        lap("trained_spectra")
+        _spectra_at_trained_points(run, problem, theta0, cfg.train_steps, cfg.lr, solver, progress)
+    return _finish(run)
+
+
+def _point_label(train_steps: int, pretrain_steps: int, task_shift: float) -> str:
+    label = "init (B = 0)" if train_steps == 0 else f"{train_steps} Adam steps per α"
+    if pretrain_steps:
+        label += f", W0 pre-trained {pretrain_steps} steps, task shift {task_shift}"
+    return label
+
+
+def _build(cfg: SpectraConfig, dtype: torch.dtype, progress: bool) -> LoraProblem:
+    model = make_mlp(cfg.dim, cfg.depth, seed=cfg.seed, dtype=dtype)
+    task = make_task(cfg.dim, cfg.samples, decay=cfg.decay, seed=cfg.seed, dtype=dtype)
+    X, y = task.X.to(cfg.device), task.y.to(cfg.device)
+    model = model.to(cfg.device)
+    if cfg.pretrain_steps:
+        # pre-train W0 on the source task, fine-tune on a shifted target (g ≠ 0 at W0)
+        model = pretrain(model, X, y, cfg.pretrain_steps, cfg.pretrain_lr, progress=progress)
+        y = shifted_task(task, cfg.task_shift, seed=cfg.seed).y.to(cfg.device)
+    return attach_lora(model, X, y, rank=cfg.rank, alpha=1.0, init=cfg.init)
+
+
+def _refuse_dense_beyond_budget(
+    P_w: int, P_t: int, dtype: torch.dtype, exact_fft: bool, log: Callable[[str], None]
+) -> None:
+    """Refuse what will not fit before any work: the dense H_θ blocks (and H for ``exact_fft``)."""
+    check_dense("H_signal", P_t, P_t, dtype, alternative="the matrix-free SignalOperator")
+    if exact_fft:
+        check_dense("H (--exact-fft)", P_w, P_w, dtype, alternative="the default run without --exact-fft")
+        need = P_w * P_w * torch.empty((), dtype=dtype).element_size()
+        log(f"--exact-fft: dense H is {P_w} x {P_w} ({format_bytes(need)}); eigvalsh takes roughly "
+            f"{P_w**3 * 9 / 3e10 / 60:.0f} min on 2 cores")  # fmt: skip
+
+
+def _lora_method(choice: str, train_steps: int, P_t: int) -> Literal["dense", "lanczos"]:
+    """``choice``, with ``"auto"`` resolved: Lanczos + SLQ at init past :data:`LANCZOS_ABOVE` parameters."""
+    if choice != "auto":
+        return choice  # type: ignore[return-value]
+    return "lanczos" if train_steps == 0 and P_t > LANCZOS_ABOVE else "dense"
+
+
+def _fft_spectrum(
+    run: _Run, H: LinearOperator, solver: _Solver, exact: bool, progress: bool
+) -> dict[str, torch.Tensor] | None:
+    """Stage: ``λ_max``, ``λ_min`` (Lanczos), trace and negative fraction (SLQ) of the FFT ``H``.
+
+    The trace is exact where ``H`` has partial traces, else Hutch++ with a band; ``exact``
+    also diagonalises the dense ``H``.
+
+    Returns:
+        ``H``'s partial traces ``{layer: K [n, n]}``, or None where it has none.
+    """
+    top, bottom = solver.extremes(H, "LA"), solver.extremes(H, "SA")
+    run.warnings += top.checked("Lanczos λ_max(H)")[1] + bottom.checked("Lanczos λ_min(H)")[1]
+    if H.supports_partial_traces:
+        K = H.partial_traces()
+        tr = float(sum(torch.trace(k) for k in K.values()))
+        trace = {"trace": tr, "trace_method": "exact (partial traces)"}
+    else:
+        K, est = None, hutchpp(H, 300, seed=solver.seed)
+        band = est.interval()
+        trace = {"trace": est.value, "trace_interval": band, "trace_method": "Hutch++ (300 matvecs)"}
+    dens = solver.density(H, progress)
+    stats = SpectrumStats.from_lanczos_slq(bottom, top, dens, negative=("fraction",), **trace)
+    run.summary.update(stats.to_json("fft"))
+    run.arrays["slq_nodes_fft"], run.arrays["slq_weights_fft"] = dens.nodes, dens.weights
+    if exact:
+        e = torch.linalg.eigvalsh(H.to_dense())
+        run.arrays["eig_fft"] = e.cpu().numpy()
+        dense = SpectrumStats.from_eigenvalues(e)
+        run.summary["negative_mass_fft"] = dense.negative_mass
+        run.summary["negative_fraction_fft_dense"] = float((e < 0).double().mean())
+        run.summary["trace_fft_dense"] = dense.trace
+    return K
+
+
+def _spectra_at_init(
+    run: _Run,
+    problem: LoraProblem,
+    theta0: dict[str, torch.Tensor],
+    H0: LinearOperator,
+    K: dict[str, torch.Tensor] | None,
+    method: Literal["dense", "lanczos"],
+    solver: _Solver,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stages at ``B = 0``: dense ``S₁``, ``D₁`` once, then the spectra of ``H_θ(α)`` per α.
+
+    Returns:
+        ``(S₁, D₁)`` ``[P_θ, P_θ]``.
+    """
+    c1 = curvature(problem.with_alpha(1.0), theta0, H=H0)
+    S1, D1 = c1.signal.to_dense(), c1.drift.to_dense()
+    if method == "dense":
+        eS1, eD1 = torch.linalg.eigvalsh(S1), torch.linalg.eigvalsh(D1)
+    else:
+        blocks = InitBlocks.from_dense(problem, S1, D1)
+        eS1, eD1 = blocks.eigvalsh()
+    run.lap("signal_drift_dense")
+    run.snapshot()
+    for a in tqdm(run.alphas, desc="H_θ(α) spectra", disable=not progress, leave=False):
+        S, D = a * a * S1, a * D1
+        # positive scalings keep the order: only H_θ(α) needs its own eigendecomposition
+        signal = SpectrumStats.from_eigenvalues(a * a * eS1, trace=float(torch.trace(S)))
+        drift = SpectrumStats.from_eigenvalues(a * eD1)
+        if method == "dense":
+            e = torch.linalg.eigvalsh(S + D)
+            run.eig_lora.append(e.cpu().numpy())
+            lora = SpectrumStats.from_eigenvalues(e)
+        else:
+            lora, dens, warn = _lora_stats_at_init(blocks, a, solver)
+            run.warnings += warn
+            run.slq_lora.append(dens)
+        predicted = _predicted_trace(problem.with_alpha(a), K)
+        _append(run.per, lora, signal, drift, *_norms(S, D), predicted, run.summary["lambda_max_fft"])
+        run.snapshot()
+    if run.slq_lora:
+        run.arrays.update(run.lora_arrays())
+    run.lap("lora_spectra")
+    return S1, D1
+
+
+def _lora_stats_at_init(
+    blocks: InitBlocks, a: float, solver: _Solver
+) -> tuple[SpectrumStats, SLQResult, list[str]]:
+    """``λ_max``, ``λ_min`` (Lanczos), negative mass (SLQ) and exact negative count of ``H_θ(a)``.
+
+    Products go through the non-zero blocks only (:meth:`InitBlocks.H_theta`); the trace is exact.
+    """
+    op = blocks.H_theta(a)
+    ext = solver.extremes(op, "BE")
+    _, warn = ext.checked(f"α={a:g}: Lanczos λ_min/λ_max(H_θ)")
+    dens = solver.density(op)
+    stats = SpectrumStats.from_lanczos_slq(
+        ext, ext, dens, blocks.trace_H_theta(a), negative=("mass",), negative_count=blocks.negative_count(a)
+    )
+    return stats, dens, warn
+
+
+def _checks_at_init(
+    run: _Run,
+    problem: LoraProblem,
+    theta0: dict[str, torch.Tensor],
+    K: dict[str, torch.Tensor] | None,
+    S1: torch.Tensor,
+    D1: torch.Tensor,
+    *,
+    seed: int,
+    a_draws: int,
+) -> None:
+    """Stages: the per-α autograd check of the assembled ``H_θ(α)``, and the trace rule by Monte Carlo."""
+    check = alpha_check(problem, theta0, S1, D1, run.alphas, seed)
+    run.summary.update(check)
+    if max(check["autograd_check_residual"].values()) > 1e-8:
+        run.warnings.append(f"assembled H_θ differs from autograd H_θ: {check['autograd_check_residual']}")
+    run.lap("autograd_check")
+    if K is not None:
+        run.summary.update(
+            trace_rule_mc(problem, theta0, K, float(torch.trace(S1)), run.alphas, seed, a_draws)
+        )
+        run.lap("trace_rule_mc")
+
+
+def _spectra_at_trained_points(
+    run: _Run,
+    problem: LoraProblem,
+    theta0: dict[str, torch.Tensor],
+    train_steps: int,
+    lr: float,
+    solver: _Solver,
+    progress: bool,
+) -> None:
+    """Stage: per α, ``train_steps`` Adam steps from ``θ₀``, then every spectrum at that point (dense)."""
+    P_t = problem.theta_layout.numel
+    for a in tqdm(run.alphas, desc=f"train {train_steps} steps + spectra per α", disable=not progress):
+        pa = problem.with_alpha(a)
+        try:
+            th = adam_steps(pa.loss_theta, theta0, train_steps, lr, desc=f"α={a:g}")
+        except DivergenceError as err:
+            run.warnings.append(f"α={a:g}: {err}; its spectra are left out (NaN)")
+            _append_nan(run.per, err.step)
+            run.eig_lora.append(np.full(P_t, np.nan))
+            run.snapshot()
+            continue
+        Ha = fft_hessian(pa, th)
+        ca = curvature(pa, th, H=Ha)
+        S, D = ca.signal.to_dense(), ca.drift.to_dense()
+        e = torch.linalg.eigvalsh(S + D)
+        run.eig_lora.append(e.cpu().numpy())
+        lora = SpectrumStats.from_eigenvalues(e)
+        signal = SpectrumStats.from_eigenvalues(torch.linalg.eigvalsh(S), trace=float(torch.trace(S)))
+        drift = SpectrumStats.from_eigenvalues(torch.linalg.eigvalsh(D))
+        Ka = Ha.partial_traces() if Ha.supports_partial_traces else None
+        top = solver.extremes(Ha, "LA")
+        (lam,), warn = top.checked(f"α={a:g}: Lanczos λ_max(H) at the trained point")
+        run.warnings += warn
+        run.per["lanczos_residual_fft_at_point"].append(float(top.residuals[-1]))
+        _append(run.per, lora, signal, drift, *_norms(S, D), _predicted_trace(pa, Ka), float(lam))
+        run.snapshot()
+    run.lap("trained_spectra")
+
+
+def _finish(run: _Run) -> SpectraResult:
+    """Slopes across the finite α values; the complete summary and arrays."""
+    summary, per, alphas = run.summary, run.per, run.alphas
     summary.update(per)
     finite = [i for i, v in enumerate(per["norm_signal"]) if np.isfinite(v)]
     xs = [alphas[i] for i in finite]
     for key, series in (("slope_signal", "norm_signal"), ("slope_drift", "norm_drift"),
                         ("slope_drift_to_signal", "drift_to_signal")):  # fmt: skip
         summary[key] = loglog_slope(xs, [per[series][i] for i in finite]) if len(xs) > 1 else None
-    arrays["eig_lora"] = np.array(eig_lora)
-    arrays["alphas"] = np.array(alphas)
-    summary["config"] = asdict(cfg)
-    summary["warnings"] = warnings
-    summary["timings"] = timings
-    summary["complete"] = True
-    res = SpectraResult(summary, arrays)
-    res.lines = summarize(summary)
-    return res
+    run.arrays["eig_lora"] = np.array(run.eig_lora)
+    run.arrays["alphas"] = np.array(alphas)
+    summary.update(config=run.config, warnings=run.warnings, timings=run.timings, complete=True)
+    return SpectraResult(summary, run.arrays, tuple(summarize(summary)))
 
 
-def _append(per, e, S, D, pa: LoraProblem, K, lam_fft, lora: dict | None = None):
-    """Append one α's numbers; ``lora`` replaces the H_θ statistics of a dense ``e["lora"]``."""
-    if lora is None:
-        ev = e["lora"]
-        lora = {"lambda_max_lora": float(ev[-1]), "lambda_min_lora": float(ev[0]),
-                "trace_lora": float(ev.sum()), "negative_mass_lora": _neg_mass(ev),
-                "negative_count_lora": int((ev < 0).sum()),
-                "negative_count_lora_method": "exact: dense eigvalsh"}  # fmt: skip
-    ns, nd = float(torch.linalg.matrix_norm(S)), float(torch.linalg.matrix_norm(D))
-    for key, val in lora.items():
-        per.setdefault(key, []).append(val)
-    per["lambda_max_signal"].append(float(e["signal"][-1]))
-    per["lambda_min_signal"].append(float(e["signal"][0]))
-    per["lambda_min_drift"].append(float(e["drift"][0]))
-    per["lambda_max_drift"].append(float(e["drift"][-1]))
-    per["trace_signal"].append(float(torch.trace(S)))
+def _norms(S: torch.Tensor, D: torch.Tensor) -> tuple[float, float]:
+    """Frobenius norms ``‖H_signal‖``, ``‖H_drift‖``."""
+    return float(torch.linalg.matrix_norm(S)), float(torch.linalg.matrix_norm(D))
+
+
+def _predicted_trace(pa: LoraProblem, K: dict[str, torch.Tensor] | None) -> float | None:
+    """Prop. 3's ``α²ρ·tr H`` from ``H``'s per-layer traces ``tr K_l`` (None without them)."""
     traces = {name: float(torch.trace(k)) for name, k in K.items()} if K is not None else None
-    per["trace_rule_predicted"].append(trace_rule(pa, traces) if traces else None)
-    per["norm_signal"].append(ns)
-    per["norm_drift"].append(nd)
-    per["drift_to_signal"].append(nd / ns if ns > 0 else math.inf)
-    per["negative_mass_signal"].append(_neg_mass(e["signal"]))
-    per["lambda_max_fft_at_point"].append(lam_fft)
+    return trace_rule(pa, traces) if traces else None
+
+
+def _append(
+    per: dict[str, list],
+    lora: SpectrumStats,
+    signal: SpectrumStats,
+    drift: SpectrumStats,
+    norm_signal: float,
+    norm_drift: float,
+    predicted_trace: float | None,
+    lambda_max_fft: float,
+) -> None:
+    """Append one α's numbers to the per-α series."""
+    for key, val in lora.to_json("lora").items():
+        per.setdefault(key, []).append(val)
+    per["lambda_max_signal"].append(signal.lambda_max)
+    per["lambda_min_signal"].append(signal.lambda_min)
+    per["lambda_min_drift"].append(drift.lambda_min)
+    per["lambda_max_drift"].append(drift.lambda_max)
+    per["trace_signal"].append(signal.trace)
+    per["trace_rule_predicted"].append(predicted_trace)
+    per["norm_signal"].append(norm_signal)
+    per["norm_drift"].append(norm_drift)
+    per["drift_to_signal"].append(norm_drift / norm_signal if norm_signal > 0 else math.inf)
+    per["negative_mass_signal"].append(signal.negative_mass)
+    per["lambda_max_fft_at_point"].append(lambda_max_fft)
     per["diverged_step"].append(None)
 
 
-#: ``lora_spectra="auto"`` uses Lanczos + SLQ on H_θ(α) above this many LoRA parameters.
-LANCZOS_ABOVE = 6000
-
-
-def _init_blocks(problem: LoraProblem, S1: torch.Tensor, D1: torch.Tensor) -> dict:
-    """The non-zero blocks of ``S₁`` and ``D₁`` at ``B = 0``.
-
-    ``S₁`` lives on the ``B`` block (``J_A = 0``); ``D₁`` couples each layer's ``A`` with its own
-    ``B`` only: ``[[0, C_l], [C_lᵀ, 0]]``.
-    """
-    lay = problem.theta_layout
-    iB = lay.indices([a.key_B for a in problem.adapters])
-    coupling = []
-    for a in problem.adapters:
-        iA_l, iB_l = lay.indices([a.key_A]), lay.indices([a.key_B])
-        coupling.append((iA_l, iB_l, D1[iA_l[:, None], iB_l]))
-    sv = [torch.linalg.svdvals(C) for _, _, C in coupling]
-    return {"iB": iB, "S_BB": S1[iB[:, None], iB], "C": coupling, "sv": sv, "trace_S": float(torch.trace(S1))}
-
-
-def _signal_drift_eigvals_at_init(P: int, blocks: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact spectra of ``S₁`` (its ``B`` block, then zeros) and ``D₁`` (``±σ(C_l)``, then zeros)."""
-    S_BB = blocks["S_BB"]
-    sig = torch.linalg.eigvalsh(S_BB)
-    sv = torch.cat(blocks["sv"])
-    zeros = lambda k: torch.zeros(k, dtype=S_BB.dtype, device=S_BB.device)  # noqa: E731
-    eS = torch.sort(torch.cat([sig, zeros(P - len(sig))])).values
-    eD = torch.sort(torch.cat([sv, -sv, zeros(P - 2 * len(sv))])).values
-    return eS, eD
-
-
-def _lora_extremes_slq(blocks: dict, P: int, a: float, cfg: SpectraConfig):
-    """``λ_max``, ``λ_min`` (Lanczos), negative mass and count (SLQ) of ``a² S₁ + a D₁``.
-
-    Products use only the non-zero blocks (:func:`_init_blocks`): ``|B|²`` plus ``2 Σ_l |A_l||B_l|``
-    multiply-adds instead of ``2 P²``.
-    """
-    iB, S_BB = blocks["iB"], blocks["S_BB"]
-
-    def matmat(V: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(V)
-        out[iB] = (a * a) * (S_BB @ V[iB])
-        for iA_l, iB_l, C in blocks["C"]:
-            out[iA_l] += a * (C @ V[iB_l])
-            out[iB_l] += a * (C.T @ V[iA_l])
-        return out
-
-    op = FunctionOperator(matmat, (P, P), S_BB.dtype, S_BB.device, symmetric=True)
-    ext = lanczos_eigs(op, 1, "BE", steps=cfg.lanczos_steps, seed=cfg.seed)
-    (lam_min, lam_max), warn = ext.checked(f"α={a:g}: Lanczos λ_min/λ_max(H_θ)")
-    dens = slq(op, probes=cfg.slq_probes, steps=cfg.slq_steps, seed=cfg.seed)
-    trace = a * a * blocks["trace_S"]  # tr D₁ = 0: the drift is block off-diagonal
-    # the band's lower integration edge: λ_min minus its residual (a bound when λ_min converged)
-    edge = float(ext.values[0]) - float(ext.residuals[0])
-    mass = dens.negative_mass(min(edge, float(np.nanmin(dens.nodes))), trace=trace)
-    count, how = negative_count_at_init(blocks, a)
-    est = {
-        "lambda_max_lora": float(lam_max),
-        "lambda_min_lora": float(lam_min),
-        "lanczos_residual_max_lora": float(ext.residuals[-1]),
-        "lanczos_residual_min_lora": float(ext.residuals[0]),
-        "trace_lora": trace,
-        "negative_mass_lora": mass.estimate,
-        "negative_mass_lora_interval": mass.to_json(),
-        "negative_count_lora": count,
-        "negative_count_lora_method": how,
-    }
-    return est, dens, warn
-
-
-def negative_count_at_init(blocks: dict, a: float) -> tuple[int, str]:
-    """The exact number of negative eigenvalues of ``H_θ(α) = [[0, αC], [αCᵀ, α² S_BB]]`` at ``B = 0``.
-
-    The ``A`` block of ``H_θ`` is exactly zero at init, so ``H_θ`` has a neutral subspace of
-    dimension ``|A|``: it has at least ``|A|`` eigenvalues ``≥ 0`` and ``|A|`` eigenvalues ``≤ 0``.
-    When every layer's coupling ``C_l`` is square (``|A_l| = |B_l|``, square layers) and
-    invertible, ``det H_θ = ±∏ det(αC_l)² ≠ 0``, so no eigenvalue is 0 and exactly ``|A| = P_θ/2``
-    are negative, whatever ``S_BB`` and ``α > 0`` are (Sylvester's law of inertia). Otherwise the
-    count comes from an ``L D Lᵀ`` factorisation of the dense ``H_θ(α)``
-    (:func:`~signal_drift.spectra.inertia.count_below`).
-
-    Returns:
-        ``(count, method)``.
-    """
-    svals = blocks["sv"]
-    top = max(float(s.max()) for s in svals)
-    square = all(C.shape[0] == C.shape[1] for _, _, C in blocks["C"])
-    if square and all(float(s.min()) > 1e-10 * top for s in svals):
-        return sum(C.shape[0] for _, _, C in blocks["C"]), "exact: |A| (zero A block, invertible square C_l)"
-    iB, S_BB = blocks["iB"], blocks["S_BB"]
-    P = len(iB) + sum(C.shape[0] for _, _, C in blocks["C"])
-    M = torch.zeros(P, P, dtype=S_BB.dtype, device=S_BB.device)
-    M[iB[:, None], iB] = (a * a) * S_BB
-    for iA_l, iB_l, C in blocks["C"]:
-        M[iA_l[:, None], iB_l] = a * C
-        M[iB_l[:, None], iA_l] = a * C.T
-    low, high = count_below(M)
-    if low != high:
-        return low, f"LDLᵀ inertia: between {low} and {high} (eigenvalues within round-off of 0)"
-    return low, "exact: LDLᵀ inertia"
-
-
-def _append_nan(per, step: int) -> None:
+def _append_nan(per: dict[str, list], step: int) -> None:
     for k in per:
         per[k].append(step if k == "diverged_step" else float("nan"))
-
-
-def _trace_mc(problem: LoraProblem, theta0, K, S1: torch.Tensor, alphas, cfg: SpectraConfig) -> dict:
-    """Prop. 3 by Monte Carlo over A draws: exact ``tr(H_signal)`` per draw via ``s² tr(K AᵀA)``."""
-    p1 = problem.with_alpha(1.0)
-
-    ident = abs(signal_trace_at_init(p1, theta0, K) - float(torch.trace(S1))) / abs(float(torch.trace(S1)))
-    vals = np.array(
-        [signal_trace_at_init(p1, init_theta(problem, cfg.seed + 1 + i), K) for i in range(cfg.a_draws)]
-    )
-    band = mean_interval(vals, method=f"Student-t over {len(vals)} draws of A")
-    return {
-        "trace_identity_residual": ident,
-        "a_draws": cfg.a_draws,
-        "trace_signal_mc_mean": [a * a * band.estimate for a in alphas],
-        "trace_signal_mc_interval": [band.map(lambda x, a=a: a * a * x).to_json() for a in alphas],
-    }
-
-
-def summarize(s: dict) -> list[str]:
-    """Human summary: each claim of Figure 8 with the number that confirms or refutes it."""
-    lines = []
-    al = s["alphas"]
-    star = int(np.argmin([abs(math.log(a / s["alpha_star_variant_ii"])) for a in al]))
-    if s.get("trace_signal_mc_interval"):
-        band = s["trace_signal_mc_interval"][star]
-        pr = s["trace_rule_predicted"][star]
-        ok = band["low"] <= pr <= band["high"]
-        lines.append(
-            f"(a) trace rule at α={al[star]:g}: E_A tr H_signal = {band['estimate']:.5g}"
-            f" [{band['low']:.5g}, {band['high']:.5g}] (95 %, {s['a_draws']} draws) vs α²ρ·tr H = {pr:.5g}"
-            f" — {'inside the interval' if ok else 'OUTSIDE the interval'};"
-            f" this draw of A: {s['trace_signal'][star]:.5g}"
-        )
-    lm = s["lambda_max_fft"]
-    j = int(np.argmin([abs(math.log(a / s["rank"])) for a in al]))
-    lj = s["lambda_max_lora"][j]
-    lines.append(
-        f"(a) compression at α≈r ({al[j]:g}): λ_max(H_θ) = {lj:.4g} vs λ_max(H) = {lm:.4g}"
-        f" (×{lj / lm:.3g}) — {'confirmed' if lj < lm else 'REFUTED'}"
-    )
-    ratio = [s["lambda_max_signal"][i] / (a * a * s["rho"] * lm) for i, a in enumerate(al)]
-    lines.append(
-        f"(b) λ_max(H_signal) / (α²ρ·λ_max(H)) = {min(ratio):.3g}…{max(ratio):.3g} (the trace ratio is 1"
-        f" in expectation): {'above' if min(ratio) > 1 else 'not above'} 1, so λ_max(H_signal) reaches"
-        f" λ_max(H) at α ≈ {1 / math.sqrt(max(ratio)):.2g}…{1 / math.sqrt(min(ratio)):.2g}"
-        " × the trace-matched α*"
-    )
-    d2s, lmin = s["drift_to_signal"], s["lambda_min_lora"]
-    top = [s["lambda_max_lora"][i] / s["lambda_max_signal"][i] for i in (0, -1)]
-    identity = ", an identity at init" if s.get("slope_signal_measured") is not None else ""
-    lines.append(
-        f"(c) purification: ‖H_drift‖/‖H_signal‖ {d2s[0]:.3g} → {d2s[-1]:.3g} (slope"
-        f" {s['slope_drift_to_signal']:.4f}{identity},"
-        f" expected −1); λ_min(H_θ) {lmin[0]:.3g} → {lmin[-1]:.3g}"
-        f" vs λ_min(H_signal) {s['lambda_min_signal'][-1]:.3g}; λ_max(H_θ)/λ_max(H_signal)"
-        f" {top[0]:.3g} → {top[1]:.4g}"
-    )
-    neg = s["negative_mass_lora"]
-    frac = s["negative_fraction_fft_interval"]
-    lines.append(
-        f"(c) negative curvature: a share {frac['low']:.3f}…{frac['high']:.3f} (95 %; SLQ estimate"
-        f" {frac['estimate']:.3f}) of H's eigenvalues is < 0; negative mass of H_θ {neg[0]:.3f} at"
-        f" α={al[0]:g} → {neg[-1]:.3f} at α={al[-1]:g}, floor set by H_signal"
-        f" {s['negative_mass_signal'][-1]:.3f}"
-    )
-    if s.get("slope_signal_measured") is not None:
-        lines.append(
-            f"(d) slopes, measured from products at each α: ‖H_signal‖ ∝ α^{s['slope_signal_measured']:.6f}"
-            f" (expected 2), ‖H_drift‖ ∝ α^{s['slope_drift_measured']:.6f} (expected 1)"
-        )
-    else:
-        lines.append(
-            f"(d) slopes: ‖H_signal‖ ∝ α^{s['slope_signal']:.6f} (expected 2),"
-            f" ‖H_drift‖ ∝ α^{s['slope_drift']:.6f} (expected 1)"
-        )
-    if s.get("autograd_check_residual"):
-        worst = max(s["autograd_check_residual"].values())
-        lines.append(f"check: assembled H_θ vs plain autograd H_θ, relative residual {worst:.1e}")
-    return lines

@@ -5,7 +5,7 @@ rule against ``λ_max``; (c) the drift injects negative curvature and a large α
 (d) ``‖H_signal‖ ∝ α²``, ``‖H_drift‖ ∝ α`` (Prop. 4). The inputs are a
 :class:`~signal_drift.spectra.experiment.SpectraResult`'s ``summary`` and ``arrays``, or the
 ``spectra.json`` and ``spectra_arrays.npz`` the CLI writes. The claims in words, with the numbers
-that confirm or refute them, are :func:`~signal_drift.spectra.experiment.summarize`.
+that confirm or refute them, are :func:`~signal_drift.spectra.claims.summarize`.
 
 Kept out of ``signal_drift.spectra``'s namespace so that importing the engine does not load
 matplotlib.
