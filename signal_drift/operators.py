@@ -257,20 +257,17 @@ class LinearOperator:
     def to_scipy(self, dtype: np.dtype | type = np.float64) -> spla.LinearOperator:
         """A :class:`scipy.sparse.linalg.LinearOperator` over NumPy arrays (the SciPy bridge)."""
 
-        def mm(X: np.ndarray) -> np.ndarray:
-            X = np.asarray(X)
-            squeeze = X.ndim == 1
-            Xt = torch.as_tensor(X.reshape(X.shape[0], -1), dtype=self.dtype, device=self.device)
-            out = self.matmat(Xt).detach().cpu().numpy().astype(dtype, copy=False)
-            return out.reshape(-1) if squeeze else out
+        def on_numpy(product: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[np.ndarray], np.ndarray]:
+            def mm(X: np.ndarray) -> np.ndarray:
+                X = np.asarray(X)
+                squeeze = X.ndim == 1
+                Xt = torch.as_tensor(X.reshape(X.shape[0], -1), dtype=self.dtype, device=self.device)
+                out = product(Xt).detach().cpu().numpy().astype(dtype, copy=False)
+                return out.reshape(-1) if squeeze else out
 
-        def rmm(X: np.ndarray) -> np.ndarray:
-            X = np.asarray(X)
-            squeeze = X.ndim == 1
-            Xt = torch.as_tensor(X.reshape(X.shape[0], -1), dtype=self.dtype, device=self.device)
-            out = self.rmatmat(Xt).detach().cpu().numpy().astype(dtype, copy=False)
-            return out.reshape(-1) if squeeze else out
+            return mm
 
+        mm, rmm = on_numpy(self.matmat), on_numpy(self.rmatmat)
         return spla.LinearOperator(self.shape, matvec=mm, matmat=mm, rmatvec=rmm, rmatmat=rmm, dtype=dtype)
 
     def restrict(self, rows: torch.Tensor, cols: torch.Tensor | None = None) -> LinearOperator:
