@@ -169,11 +169,16 @@ def _fft_summary(H, cfg: SpectraConfig, progress: bool) -> tuple[dict, dict, lis
     dens = slq(H, probes=cfg.slq_probes, steps=cfg.slq_steps, seed=cfg.seed, progress=progress)
     frac = dens.negative_fraction()
     out["negative_fraction_fft"], out["negative_fraction_fft_interval"] = frac.estimate, frac.to_json()
+    if math.isfinite(lam_min):  # the mass band integrates from a lower bound on λ_min
+        edge = min(float(bottom.values[0]) - float(bottom.residuals[0]), float(np.nanmin(dens.nodes)))
+        exact_trace = out["trace_fft"] if "trace_fft_interval" not in out else None
+        mass = dens.negative_mass(edge, trace=exact_trace)
+        out["negative_mass_fft"], out["negative_mass_fft_interval"] = mass.estimate, mass.to_json()
     arrays["slq_nodes_fft"], arrays["slq_weights_fft"] = dens.nodes, dens.weights
     if cfg.exact_fft:
         e = torch.linalg.eigvalsh(H.to_dense())
         arrays["eig_fft"] = e.cpu().numpy()
-        out["negative_mass_fft"] = _neg_mass(e)
+        out["negative_mass_fft_dense"] = _neg_mass(e)
         out["negative_fraction_fft_dense"] = float((e < 0).double().mean())
         out["trace_fft_dense"] = float(e.sum())
     return out, {"K": K, **arrays}, warn
@@ -575,9 +580,11 @@ def summarize(s: dict) -> list[str]:
     )
     neg = s["negative_mass_lora"]
     frac = s["negative_fraction_fft_interval"]
+    fft_mass = s.get("negative_mass_fft_interval")
+    fft_mass = f"negative mass of H {fft_mass['low']:.3f}…{fft_mass['high']:.3f} (95 %); " if fft_mass else ""
     lines.append(
         f"(c) negative curvature: a share {frac['low']:.3f}…{frac['high']:.3f} (95 %; SLQ estimate"
-        f" {frac['estimate']:.3f}) of H's eigenvalues is < 0; negative mass of H_θ {neg[0]:.3f} at"
+        f" {frac['estimate']:.3f}) of H's eigenvalues is < 0; {fft_mass}negative mass of H_θ {neg[0]:.3f} at"
         f" α={al[0]:g} → {neg[-1]:.3f} at α={al[-1]:g}, floor set by H_signal"
         f" {s['negative_mass_signal'][-1]:.3f}"
     )
