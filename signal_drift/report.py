@@ -260,8 +260,9 @@ def calibrate_table(root: Path) -> str:
             if abs(v) < 2.3 * se
         ]
         why.append(
-            f"`{d['name'].split('.', 2)[-1]}`: {' and '.join(unresolved) or 'traces of opposite sign'}"
-            f" ({d['tr_H']:.3g} ± {d['tr_H_se']:.2g}, {d['tr_S']:.2g} ± {d['tr_S_se']:.2g} SE)"
+            f"`{d['name'].split('.', 2)[-1]}`, {' and '.join(unresolved) or 'traces of opposite sign'} not"
+            f" resolved from 0 (estimates and standard errors: tr H_ll {d['tr_H']:.3g} (SE {d['tr_H_se']:.2g}),"
+            f" tr J0ᵀH_llJ0 {d['tr_S']:.2g} (SE {d['tr_S_se']:.2g}))"
         )
     widths = [d["alpha_trace_high"] / d["alpha_trace_low"] for d in L if math.isfinite(d["alpha_trace"])]
     rows = [
@@ -273,7 +274,7 @@ def calibrate_table(root: Path) -> str:
         (
             f"α by trace ({len(tr)} layers)",
             f"{min(tr):.0f} – {max(tr):.0f}",
-            f"95 % intervals span ×{min(widths):.2f} to ×{max(widths):.2f}; NaN where a trace is not resolved from 0: "
+            f"95 % intervals span ×{min(widths):.2f} to ×{max(widths):.2f} (high/low); NaN: "
             + ("; ".join(why) if why else "none"),
         ),
         ("Corollary 1, √(r/σ²) with A's empirical σ²", f"{min(gauss):.0f} – {max(gauss):.0f}", "≈ √(3nr)"),
