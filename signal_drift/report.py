@@ -345,7 +345,24 @@ def train_table(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def train_sweep_eq3(root: Path) -> str:
+    """The Eq. 3 fit on the α path of the offline-Llama sweep, in one bullet."""
+    a = _load(root, "train_sweep/sweep.json")["alpha_path"]
+    fit, star = a["fit"], a["alpha_star"]
+    ratios = [v / (256 * math.sqrt(float(r))) for r, v in star.items()]
+    edge = a.get("alpha_star_edge") or {}
+    where = "all inside the grid" if not edge else f"at the grid edge for r = {', '.join(edge)}"
+    return (
+        f"- **Eq. 3 is not identifiable here.** α*(r) = {', '.join(f'{v:,.0f}' for v in star.values())} for"
+        f" r = {', '.join(star)} ({where}): {min(ratios):.0f}–{max(ratios):.0f}× Variant I's 256√r; the fit gives"
+        f" k = {fit['k']:.2f}, and with each α* known only to its grid cell the cells allow any k in"
+        f" [{fit['k_grid_range'][0]:.2f}, {fit['k_grid_range'][1]:.2f}]. The paper's k ≈ ½ needs more ranks"
+        " and a finer α grid than a CPU session affords.\n"
+    )
+
+
 FRAGMENTS: dict[str, Callable[[Path], str]] = {
+    "train-sweep-eq3": train_sweep_eq3,
     "train-table": train_table,
     "fig8-table": fig8_table,
     "fig8-dim256": fig8_dim256,
