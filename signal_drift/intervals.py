@@ -91,16 +91,23 @@ def mean_interval(samples: np.ndarray, level: float = 0.95, method: str = "") ->
 
 
 def bracket_interval(
-    estimate: float, lower: np.ndarray, upper: np.ndarray, level: float = 0.95, method: str = ""
+    estimate: float,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    level: float = 0.95,
+    method: str = "",
+    support: tuple[float, float] = (-math.inf, math.inf),
 ) -> Interval:
     """Interval for ``E[X]`` from per-sample bounds ``lower_i ≤ E[X | sample i] ≤ upper_i``.
 
     ``mean(lower) − q·SE(lower) ≤ E[X] ≤ mean(upper) + q·SE(upper)``, each side failing with
     probability ``(1 − level) / 2``: the bounds carry any bias of ``estimate``, the t-quantile the
-    sampling error.
+    sampling error. The band is clipped to ``support``, the range ``E[X]`` can take (e.g. ``[0, 1]``
+    for a fraction), which cannot lower its coverage.
     """
     lo, hi = np.asarray(lower, dtype=float), np.asarray(upper, dtype=float)
     q = t_quantile(level, len(lo))
     low = float(lo.mean()) - q * _se(lo) if q < math.inf else -math.inf
     high = float(hi.mean()) + q * _se(hi) if q < math.inf else math.inf
+    low, high = max(low, support[0]), min(high, support[1])
     return Interval(float(estimate), min(low, estimate), max(high, estimate), level, method)

@@ -259,3 +259,13 @@ def test_lora_init_leaves_the_model_as_it_was():
     assert type(dict(model.named_modules())["model.layers.0.self_attn.q_proj"]) is torch.nn.Linear
     again = lora_init(model, 2, ["q_proj", "down_proj"], "kaiming_uniform", seed=0)
     assert all(torch.equal(A[k], again[k]) for k in A)
+
+
+def test_float32_calibration_warns_about_precision():
+    from signal_drift import PrecisionWarning
+
+    model, batch, A, loss_fn, _ = _mlp_case()
+    model = model.float()
+    with pytest.warns(PrecisionWarning, match="float32"):
+        calibrate_model(model, (batch[0].float(), batch[1].float()), {n: a.float() for n, a in A.items()}, loss_fn,
+                        probes=4, lanczos_steps=20)

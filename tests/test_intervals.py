@@ -149,3 +149,9 @@ def test_inertia_counts_match_eigenvalues():
         assert (got.negative, got.positive) == (int((eig < 0).sum()), int((eig > 0).sum()))
         x = float(eig[P // 2 - 1] + eig[P // 2]) / 2 if P > 1 else float(eig[0]) + 1
         assert count_below(M, x) == (int((eig < x).sum()),) * 2
+
+
+def test_fraction_band_stays_inside_zero_one():
+    # two probes that disagree wildly: the raw t-band would reach below 0 and above 1
+    band = bracket_interval(0.5, np.array([0.0, 0.9]), np.array([0.1, 1.0]), support=(0.0, 1.0))
+    assert band.low == 0.0 and band.high == 1.0

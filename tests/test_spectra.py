@@ -417,6 +417,11 @@ def test_exact_fft_diagonalises_h_and_agrees_with_lanczos_and_exact_trace():
     assert math.isclose(e.max(), s["lambda_max_fft"], rel_tol=1e-8)
     assert math.isclose(e.min(), s["lambda_min_fft"], rel_tol=1e-8, abs_tol=1e-12)
     assert math.isclose(s["trace_fft_dense"], s["trace_fft"], rel_tol=1e-10)
+    # the SLQ bands of the FFT spectrum cover the dense truth
+    eig = torch.as_tensor(res.arrays["eig_fft"])
+    frac, mass = s["negative_fraction_fft_interval"], s["negative_mass_fft_interval"]
+    assert frac["low"] <= float((eig < 0).double().mean()) <= frac["high"]
+    assert mass["low"] <= s["negative_mass_fft_dense"] <= mass["high"]
 
 
 def test_spectra_cli_refuses_a_dense_matrix_above_the_memory_budget(tmp_path):

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .._errors import InputError, check_positive_int
+from .._errors import InputError, check_positive_int, warn_low_precision
 from ..operators import FunctionOperator, LinearOperator
 from ..spectra.lanczos import EigResult, lanczos_eigs
 from ..spectra.trace import TraceEstimate, hutchinson
@@ -192,6 +192,7 @@ def calibrate_model(
             raise InputError(
                 f"A of {n!r} has shape {tuple(a.shape)}: need (r, {W.shape[1]}) with r <= {min(W.shape)}"
             )
+    warn_low_precision("calibration curvature", next(iter(weights.values())).dtype)
     saved = [(w, w.requires_grad) for w in model.parameters()]
     for w in model.parameters():  # differentiate w.r.t. the targeted weights only
         w.requires_grad_(False)

@@ -56,9 +56,11 @@ def summarize(s: dict) -> list[str]:
     )
     neg = s["negative_mass_lora"]
     frac = s["negative_fraction_fft_interval"]
+    fft_mass = s.get("negative_mass_fft_interval")
+    fft_mass = f"negative mass of H {fft_mass['low']:.3f}…{fft_mass['high']:.3f} (95 %); " if fft_mass else ""
     lines.append(
         f"(c) negative curvature: a share {frac['low']:.3f}…{frac['high']:.3f} (95 %; SLQ estimate"
-        f" {frac['estimate']:.3f}) of H's eigenvalues is < 0; negative mass of H_θ {neg[0]:.3f} at"
+        f" {frac['estimate']:.3f}) of H's eigenvalues is < 0; {fft_mass}negative mass of H_θ {neg[0]:.3f} at"
         f" α={al[0]:g} → {neg[-1]:.3f} at α={al[-1]:g}, floor set by H_signal"
         f" {s['negative_mass_signal'][-1]:.3f}"
     )

@@ -335,14 +335,16 @@ def _fft_spectrum(
         band = est.interval()
         trace = {"trace": est.value, "trace_interval": band, "trace_method": "Hutch++ (300 matvecs)"}
     dens = solver.density(H, progress)
-    stats = SpectrumStats.from_lanczos_slq(bottom, top, dens, negative=("fraction",), **trace)
+    # the mass band integrates from a lower bound on λ_min: only when λ_min converged
+    negative = ("fraction", "mass") if bool(bottom.converged[0]) else ("fraction",)
+    stats = SpectrumStats.from_lanczos_slq(bottom, top, dens, negative=negative, **trace)
     run.summary.update(stats.to_json("fft"))
     run.arrays["slq_nodes_fft"], run.arrays["slq_weights_fft"] = dens.nodes, dens.weights
     if exact:
         e = torch.linalg.eigvalsh(H.to_dense())
         run.arrays["eig_fft"] = e.cpu().numpy()
         dense = SpectrumStats.from_eigenvalues(e)
-        run.summary["negative_mass_fft"] = dense.negative_mass
+        run.summary["negative_mass_fft_dense"] = dense.negative_mass
         run.summary["negative_fraction_fft_dense"] = float((e < 0).double().mean())
         run.summary["trace_fft_dense"] = dense.trace
     return K

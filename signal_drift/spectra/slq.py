@@ -18,6 +18,7 @@ and its probe average plus a Student-t term covers the true fraction
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,7 +124,7 @@ class SLQResult:
         """
         per = (self.weights * (self.nodes < 0)).sum(1)
         lo, hi = self.distribution_bounds(0.0)
-        return bracket_interval(float(per.mean()), lo, hi, level, self._method("count below 0"))
+        return bracket_interval(float(per.mean()), lo, hi, level, self._method("count below 0"), (0.0, 1.0))
 
     def negative_mass(self, lower_edge: float, trace: float | None = None, level: float = 0.95) -> Interval:
         """``Σ_{λ<0} |λ| / Σ |λ|``, the share of spectral mass that is negative, with a band.
@@ -153,7 +154,7 @@ class SLQResult:
             # the true 2n + t = E|λ| is positive, so a lower n with 2n + t <= 0 allows anything up to 1
             t = trace / self.dim
             est = ratio(float(neg.mean()), float(neg.mean()) + t)
-            band = bracket_interval(float(neg.mean()), lo, hi, level)
+            band = bracket_interval(float(neg.mean()), lo, hi, level, support=(0.0, math.inf))
             a, b = max(band.low, 0.0), band.high
             ends = [ratio(x, x + t) if 2 * x + t > 0 else 1.0 for x in (a, b)]
             return Interval(est, min(min(ends), est), max(max(ends), est), level, method + ", exact trace")

@@ -1,0 +1,403 @@
+"""README numbers rendered from the committed experiment JSON, so the two cannot drift apart.
+
+Every number the README quotes from an experiment sits between ``<!-- begin: NAME -->`` and
+``<!-- end: NAME -->`` and is written by the fragment function ``NAME`` below from the files
+under ``experiments/``. ``python -m signal_drift.report`` rewrites the README in place;
+``--check`` exits 1 when the README differs from what the JSON renders (the test suite runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["FRAGMENTS", "render", "main"]
+
+ROOT = Path(__file__).resolve().parents[1]
+_BLOCK = re.compile(r"(<!-- begin: ([\w-]+) -->\n)(.*?)(<!-- end: \2 -->)", re.S)
+
+
+def _load(root: Path, rel: str) -> dict:
+    return json.loads((root / "experiments" / rel).read_text())
+
+
+def _nearest(values: list[float], target: float) -> int:
+    return min(range(len(values)), key=lambda i: abs(math.log(values[i] / target)))
+
+
+def _band(b: dict, spec: str = ".4g") -> str:
+    return f"[{b['low']:{spec}}, {b['high']:{spec}}]"
+
+
+def _fig8_column(s: dict) -> list[str]:
+    al = s["alphas"]
+    i = _nearest(al, s["alpha_star_variant_ii"])
+    j = _nearest(al, s["rank"])
+    band, pred = s["trace_signal_mc_interval"][i], s["trace_rule_predicted"][i]
+    ok = "✔" if band["low"] <= pred <= band["high"] else "✘"
+    ratio = s["lambda_max_signal"][i] / (al[i] ** 2 * s["rho"] * s["lambda_max_fft"])
+    frac = s["negative_fraction_fft_interval"]
+    counts = sorted(set(s["negative_count_lora"]))
+    count = f"{counts[0]} = P_θ/2 at every α" if counts == [s["params_lora"] // 2] else f"{counts}"
+    return [
+        f"E_A tr H_signal ∈ {_band(band)} vs {pred:.4g} {ok}",
+        f"{s['lambda_max_lora'][j]:.3g} vs {s['lambda_max_fft']:.3g} {'✔' if s['lambda_max_lora'][j] < s['lambda_max_fft'] else '✘'}",
+        f"{ratio:.3g}: λ_max matched at α = {1 / math.sqrt(ratio):.2f}·α*",
+        f"{s['drift_to_signal'][0]:.3g} → {s['drift_to_signal'][-1]:.3g}",
+        f"{s['negative_mass_lora'][0]:.3f} → {s['negative_mass_lora'][-1]:.3f} ({s['negative_mass_signal'][-1]:.3f})",
+        count,
+        f"{_band(frac, '.2f')} (plain SLQ {frac['estimate']:.3f})",
+        f"{_band(s['negative_mass_fft_interval'], '.3f')}",
+        f"{s['slope_signal_measured']:.6f}, {s['slope_drift_measured']:.6f} ✔",
+        f"{max(s['autograd_check_residual'].values()):.1e}",
+    ]
+
+
+def fig8_table(root: Path) -> str:
+    """The Figure 8 claims at d = 64, random and pre-trained ``W0``."""
+    a, b = _load(root, "spectra_dim64/spectra.json"), _load(root, "spectra_dim64_pretrained/spectra.json")
+    star, r, al = a["alpha_star_variant_ii"], a["rank"], a["alphas"]
+    rows = [
+        f"(a) trace rule at α = α* = {star:g}: E_A tr H_signal ({a['a_draws']} draws of A, 95 % interval) vs α²ρ·tr H",
+        f"(a) compression at α = r = {r}: λ_max(H_θ) vs λ_max(H)",
+        "(b) λ_max(H_signal) / (α²ρ·λ_max(H)) at α* (the trace ratio is 1)",
+        f"(c) ‖H_drift‖/‖H_signal‖ from α = {al[0]:g} to {al[-1]:g} (∝ 1/α: an identity at init)",
+        f"(c) negative mass of H_θ, α = {al[0]:g} → {al[-1]:g} (floor: H_signal), exact",
+        "(c) negative eigenvalues of H_θ (exact count)",
+        "(c) share of H's eigenvalues < 0: SLQ 95 % interval (bias included)",
+        "(c) negative mass of H: SLQ 95 % interval",
+        "(d) log–log slopes of ‖H_signal‖, ‖H_drift‖, measured from products at each α",
+        "assembled H_θ vs plain autograd H_θ at every α (relative)",
+    ]
+    head = (
+        "| claim (Fig. 8) | random W0 (`make run`) | W0 pre-trained, shifted task (`--pretrain-steps 1000`) |"
+    )
+    lines = [head, "|---|---|---|"]
+    lines += [
+        f"| {row} | {x} | {y} |" for row, x, y in zip(rows, _fig8_column(a), _fig8_column(b), strict=True)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def fig8_dim256(root: Path) -> str:
+    """The d = 256 run in one paragraph."""
+    s = _load(root, "spectra_dim256/spectra.json")
+    al = s["alphas"]
+    i, j = _nearest(al, s["alpha_star_variant_ii"]), _nearest(al, s["rank"])
+    band, pred = s["trace_signal_mc_interval"][i], s["trace_rule_predicted"][i]
+    m0, m1 = s["negative_mass_lora_interval"][0], s["negative_mass_lora_interval"][-1]
+    ratio = s["lambda_max_signal"][i] / (al[i] ** 2 * s["rho"] * s["lambda_max_fft"])
+    return (
+        f"FFT H {s['params_fft']:,}², H_θ {s['params_lora']:,}²; trace rule E_A tr H_signal ∈"
+        f" {_band(band, '.5g')} vs α²ρ·tr H = {pred:.5g}; compression ×{s['lambda_max_lora'][j] / s['lambda_max_fft']:.3f}"
+        f" at α = r; slopes measured {s['slope_signal_measured']:.6f} / {s['slope_drift_measured']:.6f};"
+        f" ‖H_drift‖/‖H_signal‖ {s['drift_to_signal'][0]:.3g} → {s['drift_to_signal'][-1]:.3g}; negative"
+        f" eigenvalues of H_θ exactly {s['negative_count_lora'][0]:,} = P_θ/2 at every α (Sylvester); negative"
+        f" mass of H_θ {_band(m0, '.3f')} → {_band(m1, '.3f')} (SLQ, 95 %; floor {s['negative_mass_signal'][-1]:.3f},"
+        f" exact); λ_max(H_signal)/(α²ρλ_max(H)) = {ratio:.3g} at α*; assembled vs autograd H_θ"
+        f" {max(s['autograd_check_residual'].values()):.1e} at every α.\n"
+    )
+
+
+def fig2_table(root: Path) -> str:
+    """Figure 2 (d = 64) and the MLP sweep: each claim, its number, a verdict."""
+    d, sw = _load(root, "dynamics_dim64/dynamics.json"), _load(root, "sweep_dim32/sweep.json")
+    cps = d["sdr_probes"]["checkpoints"]
+
+    def path(name: str) -> str:
+        cells = []
+        for k, c in d[name].items():
+            cells.append(
+                f"k={k}: diverged @ step {c['diverged_step']}"
+                if c["diverged"]
+                else f"k={k}: {c['best_loss']:.3f}"
+            )
+        return ", ".join(cells)
+
+    def best(name: str) -> tuple[str, float]:
+        ok = {k: c["best_loss"] for k, c in d[name].items() if not c["diverged"]}
+        k = min(ok, key=ok.get)
+        return k, ok[k]
+
+    ke, le = best("eta_scaling")
+    ka, la = best("alpha_scaling")
+    fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)  # noqa: E731
+    conv = d["lambda_max_convergence"]
+    rows = [
+        (
+            "one-step SDR ∝ 1/η from a fixed state (Prop. 4)",
+            f"slope {d['sdr_slope_eta_identity']:.4f}",
+            "an identity of the construction (Δθ ∝ η with the direction fixed): a check of the code, not a measurement",
+        ),
+        (
+            "one-step SDR independent of α (Prop. 4), consistent probe: same network function at kα0 (B → B/k, Adam's"
+            " m_B → k·m_B, v_B → k²·v_B)",
+            f"slopes {fmt(d['sdr_slope_alpha_consistent'])} at steps {cps}",
+            "reproduced where Prop. 4 applies (exactly 0 at B = 0, tested to 1e-10); at trained checkpoints the"
+            " B·ΔA part of the signal does not grow with α, so SDR falls to its closed form ‖k·S_B + S_A‖/(k‖Dr‖),"
+            " not as 1/k",
+        ),
+        (
+            "the same with (A, B) and Adam's state frozen, gradient recomputed at kα0",
+            f"slopes {fmt(d['sdr_slope_alpha_frozen_state'])}",
+            "not a test of Prop. 4: where B ≠ 0 this probe changes the network function (also for sign-SGD, which has no state)",
+        ),
+        (
+            "trajectory SDR",
+            f"η-path slope {d['trajectory_sdr_slope_eta']:.2f}, α-path slope {d['trajectory_sdr_slope_alpha']:+.2f}",
+            "direction as predicted, far flatter than −1 along trajectories (B grows ∝ ηt)",
+        ),
+        (
+            "Finding II: large-k η-scaling diverges, α-scaling stays stable",
+            f"η-path: {path('eta_scaling')}; α-path: {path('alpha_scaling')}",
+            "reproduced"
+            if any(c["diverged"] for c in d["eta_scaling"].values())
+            and not any(c["diverged"] for c in d["alpha_scaling"].values())
+            else "not reproduced",
+        ),
+        (
+            "Finding II: α-scaling reaches lower loss",
+            f"best η-path {le:.3f} (k = {ke}) vs best α-path {la:.3f} (k = {ka})",
+            "reproduced (one seed)" if la < le else "**not reproduced** at this scale and horizon (one seed)",
+        ),
+        (
+            "λ_max(H_θ) along both paths (Lanczos)",
+            f"{conv['converged']} of {conv['measured']} converged, relative"
+            f" residual ≤ {conv['max_relative_residual_converged']:.1e}",
+            "unconverged values would be NaN with a warning",
+        ),
+    ]
+    r4 = "4" if "4" in sw["eta_star"] else next(iter(sw["eta_star"]))
+    es = sw["eta_star"][r4]
+    falls = (
+        all(es[b] <= es[a] for a, b in zip(list(es), list(es)[1:], strict=False))
+        and es[list(es)[-1]] < es[list(es)[0]]
+    )
+    rows.append(
+        (
+            "Finding I: η*(α) falls as α grows",
+            f"r = {r4}: " + ", ".join(f"α={a}: {e:g}" for a, e in es.items()),
+            "reproduced" if falls else "not monotone",
+        )
+    )
+    rows.append(
+        (
+            "Finding I: best loss improves with α",
+            "best held-out loss per α at r = "
+            + r4
+            + ": "
+            + ", ".join(f"{v:.3f}" for v in sw["best_loss"][r4].values())
+            + " (`fig1.png` b)",
+            "reproduced (one seed)"
+            if min(sw["best_loss"][r4], key=sw["best_loss"][r4].get) == list(sw["best_loss"][r4])[-1]
+            else f"**not reproduced**: the best α is {min(sw['best_loss'][r4], key=sw['best_loss'][r4].get)}, not the"
+            " largest (one seed)",
+        )
+    )
+    fit = sw["fit"]
+    a_star = ", ".join(
+        f"r={r}: {a:g}" + (" (edge)" if r in sw.get("alpha_star_edge", {}) else "")
+        for r, a in sw["alpha_star"].items()
+    )
+    rows.append(
+        (
+            "Finding III: α* = c·r^k with k ≈ ½",
+            f"α*(r) = {a_star}; fit over r = {', '.join(fit['ranks'])}: k = {fit['k']:.2f}, the grid cells allow"
+            f" k ∈ [{fit['k_grid_range'][0]:.2f}, {fit['k_grid_range'][1]:.2f}]",
+            "**not reproduced / not identifiable**: with η tuned per α the optimum over α is nearly flat at MLP scale",
+        )
+    )
+    lines = ["| claim | measured (MLP) | verdict |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines) + "\n"
+
+
+def fig2_dim256(root: Path) -> str:
+    """The d = 256 dynamics in one sentence list."""
+    d = _load(root, "dynamics_dim256/dynamics.json")
+    div = [f"k = {k} (step {c['diverged_step']})" for k, c in d["eta_scaling"].items() if c["diverged"]]
+    stable = not any(c["diverged"] for c in d["alpha_scaling"].values())
+    best = {
+        p: min(((c["best_loss"], k) for k, c in d[p].items() if not c["diverged"]))
+        for p in d
+        if p.endswith("_scaling")
+    }
+    fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)  # noqa: E731
+    conv = d["lambda_max_convergence"]
+    return (
+        f"η-scaling diverges at {' and '.join(div) or 'no k'} while α-scaling is"
+        f" {'stable at every k' if stable else 'not stable at every k'}; trajectory SDR slope along α"
+        f" {d['trajectory_sdr_slope_alpha']:.3f}, along η {d['trajectory_sdr_slope_eta']:.2f}; best losses:"
+        f" η-path {best['eta_scaling'][0]:.3f} at k = {best['eta_scaling'][1]}, α-path {best['alpha_scaling'][0]:.3f}"
+        f" at k = {best['alpha_scaling'][1]}; one-step α-probes at steps {d['sdr_probes']['checkpoints']}:"
+        f" consistent {fmt(d['sdr_slope_alpha_consistent'])}, frozen-state {fmt(d['sdr_slope_alpha_frozen_state'])};"
+        f" {conv['converged']} of {conv['measured']} λ_max(H_θ) values converged (relative residual ≤"
+        f" {conv['max_relative_residual_converged']:.1e}).\n"
+    )
+
+
+def calibrate_table(root: Path) -> str:
+    """Per-layer α from ``calibrate`` at r = 8."""
+    c = _load(root, "calibrate_r8/calibration.json")
+    L = c["layers"]
+    r = c["config"]["rank"]
+    fin = lambda key: [d[key] for d in L if math.isfinite(d[key])]  # noqa: E731
+    lam, tr, gauss = fin("alpha_lambda"), fin("alpha_trace"), fin("alpha_gaussian")
+    nan_tr = [d for d in L if not math.isfinite(d["alpha_trace"])]
+    why = []
+    for d in nan_tr:
+        unresolved = [
+            name
+            for name, v, se in (
+                ("tr H_ll", d["tr_H"], d["tr_H_se"]),
+                ("tr J0ᵀH_llJ0", d["tr_S"], d["tr_S_se"]),
+            )
+            if abs(v) < 2.3 * se
+        ]
+        why.append(
+            f"`{d['name'].split('.', 2)[-1]}`, {' and '.join(unresolved) or 'traces of opposite sign'} not"
+            f" resolved from 0 (estimates and standard errors: tr H_ll {d['tr_H']:.3g} (SE {d['tr_H_se']:.2g}),"
+            f" tr J0ᵀH_llJ0 {d['tr_S']:.2g} (SE {d['tr_S_se']:.2g}))"
+        )
+    widths = [d["alpha_trace_high"] / d["alpha_trace_low"] for d in L if math.isfinite(d["alpha_trace"])]
+    rows = [
+        (
+            f"α by λ_max ({len(lam)} of {len(L)} converged)",
+            f"{min(lam):.0f} – {max(lam):.0f}",
+            f"Lanczos residual ≤ {max(max(d['lam_H_residual'], d['lam_S_residual']) for d in L):.0e} relative",
+        ),
+        (
+            f"α by trace ({len(tr)} layers)",
+            f"{min(tr):.0f} – {max(tr):.0f}",
+            f"95 % intervals span ×{min(widths):.2f} to ×{max(widths):.2f} (high/low); NaN: "
+            + ("; ".join(why) if why else "none"),
+        ),
+        ("Corollary 1, √(r/σ²) with A's empirical σ²", f"{min(gauss):.0f} – {max(gauss):.0f}", "≈ √(3nr)"),
+        ("Variant I, 256√r", f"{256 * math.sqrt(r):.0f}", ""),
+    ]
+    lines = [f"| per layer ({len(L)}) | range | note |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {n} |" for a, b, n in rows]
+    gaps = [
+        d["alpha_lambda"] / d["alpha_trace"]
+        for d in L
+        if math.isfinite(d["alpha_lambda"]) and math.isfinite(d["alpha_trace"])
+    ]
+    lines.append("")
+    lines.append(
+        f"α_λ / α_tr per layer: median {c['gap_lambda_over_trace']:.2f}, range {min(gaps):.2f}–{max(gaps):.2f}."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def train_sweep_table(root: Path) -> str:
+    """Eq. 2 on the offline Llama: held-out NLL per k, both paths, every rank."""
+    s = _load(root, "train_sweep/sweep.json")
+    ranks = list(s["paths"])
+    ks = [row[0] for row in s["paths"][ranks[0]]["eta"]]
+    best = {(r, p): min(row[1] for row in s["paths"][r][p]) for r in ranks for p in ("eta", "alpha")}
+    mid = ranks[len(ranks) // 2]
+    head = "| k | " + " | ".join(f"r={r} η-path | r={r} α-path" for r in ranks) + f" | SDR r={mid}: η / α |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(ranks))]
+    for i, k in enumerate(ks):
+        cells = []
+        for r in ranks:
+            for p in ("eta", "alpha"):
+                v = s["paths"][r][p][i][1]
+                cells.append(f"**{v:.3f}**" if v == best[(r, p)] else f"{v:.3f}")
+        sdr = f"{s['paths'][mid]['eta'][i][2]:.0f} / {s['paths'][mid]['alpha'][i][2]:.0f}"
+        lines.append(f"| {k:g} | " + " | ".join(cells) + f" | {sdr} |")
+    return "\n".join(lines) + "\n"
+
+
+def train_table(root: Path) -> str:
+    """LoRA-α rules on the offline Llama: effective scale and final held-out NLL per rule and η."""
+    runs = {}
+    for f in sorted((root / "experiments" / "train").glob("*/metrics.json")):
+        m = json.loads(f.read_text())
+        runs[(m["config"]["scaling"], m["config"]["lr"])] = m
+    names = {
+        "rank": "heuristic α = r",
+        "variant2": "Variant II √(3nr) per module",
+        "calibrated": "measured by `calibrate` (λ_max), per module",
+        "variant1": "Variant I 256√r",
+    }
+    lrs = sorted({lr for _, lr in runs})
+    best = min(m["final_heldout_nll"] for m in runs.values())
+    lines = [
+        "| rule | effective scale | " + " | ".join(f"η = {lr:g}" for lr in lrs) + " |",
+        "|---|---|" + "---|" * len(lrs),
+    ]
+    for rule, name in names.items():
+        got = [runs.get((rule, lr)) for lr in lrs]
+        any_run = next(m for m in got if m is not None)
+        sc = list(any_run["scales"].values())
+        scale = f"{min(sc):.3g}" if max(sc) - min(sc) < 1e-9 else f"{min(sc):.2g}–{max(sc):.3g}"
+        cells = []
+        for m in got:
+            v = None if m is None else m["final_heldout_nll"]
+            cells.append("—" if v is None else f"**{v:.3f}**" if v == best else f"{v:.3f}")
+        lines.append(f"| {name} | {scale} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def train_sweep_eq3(root: Path) -> str:
+    """The Eq. 3 fit on the α path of the offline-Llama sweep, in one bullet."""
+    a = _load(root, "train_sweep/sweep.json")["alpha_path"]
+    fit, star = a["fit"], a["alpha_star"]
+    ratios = [v / (256 * math.sqrt(float(r))) for r, v in star.items()]
+    edge = a.get("alpha_star_edge") or {}
+    where = "all inside the grid" if not edge else f"at the grid edge for r = {', '.join(edge)}"
+    return (
+        f"- **Eq. 3 is not identifiable here.** α*(r) = {', '.join(f'{v:,.0f}' for v in star.values())} for"
+        f" r = {', '.join(star)} ({where}): {min(ratios):.0f}–{max(ratios):.0f}× Variant I's 256√r; the fit gives"
+        f" k = {fit['k']:.2f}, and with each α* known only to its grid cell the cells allow any k in"
+        f" [{fit['k_grid_range'][0]:.2f}, {fit['k_grid_range'][1]:.2f}]. The paper's k ≈ ½ needs more ranks"
+        " and a finer α grid than a CPU session affords.\n"
+    )
+
+
+FRAGMENTS: dict[str, Callable[[Path], str]] = {
+    "train-sweep-eq3": train_sweep_eq3,
+    "train-table": train_table,
+    "fig8-table": fig8_table,
+    "fig8-dim256": fig8_dim256,
+    "fig2-table": fig2_table,
+    "fig2-dim256": fig2_dim256,
+    "calibrate-table": calibrate_table,
+    "train-sweep-table": train_sweep_table,
+}
+
+
+def render(text: str, root: Path = ROOT) -> str:
+    """``text`` with every ``<!-- begin: NAME -->…<!-- end: NAME -->`` block re-rendered from JSON.
+
+    Raises:
+        KeyError: for a block whose ``NAME`` has no fragment.
+    """
+    return _BLOCK.sub(lambda m: m.group(1) + FRAGMENTS[m.group(2)](root) + m.group(4), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m signal_drift.report [--check] [--readme README.md]``."""
+    p = argparse.ArgumentParser(prog="python -m signal_drift.report", description=__doc__.splitlines()[0])
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("--check", action="store_true", help="exit 1 if the README differs from the JSON")
+    a = p.parse_args(argv)
+    old = a.readme.read_text()
+    new = render(old, a.readme.resolve().parent)
+    if a.check:
+        if new != old:
+            print(f"{a.readme}: numbers differ from experiments/*.json; run python -m signal_drift.report")
+            return 1
+        return 0
+    a.readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
