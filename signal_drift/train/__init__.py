@@ -37,7 +37,30 @@ __all__ = ["TrainConfig", "build_base_model", "load_model", "corpus_ids", "heldo
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of :func:`train` (the CLI's flags)."""
+    """Settings of :func:`train` (the flags of ``python -m signal_drift.train``).
+
+    Attributes:
+        model: local Hugging Face model directory (default: build a small Llama offline).
+        data: .txt or .jsonl corpus (default: offline standard-library docstrings).
+        scaling: variant1, variant2, rank, double_rank, rslora, fixed, or calibrated (with
+            ``calibration``).
+        rank: LoRA rank r.
+        lr: AdamW learning rate η.
+        gamma: γ of the LoRA scale γ·α/r.
+        alpha: α of 'fixed' and 'rslora'.
+        steps: optimizer steps.
+        batch_size: sequences per step (a multiple of the torchrun processes).
+        seq_len: tokens per sequence.
+        eval_every: held-out NLL every N steps.
+        checkpoint_every: checkpoint every N steps.
+        pretrain_steps: pre-training of the default offline model.
+        blowup: divergence: a loss above blowup × its first value (or NaN/Inf) stops training.
+        precision: auto (bf16 on CUDA, else fp32), fp32 or bf16.
+        monitor_every: log per-layer signal/drift every N steps (0: off).
+        calibration: calibration.json of ``python -m signal_drift.calibrate``, PATH[:lambda|:trace].
+        seed: random seed.
+        out: output folder (rerunning with the same one resumes).
+    """
 
     model: str | None = None
     data: str | None = None
@@ -65,24 +88,28 @@ class TrainConfig:
 
         valid = [r.value for r in Rule] + ["calibrated"]
         if self.scaling not in valid:
-            raise InputError(f"--scaling={self.scaling!r} is invalid: use one of {valid}")
+            raise InputError(f"scaling={self.scaling!r} is invalid: use one of {valid}", fields=["scaling"])
         if (self.scaling == "calibrated") != (self.calibration is not None):
-            raise InputError("--scaling calibrated and --calibration PATH[:lambda|:trace] go together")
+            raise InputError("scaling calibrated and calibration PATH[:lambda|:trace] go together",
+                             fields=["scaling", "calibration"])  # fmt: skip
         if self.calibration is not None:
             path, _, crit = self.calibration.partition(":")
             if not Path(path).is_file() or crit not in ("", "lambda", "trace"):
-                raise InputError(f"--calibration {self.calibration}: need an existing calibration.json, "
-                                 "optionally with :lambda (default) or :trace")  # fmt: skip
+                raise InputError(f"calibration {self.calibration}: need an existing calibration.json, "
+                                 "optionally with :lambda (default) or :trace",
+                                 fields=["calibration"])  # fmt: skip
         for name in ("rank", "steps", "batch_size", "seq_len", "eval_every", "checkpoint_every"):
-            check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         for name in ("lr", "gamma", "alpha", "blowup"):
-            check_positive_float(f"--{name}", getattr(self, name))
+            check_positive_float(name, getattr(self, name))
         if self.pretrain_steps < 0:
-            raise InputError("--pretrain-steps must be >= 0")
+            raise InputError("pretrain_steps must be >= 0", fields=["pretrain_steps"])
         if self.monitor_every < 0:
-            raise InputError("--monitor-every must be >= 0 (0 turns the signal/drift monitor off)")
+            raise InputError("monitor_every must be >= 0 (0 turns the signal/drift monitor off)",
+                             fields=["monitor_every"])  # fmt: skip
         if self.precision not in PRECISIONS:
-            raise InputError(f"--precision={self.precision!r} is invalid: use one of {list(PRECISIONS)}")
+            raise InputError(f"precision={self.precision!r} is invalid: use one of {list(PRECISIONS)}",
+                             fields=["precision"])  # fmt: skip
         check_model_dir(self.model)
 
 
