@@ -4,7 +4,7 @@ A :class:`ConfigParser` is an :class:`argparse.ArgumentParser` with one flag per
 frozen config dataclass. The flag is the field's name with ``-`` for ``_`` (``seq_len`` →
 ``--seq-len``); its type, default and metavar come from the field's type hint and default,
 its help from the class docstring's ``Attributes:`` section (or ``field(metadata={"help":
-...})``):
+...})``, or :data:`COMMON_HELP` for the settings several configs share):
 
 ==============================  ==================================================
 field                           flag
@@ -20,8 +20,9 @@ field                           flag
 :meth:`ConfigParser.parse_config` builds the config and calls its ``validate()``. Library
 messages name fields as Python does (``rank=0 is invalid``) and list them in
 :attr:`InputError.fields <signal_drift._errors.InputError.fields>`; the parser names them
-by their flags instead (``--rank=0 is invalid``). Flags that are not settings (``--out``
-of a figure-only command, ``--no-plot``, ``--json``) are added with ``add_argument`` as usual.
+by their flags instead (``--rank=0 is invalid``). :meth:`ConfigParser.add_output` adds
+``--out`` and ``--no-plot``; other flags that are not settings (``--json``) are added with
+``add_argument`` as usual.
 
 >>> from dataclasses import dataclass
 >>> @dataclass(frozen=True)
@@ -56,7 +57,24 @@ from typing import Any, Literal
 
 from ._errors import InputError
 
-__all__ = ["ConfigParser", "flag", "field_help", "with_flags"]
+__all__ = ["ConfigParser", "COMMON_HELP", "flag", "field_help", "with_flags"]
+
+#: What the settings that several configs share mean, in one place; a config's own
+#: ``Attributes:`` entry for a field wins.
+COMMON_HELP = {
+    "dim": "MLP width d.",
+    "rank": "LoRA rank r.",
+    "depth": "number of linear layers.",
+    "samples": "training samples N.",
+    "seed": "random seed.",
+    "model": "local Hugging Face model directory (default: build a small Llama offline).",
+    "data": ".txt or .jsonl corpus (default: offline standard-library docstrings).",
+    "batch_size": "sequences per step.",
+    "seq_len": "tokens per sequence.",
+    "pretrain_steps": "pre-training of the default offline model.",
+    "gamma": "γ of the LoRA scale γ·α/r.",
+    "out": "output folder.",
+}
 
 
 def flag(name: str) -> str:
@@ -141,7 +159,7 @@ class ConfigParser(argparse.ArgumentParser):
     ):
         super().__init__(prog=prog, description=description, epilog=epilog)
         self.config = config
-        texts = field_help(config) | dict(help or {})
+        texts = COMMON_HELP | field_help(config) | dict(help or {})
         hints = typing.get_type_hints(config)
         self.names = [f.name for f in dataclasses.fields(config)]
         for f in dataclasses.fields(config):
@@ -179,6 +197,17 @@ class ConfigParser(argparse.ArgumentParser):
             shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in _values(default))
             text = f"{text} (default: {shown})".strip()
         self.add_argument(flag(f.name), type=hint, help=text or None, **kw)
+
+    def add_output(self, default: str, figures: str | None = None) -> None:
+        """``--out`` for a config without an ``out`` field and, with ``figures``, ``--no-plot``.
+
+        Args:
+            default: the output folder.
+            figures: what ``--no-plot`` skips (e.g. ``"fig1.png"``); ``None``: no such flag.
+        """
+        self.add_argument("--out", default=default, help=f"output folder (default: {default})")
+        if figures is not None:
+            self.add_argument("--no-plot", action="store_true", help=f"skip {figures}")
 
     def parse_config(self, argv: Sequence[str] | None = None) -> tuple[Any, argparse.Namespace]:
         """Parse ``argv`` into a validated config and the namespace (for flags outside it).

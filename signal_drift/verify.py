@@ -279,9 +279,7 @@ class _Settings:
     """The flags of ``python -m signal_drift.verify``: the arguments of :func:`run_checks`.
 
     Attributes:
-        dim: MLP width d.
         rank: LoRA rank r, 1..dim.
-        seed: random seed.
     """
 
     dim: int = 8

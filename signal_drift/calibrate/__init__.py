@@ -53,10 +53,11 @@ LAMBDA_ACCEPT = 1e-4
 class CalibrateConfig:
     """Settings of :func:`calibrate` (the flags of ``python -m signal_drift.calibrate``).
 
+    The settings ``model``, ``rank``, ``pretrain_steps``, ``seed``, ``out`` mean the same in every config
+    (:data:`signal_drift.cli.COMMON_HELP`).
+
     Attributes:
-        model: local Hugging Face model directory (default: build a small Llama offline).
         data: .txt or .jsonl calibration corpus (default: offline docstrings).
-        rank: LoRA rank r.
         targets: module-name suffixes, as in PEFT.
         init: the A init PEFT applies.
         samples: calibration sequences.
@@ -64,9 +65,6 @@ class CalibrateConfig:
         probes: Hutchinson probes (shared by all layers).
         lanczos_steps: Lanczos steps per λ_max.
         dtype: precision of the model and every HVP.
-        pretrain_steps: pre-training of the default offline model.
-        seed: random seed.
-        out: output folder.
     """
 
     model: str | None = None

@@ -201,11 +201,10 @@ def train_lora(
 class DynamicsConfig:
     """Settings of :func:`run_dynamics` (the flags of ``python -m signal_drift.dynamics``).
 
+    The settings ``dim``, ``rank``, ``depth``, ``samples``, ``seed`` mean the same in every config
+    (:data:`signal_drift.cli.COMMON_HELP`).
+
     Attributes:
-        dim: MLP width d.
-        rank: LoRA rank r, 1..dim.
-        depth: number of linear layers.
-        samples: training samples N.
         steps: optimizer steps of every run.
         optimizer: the optimizer of every run.
         alpha0: base α (default: r).
@@ -214,7 +213,6 @@ class DynamicsConfig:
         curvature_every: λ_max(H_θ) every K steps (0: off).
         lanczos_steps: cap on Lanczos steps per λ_max.
         lanczos_tol: Lanczos stops when the top pair's residual estimate is below tol·max|λ|.
-        seed: random seed.
     """
 
     dim: int = 256

@@ -23,8 +23,7 @@ def _fmt(x: float | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
     p = ConfigParser(DynamicsConfig, prog=PROG, description=__doc__)
-    p.add_argument("--out", default="out/dynamics", help="output folder (default: out/dynamics)")
-    p.add_argument("--no-plot", action="store_true", help="skip fig2.png")
+    p.add_output("out/dynamics", figures="fig2.png")
     cfg, a = p.parse_config(argv)
     summary, runs = run_dynamics(cfg, progress=sys.stderr.isatty())
     out = Path(a.out)

@@ -20,8 +20,7 @@ PROG = "python -m signal_drift.spectra"
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
     p = ConfigParser(SpectraConfig, prog=PROG, description=__doc__)
-    p.add_argument("--out", default="out/spectra", help="output folder (default: out/spectra)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG figures")
+    p.add_output("out/spectra", figures="the PNG figures")
     cfg, args = p.parse_config(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     progress = sys.stderr.isatty()

@@ -48,13 +48,11 @@ __all__ = ["SpectraConfig", "SpectraResult", "default_alphas", "run_spectra"]
 class SpectraConfig:
     """Settings of :func:`run_spectra` (the flags of ``python -m signal_drift.spectra``).
 
+    The settings ``dim``, ``rank``, ``depth``, ``samples``, ``seed`` mean the same in every config
+    (:data:`signal_drift.cli.COMMON_HELP`).
+
     Attributes:
-        dim: MLP width d.
-        rank: LoRA rank r, 1..dim.
-        depth: number of linear layers.
         alphas: α values, at least 2 (default: 8 around Variant II's α*, :func:`default_alphas`).
-        samples: training samples N.
-        seed: random seed.
         dtype: precision of the model and every Hessian.
         device: cpu, cuda or cuda:K.
         train_steps: evaluate after K Adam steps per α (0: at init).

@@ -77,16 +77,15 @@ def run_grid(
 class MLPSweepConfig:
     """The (r, α, η) grid on the controlled MLP (the flags of ``python -m signal_drift.sweep``).
 
+    The settings ``dim``, ``depth``, ``samples``, ``seed`` mean the same in every config
+    (:data:`signal_drift.cli.COMMON_HELP`).
+
     Attributes:
-        dim: MLP width d.
-        depth: number of linear layers.
-        samples: training samples N.
         test_samples: held-out samples that score each cell.
         steps: Adam steps per cell.
         ranks: LoRA ranks r, each 1..dim.
         alphas: the α of the grid.
         lrs: the learning rates η of the grid.
-        seed: random seed.
     """
 
     dim: int = 32

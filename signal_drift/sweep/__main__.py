@@ -18,8 +18,7 @@ PROG = "python -m signal_drift.sweep"
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
     p = ConfigParser(MLPSweepConfig, prog=PROG, description=__doc__)
-    p.add_argument("--out", default="out/sweep", help="output folder (default: out/sweep)")
-    p.add_argument("--no-plot", action="store_true", help="skip fig1.png")
+    p.add_output("out/sweep", figures="fig1.png")
     cfg, a = p.parse_config(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

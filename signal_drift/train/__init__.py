@@ -39,27 +39,22 @@ __all__ = ["TrainConfig", "build_base_model", "load_model", "corpus_ids", "heldo
 class TrainConfig:
     """Settings of :func:`train` (the flags of ``python -m signal_drift.train``).
 
+    The settings ``model``, ``data``, ``rank``, ``gamma``, ``seq_len``, ``pretrain_steps``, ``seed``,
+    ``out`` mean the same in every config (:data:`signal_drift.cli.COMMON_HELP`).
+
     Attributes:
-        model: local Hugging Face model directory (default: build a small Llama offline).
-        data: .txt or .jsonl corpus (default: offline standard-library docstrings).
         scaling: variant1, variant2, rank, double_rank, rslora, fixed, or calibrated (with
             ``calibration``).
-        rank: LoRA rank r.
         lr: AdamW learning rate η.
-        gamma: γ of the LoRA scale γ·α/r.
         alpha: α of 'fixed' and 'rslora'.
         steps: optimizer steps.
         batch_size: sequences per step (a multiple of the torchrun processes).
-        seq_len: tokens per sequence.
         eval_every: held-out NLL every N steps.
         checkpoint_every: checkpoint every N steps.
-        pretrain_steps: pre-training of the default offline model.
         blowup: divergence: a loss above blowup × its first value (or NaN/Inf) stops training.
         precision: auto (bf16 on CUDA, else fp32), fp32 or bf16.
         monitor_every: log per-layer signal/drift every N steps (0: off).
         calibration: calibration.json of ``python -m signal_drift.calibrate``, PATH[:lambda|:trace].
-        seed: random seed.
-        out: output folder (rerunning with the same one resumes).
     """
 
     model: str | None = None

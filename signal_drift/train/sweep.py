@@ -31,20 +31,15 @@ __all__ = ["TrainSweepConfig", "path_cells", "analyse_paths", "run_train_sweep"]
 class TrainSweepConfig:
     """Settings of :func:`run_train_sweep` (the flags of ``python -m signal_drift.train sweep``).
 
+    The settings ``model``, ``data``, ``gamma``, ``batch_size``, ``seq_len``, ``pretrain_steps``,
+    ``seed``, ``out`` mean the same in every config (:data:`signal_drift.cli.COMMON_HELP`).
+
     Attributes:
-        model: local Hugging Face model directory (default: build a small Llama offline).
-        data: .txt or .jsonl corpus (default: offline standard-library docstrings).
         ranks: the LoRA ranks r.
         base_alpha: α0 of the baseline (default: α0 = r, the heuristic).
         base_lr: η_FFT, the baseline learning rate shared by both paths.
         multipliers: the k of Eq. 2.
-        gamma: γ of the LoRA scale γ·α/r.
         steps: optimizer steps per run.
-        batch_size: sequences per step.
-        seq_len: tokens per sequence.
-        pretrain_steps: pre-training of the default offline model.
-        seed: random seed.
-        out: output folder (rerunning with the same one resumes).
     """
 
     model: str | None = None
