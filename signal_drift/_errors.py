@@ -15,6 +15,9 @@ __all__ = [
     "DivergenceError",
     "PrecisionWarning",
     "check_finite",
+    "check_positive_int",
+    "check_positive_float",
+    "check_choice",
     "warn_low_precision",
     "run_cli",
 ]
@@ -24,7 +27,15 @@ class InputError(ValueError):
     """Invalid user input (bad shape, rank, dim, dtype, non-finite data).
 
     The message always names the offending argument and the allowed range.
+
+    Attributes:
+        fields: the argument or config field names the message names (as Python spells them),
+            so that a command line can name them by its flags (:mod:`signal_drift.cli`).
     """
+
+    def __init__(self, message: str, *, fields: Sequence[str] = ()):
+        super().__init__(message)
+        self.fields = tuple(fields)
 
 
 class DivergenceError(RuntimeError):
@@ -79,9 +90,9 @@ def check_positive_int(name: str, value: int, upper: int | None = None) -> int:
     """Validate ``1 <= value <= upper`` and return it as ``int``."""
     if isinstance(value, bool) or int(value) != value or value < 1:
         rng = f"1..{upper}" if upper is not None else ">= 1"
-        raise InputError(f"{name}={value!r} is invalid: must be an integer in {rng}")
+        raise InputError(f"{name}={value!r} is invalid: must be an integer in {rng}", fields=[name])
     if upper is not None and value > upper:
-        raise InputError(f"{name}={value} is invalid: must be an integer in 1..{upper}")
+        raise InputError(f"{name}={value} is invalid: must be an integer in 1..{upper}", fields=[name])
     return int(value)
 
 
@@ -89,8 +100,21 @@ def check_positive_float(name: str, value: float) -> float:
     """Validate that ``value`` is a finite number > 0 and return it as ``float``."""
     v = float(value)
     if not math.isfinite(v) or v <= 0:
-        raise InputError(f"{name}={value!r} is invalid: must be a finite number > 0")
+        raise InputError(f"{name}={value!r} is invalid: must be a finite number > 0", fields=[name])
     return v
+
+
+def check_choice(name: str, value: object, choices: Sequence) -> None:
+    """Raise :class:`InputError` unless ``value`` is one of ``choices``.
+
+    >>> check_choice("dtype", "float16", ("float64", "float32"))
+    Traceback (most recent call last):
+    signal_drift._errors.InputError: dtype='float16' is invalid: use float64 or float32
+    """
+    if value not in choices:
+        names = [str(c) for c in choices]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        raise InputError(f"{name}={value!r} is invalid: use {listed}", fields=[name])
 
 
 def run_cli(

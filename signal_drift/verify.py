@@ -7,7 +7,6 @@ of the composed loss, closed forms, or simulation) in float64 and reports a
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -21,6 +20,7 @@ from torch.func import grad
 from tqdm.auto import tqdm
 
 from ._errors import check_positive_int, run_cli
+from .cli import ConfigParser
 from .decomposition import block_indices, curvature, decompose_update
 from .hessian import dense_hessian, fft_gradient, lora_gradient
 from .lora import LoraProblem, attach_lora, init_theta
@@ -274,10 +274,27 @@ CHECKS: dict[str, Callable[[Setup], CheckResult]] = {
 }
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """The flags of ``python -m signal_drift.verify``: the arguments of :func:`run_checks`.
+
+    Attributes:
+        rank: LoRA rank r, 1..dim.
+    """
+
+    dim: int = 8
+    rank: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`~signal_drift.InputError` naming the first invalid field."""
+        check_positive_int("dim", self.dim)
+        check_positive_int("rank", self.rank, self.dim)
+
+
 def run_checks(dim: int = 8, rank: int = 2, seed: int = 0, progress: bool = False) -> list[CheckResult]:
     """Run every check of :data:`CHECKS` on a fresh model; returns the results in order."""
-    check_positive_int("--dim", dim)
-    check_positive_int("--rank", rank, dim)
+    _Settings(dim, rank, seed).validate()
     setup = make_setup(dim, rank, seed)
     out = []
     for name, fn in tqdm(CHECKS.items(), disable=not progress, desc="verify", leave=False):
@@ -288,24 +305,17 @@ def run_checks(dim: int = 8, rank: int = 2, seed: int = 0, progress: bool = Fals
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--dim", type=int, default=8, help="MLP width d (default 8)")
-    p.add_argument("--rank", type=int, default=2, help="LoRA rank r, 1..dim (default 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p = ConfigParser(_Settings, prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument(
         "--json", action="store_true", help="print a JSON list of {name, error, tolerance, passed}"
     )
-    args = p.parse_args(argv)
-    check_positive_int("--dim", args.dim)
-    check_positive_int("--rank", args.rank, args.dim)
+    cfg, args = p.parse_config(argv)
     torch.set_default_dtype(torch.float64)
-    results = run_checks(args.dim, args.rank, args.seed, progress=not args.json and sys.stderr.isatty())
+    results = run_checks(cfg.dim, cfg.rank, cfg.seed, progress=not args.json and sys.stderr.isatty())
     if args.json:
         print(json.dumps([{k: v for k, v in asdict(r).items() if k != "detail"} for r in results]))
     else:
-        print(
-            f"signal-drift verify: 5-layer SiLU MLP, d={args.dim}, r={args.rank}, seed={args.seed}, float64"
-        )
+        print(f"signal-drift verify: 5-layer SiLU MLP, d={cfg.dim}, r={cfg.rank}, seed={cfg.seed}, float64")
         print(f"{'check':<22} {'error':>10} {'tolerance':>10}  {'pass':<4}  detail")
         for r in results:
             mark = "yes" if r.passed else "NO"

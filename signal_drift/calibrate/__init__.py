@@ -29,12 +29,14 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from .._errors import InputError, check_positive_int, warn_low_precision
+from .._errors import InputError, check_choice, check_positive_int, warn_low_precision
 from ..operators import FunctionOperator, LinearOperator
+from ..scaling import InitKind
 from ..spectra.lanczos import EigResult, lanczos_eigs
 from ..spectra.trace import TraceEstimate, hutchinson
 from ..train import check_model_dir
@@ -49,18 +51,32 @@ LAMBDA_ACCEPT = 1e-4
 
 @dataclass(frozen=True)
 class CalibrateConfig:
-    """Settings of ``python -m signal_drift.calibrate`` (the CLI's flags)."""
+    """Settings of :func:`calibrate` (the flags of ``python -m signal_drift.calibrate``).
+
+    The settings ``model``, ``rank``, ``pretrain_steps``, ``seed``, ``out`` mean the same in every config
+    (:data:`signal_drift.cli.COMMON_HELP`).
+
+    Attributes:
+        data: .txt or .jsonl calibration corpus (default: offline docstrings).
+        targets: module-name suffixes, as in PEFT.
+        init: the A init PEFT applies.
+        samples: calibration sequences.
+        seq_len: tokens per calibration sequence.
+        probes: Hutchinson probes (shared by all layers).
+        lanczos_steps: Lanczos steps per λ_max.
+        dtype: precision of the model and every HVP.
+    """
 
     model: str | None = None
     data: str | None = None
     rank: int = 8
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    init: str = "kaiming_uniform"
+    init: InitKind = "kaiming_uniform"
     samples: int = 8
     seq_len: int = 128
     probes: int = 64
     lanczos_steps: int = 150
-    dtype: str = "float64"
+    dtype: Literal["float64", "float32"] = "float64"
     pretrain_steps: int = 300
     seed: int = 0
     out: str = "out/calibrate"
@@ -68,17 +84,15 @@ class CalibrateConfig:
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first invalid field."""
         for name in ("rank", "samples", "seq_len", "lanczos_steps"):
-            check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.probes < 2:
-            raise InputError(f"--probes={self.probes} is invalid: need >= 2 for an error bar")
-        if self.init not in ("kaiming_uniform", "gaussian"):
             raise InputError(
-                f"--init={self.init!r} is invalid: use 'kaiming_uniform' (PEFT default) or 'gaussian'"
+                f"probes={self.probes} is invalid: need >= 2 for an error bar", fields=["probes"]
             )
-        if self.dtype not in ("float32", "float64"):
-            raise InputError(f"--dtype={self.dtype!r} is invalid: use float32 or float64")
+        check_choice("init", self.init, ("kaiming_uniform", "gaussian"))
+        check_choice("dtype", self.dtype, ("float32", "float64"))
         if self.pretrain_steps < 0:
-            raise InputError("--pretrain-steps must be >= 0")
+            raise InputError("pretrain_steps must be >= 0", fields=["pretrain_steps"])
         check_model_dir(self.model)
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
 from .._errors import run_cli
+from ..cli import ConfigParser
 from . import CalibrateConfig, calibrate
 
 PROG = "python -m signal_drift.calibrate"
@@ -14,33 +14,7 @@ PROG = "python -m signal_drift.calibrate"
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
-    d = CalibrateConfig()
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    p.add_argument(
-        "--model", help="local Hugging Face model directory (default: build a small Llama offline)"
-    )
-    p.add_argument("--data", help=".txt or .jsonl calibration corpus (default: offline docstrings)")
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--targets", nargs="+", default=list(d.targets), help="module-name suffixes, as in PEFT")
-    p.add_argument(
-        "--init", default=d.init, help="A init PEFT applies: kaiming_uniform (default) or gaussian"
-    )
-    p.add_argument("--samples", type=int, default=d.samples, help="calibration sequences")
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--probes", type=int, default=d.probes, help="Hutchinson probes (shared by all layers)")
-    p.add_argument("--lanczos-steps", type=int, default=d.lanczos_steps)
-    p.add_argument("--dtype", default=d.dtype, help="float64 (default) or float32")
-    p.add_argument(
-        "--pretrain-steps", type=int, default=d.pretrain_steps, help="for the default offline model"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=d.out)
-    a = p.parse_args(argv)
-    cfg = CalibrateConfig(model=a.model, data=a.data, rank=a.rank, targets=tuple(a.targets), init=a.init,
-                          samples=a.samples, seq_len=a.seq_len, probes=a.probes,
-                          lanczos_steps=a.lanczos_steps, dtype=a.dtype, pretrain_steps=a.pretrain_steps,
-                          seed=a.seed, out=a.out)  # fmt: skip
-    cfg.validate()
+    cfg, _ = ConfigParser(CalibrateConfig, prog=PROG, description=__doc__).parse_config(argv)
     res = calibrate(cfg, progress=sys.stderr.isatty(), log=lambda s: print(s, file=sys.stderr))
     print(f"{'layer':40s} {'n':>6s} {'α_trace [95 %]':>18s} {'α_λmax':>9s} {'√(r/σ²)':>9s}")
     for d in res["layers"]:

@@ -19,14 +19,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import numpy as np
 import torch
 from torch.func import grad_and_value
 from tqdm.auto import tqdm
 
-from .._errors import InputError, check_positive_float, check_positive_int
+from .._errors import InputError, check_choice, check_positive_float, check_positive_int
 from ..decomposition import decompose_update, decomposed_lora_hessian, pullback
 from ..lora import LoraProblem, attach_lora, init_theta
 from ..model import make_mlp, make_task
@@ -199,7 +199,21 @@ def train_lora(
 
 @dataclass(frozen=True)
 class DynamicsConfig:
-    """Settings of :func:`run_dynamics` (the CLI's flags)."""
+    """Settings of :func:`run_dynamics` (the flags of ``python -m signal_drift.dynamics``).
+
+    The settings ``dim``, ``rank``, ``depth``, ``samples``, ``seed`` mean the same in every config
+    (:data:`signal_drift.cli.COMMON_HELP`).
+
+    Attributes:
+        steps: optimizer steps of every run.
+        optimizer: the optimizer of every run.
+        alpha0: base α (default: r).
+        lr0: base learning rate η0.
+        multipliers: the k of the η-scaling path (α0, k·η0) and the α-scaling path (k·α0, η0).
+        curvature_every: λ_max(H_θ) every K steps (0: off).
+        lanczos_steps: cap on Lanczos steps per λ_max.
+        lanczos_tol: Lanczos stops when the top pair's residual estimate is below tol·max|λ|.
+    """
 
     dim: int = 256
     rank: int = 4
@@ -217,23 +231,26 @@ class DynamicsConfig:
 
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first invalid field."""
-        check_positive_int("--dim", self.dim)
-        check_positive_int("--rank", self.rank, self.dim)
-        check_positive_int("--depth", self.depth)
-        check_positive_int("--samples", self.samples)
-        check_positive_int("--steps", self.steps)
-        check_positive_float("--lr0", self.lr0)
+        check_positive_int("dim", self.dim)
+        check_positive_int("rank", self.rank, self.dim)
+        for name in ("depth", "samples", "steps"):
+            check_positive_int(name, getattr(self, name))
+        check_positive_float("lr0", self.lr0)
         if self.alpha0 is not None:
-            check_positive_float("--alpha0", self.alpha0)
-        if self.optimizer not in ("adam", "sgd", "signsgd", "muon"):
-            raise InputError(f"--optimizer={self.optimizer!r} is invalid: use adam, sgd, signsgd or muon")
+            check_positive_float("alpha0", self.alpha0)
+        check_choice("optimizer", self.optimizer, get_args(OptimizerName))
         if not self.multipliers or any(not (m > 0) for m in self.multipliers):
-            raise InputError(f"--multipliers={list(self.multipliers)} is invalid: need positive values")
+            raise InputError(
+                f"multipliers={list(self.multipliers)} is invalid: need positive values",
+                fields=["multipliers"],
+            )
         if self.curvature_every < 0:
-            raise InputError("--curvature-every must be >= 0")
-        check_positive_int("--lanczos-steps", self.lanczos_steps)
+            raise InputError("curvature_every must be >= 0", fields=["curvature_every"])
+        check_positive_int("lanczos_steps", self.lanczos_steps)
         if not (0 < self.lanczos_tol < 1):
-            raise InputError(f"--lanczos-tol={self.lanczos_tol} is invalid: need 0 < tol < 1")
+            raise InputError(
+                f"lanczos_tol={self.lanczos_tol} is invalid: need 0 < tol < 1", fields=["lanczos_tol"]
+            )
 
 
 #: What each one-step probe in ``dynamics.json`` measures (see :mod:`.probes`).

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from .._errors import run_cli
+from ..cli import ConfigParser
 from ..io import atomic_write_text
 from . import DynamicsConfig, run_dynamics
 
@@ -22,42 +22,9 @@ def _fmt(x: float | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    p.add_argument("--dim", type=int, default=256, help="MLP width d (default 256)")
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--depth", type=int, default=5)
-    p.add_argument("--samples", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--optimizer", default="adam", help="adam (default), sgd, signsgd or muon")
-    p.add_argument("--alpha0", type=float, default=None, help="base α (default: r)")
-    p.add_argument("--lr0", type=float, default=1e-2, help="base learning rate η0 (default 1e-2)")
-    p.add_argument("--multipliers", type=float, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--curvature-every", type=int, default=25, help="λ_max(H_θ) every K steps (0: off)")
-    p.add_argument("--lanczos-steps", type=int, default=300, help="cap on Lanczos steps per λ_max")
-    p.add_argument(
-        "--lanczos-tol", type=float, default=1e-9,
-        help="Lanczos stops when the top pair's residual estimate is below tol·max|λ| (default 1e-9)",
-    )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/dynamics")
-    p.add_argument("--no-plot", action="store_true")
-    a = p.parse_args(argv)
-    cfg = DynamicsConfig(
-        dim=a.dim,
-        rank=a.rank,
-        depth=a.depth,
-        samples=a.samples,
-        steps=a.steps,
-        optimizer=a.optimizer,
-        alpha0=a.alpha0,
-        lr0=a.lr0,
-        multipliers=tuple(a.multipliers),
-        curvature_every=a.curvature_every,
-        lanczos_steps=a.lanczos_steps,
-        lanczos_tol=a.lanczos_tol,
-        seed=a.seed,
-    )
-    cfg.validate()
+    p = ConfigParser(DynamicsConfig, prog=PROG, description=__doc__)
+    p.add_output("out/dynamics", figures="fig2.png")
+    cfg, a = p.parse_config(argv)
     summary, runs = run_dynamics(cfg, progress=sys.stderr.isatty())
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

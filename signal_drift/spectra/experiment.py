@@ -27,13 +27,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._errors import DivergenceError, InputError, check_positive_float, check_positive_int
+from .._errors import DivergenceError, InputError, check_choice, check_positive_float, check_positive_int
 from .._memory import check_dense, format_bytes
 from ..decomposition import curvature
 from ..hessian import fft_hessian
@@ -59,7 +59,30 @@ LANCZOS_ABOVE = 6000
 
 @dataclass(frozen=True)
 class SpectraConfig:
-    """Settings of :func:`run_spectra` (the CLI's flags)."""
+    """Settings of :func:`run_spectra` (the flags of ``python -m signal_drift.spectra``).
+
+    The settings ``dim``, ``rank``, ``depth``, ``samples``, ``seed`` mean the same in every config
+    (:data:`signal_drift.cli.COMMON_HELP`).
+
+    Attributes:
+        alphas: α values, at least 2 (default: 8 around Variant II's α*, :func:`default_alphas`).
+        dtype: precision of the model and every Hessian.
+        device: cpu, cuda or cuda:K.
+        train_steps: evaluate after K Adam steps per α (0: at init).
+        lr: Adam learning rate of ``train_steps``.
+        pretrain_steps: first fit W0 on the task with K Adam steps.
+        pretrain_lr: Adam learning rate of ``pretrain_steps``.
+        task_shift: with ``pretrain_steps``: fine-tune target shift.
+        a_draws: A draws for the trace-rule Monte Carlo.
+        slq_probes: probe vectors per SLQ density.
+        slq_steps: Lanczos steps per SLQ probe.
+        lanczos_steps: Lanczos steps per extreme eigenvalue.
+        exact_fft: also diagonalise the dense FFT Hessian (slow).
+        lora_spectra: H_θ(α) spectra: dense eigvalsh, lanczos (extremes + SLQ), or auto (lanczos
+            above 6000 params).
+        init: LoRA A init.
+        decay: power-law decay of the target map's singular values (:func:`~signal_drift.model.make_task`).
+    """
 
     dim: int = 64
     rank: int = 4
@@ -85,32 +108,32 @@ class SpectraConfig:
 
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first invalid field."""
-        check_positive_int("--dim", self.dim)
-        check_positive_int("--rank", self.rank, self.dim)
-        check_positive_int("--depth", self.depth)
-        check_positive_int("--samples", self.samples)
-        check_positive_int("--a-draws", self.a_draws)
-        check_positive_int("--slq-probes", self.slq_probes)
-        check_positive_int("--slq-steps", self.slq_steps)
+        check_positive_int("dim", self.dim)
+        check_positive_int("rank", self.rank, self.dim)
+        for name in ("depth", "samples", "a_draws", "slq_probes", "slq_steps", "lanczos_steps"):
+            check_positive_int(name, getattr(self, name))
         for a in self.alphas or ():
-            check_positive_float("--alphas", a)
+            check_positive_float("alphas", a)
         if self.alphas is not None and len(self.alphas) < 2:
-            raise InputError("--alphas: give at least 2 values (slopes are fitted across α)")
-        if not self.task_shift >= 0:
-            raise InputError(f"--task-shift={self.task_shift} is invalid: must be >= 0")
+            raise InputError("alphas: give at least 2 values (slopes are fitted across α)", fields=["alphas"])
+        for name in ("task_shift", "decay"):
+            if not getattr(self, name) >= 0:
+                raise InputError(f"{name}={getattr(self, name)} is invalid: must be >= 0", fields=[name])
         if self.train_steps < 0 or self.pretrain_steps < 0:
-            raise InputError("--train-steps/--pretrain-steps must be >= 0")
-        check_positive_float("--lr", self.lr)
-        check_positive_float("--pretrain-lr", self.pretrain_lr)
-        if self.lora_spectra not in ("auto", "dense", "lanczos"):
-            raise InputError(f"--lora-spectra={self.lora_spectra!r} is invalid: use auto, dense or lanczos")
-        if self.dtype not in ("float64", "float32"):
-            raise InputError(f"--dtype={self.dtype!r} is invalid: use float64 or float32")
+            raise InputError(
+                "train_steps/pretrain_steps must be >= 0", fields=["train_steps", "pretrain_steps"]
+            )
+        check_positive_float("lr", self.lr)
+        check_positive_float("pretrain_lr", self.pretrain_lr)
+        check_choice("lora_spectra", self.lora_spectra, ("auto", "dense", "lanczos"))
+        check_choice("dtype", self.dtype, ("float64", "float32"))
+        check_choice("init", self.init, get_args(InitKind))
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise InputError(f"--device={self.device!r} is invalid: use cpu or cuda")
+            raise InputError(f"device={self.device!r} is invalid: use cpu or cuda", fields=["device"])
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError(
-                f"--device={self.device}: CUDA is not available on this machine; use --device cpu"
+                f"device={self.device}: CUDA is not available on this machine; use device cpu",
+                fields=["device"],
             )
 
 

@@ -75,7 +75,18 @@ def run_grid(
 
 @dataclass(frozen=True)
 class MLPSweepConfig:
-    """The (r, α, η) grid on the controlled MLP."""
+    """The (r, α, η) grid on the controlled MLP (the flags of ``python -m signal_drift.sweep``).
+
+    The settings ``dim``, ``depth``, ``samples``, ``seed`` mean the same in every config
+    (:data:`signal_drift.cli.COMMON_HELP`).
+
+    Attributes:
+        test_samples: held-out samples that score each cell.
+        steps: Adam steps per cell.
+        ranks: LoRA ranks r, each 1..dim.
+        alphas: the α of the grid.
+        lrs: the learning rates η of the grid.
+    """
 
     dim: int = 32
     depth: int = 5
@@ -89,17 +100,14 @@ class MLPSweepConfig:
 
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first invalid field."""
-        check_positive_int("--dim", self.dim)
-        check_positive_int("--depth", self.depth)
-        check_positive_int("--samples", self.samples)
-        check_positive_int("--test-samples", self.test_samples)
-        check_positive_int("--steps", self.steps)
+        for name in ("dim", "depth", "samples", "test_samples", "steps"):
+            check_positive_int(name, getattr(self, name))
         for r in self.ranks:
-            check_positive_int("--ranks", r, self.dim)
+            check_positive_int("ranks", r, self.dim)
         for a in self.alphas:
-            check_positive_float("--alphas", a)
+            check_positive_float("alphas", a)
         for lr in self.lrs:
-            check_positive_float("--lrs", lr)
+            check_positive_float("lrs", lr)
 
     def cells(self) -> list[dict]:
         """Every grid point as a dict (with the settings that define it)."""

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from .._errors import run_cli
+from ..cli import ConfigParser
 from ..io import atomic_write_text
 from . import MLPSweepConfig, analyse, config_dict, describe_alpha_star, mlp_cell, run_grid
 
@@ -17,31 +17,9 @@ PROG = "python -m signal_drift.sweep"
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    p.add_argument("--dim", type=int, default=32)
-    p.add_argument("--depth", type=int, default=5)
-    p.add_argument("--samples", type=int, default=512)
-    p.add_argument("--test-samples", type=int, default=512)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--alphas", type=float, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/sweep")
-    p.add_argument("--no-plot", action="store_true")
-    a = p.parse_args(argv)
-    cfg = MLPSweepConfig(
-        dim=a.dim,
-        depth=a.depth,
-        samples=a.samples,
-        test_samples=a.test_samples,
-        steps=a.steps,
-        ranks=tuple(a.ranks),
-        alphas=tuple(a.alphas),
-        lrs=tuple(a.lrs),
-        seed=a.seed,
-    )
-    cfg.validate()
+    p = ConfigParser(MLPSweepConfig, prog=PROG, description=__doc__)
+    p.add_output("out/sweep", figures="fig1.png")
+    cfg, a = p.parse_config(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cells = [c | {"test_samples": cfg.test_samples} for c in cfg.cells()]

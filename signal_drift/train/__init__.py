@@ -37,7 +37,25 @@ __all__ = ["TrainConfig", "build_base_model", "load_model", "corpus_ids", "heldo
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of :func:`train` (the CLI's flags)."""
+    """Settings of :func:`train` (the flags of ``python -m signal_drift.train``).
+
+    The settings ``model``, ``data``, ``rank``, ``gamma``, ``seq_len``, ``pretrain_steps``, ``seed``,
+    ``out`` mean the same in every config (:data:`signal_drift.cli.COMMON_HELP`).
+
+    Attributes:
+        scaling: variant1, variant2, rank, double_rank, rslora, fixed, or calibrated (with
+            ``calibration``).
+        lr: AdamW learning rate η.
+        alpha: α of 'fixed' and 'rslora'.
+        steps: optimizer steps.
+        batch_size: sequences per step (a multiple of the torchrun processes).
+        eval_every: held-out NLL every N steps.
+        checkpoint_every: checkpoint every N steps.
+        blowup: divergence: a loss above blowup × its first value (or NaN/Inf) stops training.
+        precision: auto (bf16 on CUDA, else fp32), fp32 or bf16.
+        monitor_every: log per-layer signal/drift every N steps (0: off).
+        calibration: calibration.json of ``python -m signal_drift.calibrate``, PATH[:lambda|:trace].
+    """
 
     model: str | None = None
     data: str | None = None
@@ -65,24 +83,28 @@ class TrainConfig:
 
         valid = [r.value for r in Rule] + ["calibrated"]
         if self.scaling not in valid:
-            raise InputError(f"--scaling={self.scaling!r} is invalid: use one of {valid}")
+            raise InputError(f"scaling={self.scaling!r} is invalid: use one of {valid}", fields=["scaling"])
         if (self.scaling == "calibrated") != (self.calibration is not None):
-            raise InputError("--scaling calibrated and --calibration PATH[:lambda|:trace] go together")
+            raise InputError("scaling calibrated and calibration PATH[:lambda|:trace] go together",
+                             fields=["scaling", "calibration"])  # fmt: skip
         if self.calibration is not None:
             path, _, crit = self.calibration.partition(":")
             if not Path(path).is_file() or crit not in ("", "lambda", "trace"):
-                raise InputError(f"--calibration {self.calibration}: need an existing calibration.json, "
-                                 "optionally with :lambda (default) or :trace")  # fmt: skip
+                raise InputError(f"calibration {self.calibration}: need an existing calibration.json, "
+                                 "optionally with :lambda (default) or :trace",
+                                 fields=["calibration"])  # fmt: skip
         for name in ("rank", "steps", "batch_size", "seq_len", "eval_every", "checkpoint_every"):
-            check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         for name in ("lr", "gamma", "alpha", "blowup"):
-            check_positive_float(f"--{name}", getattr(self, name))
+            check_positive_float(name, getattr(self, name))
         if self.pretrain_steps < 0:
-            raise InputError("--pretrain-steps must be >= 0")
+            raise InputError("pretrain_steps must be >= 0", fields=["pretrain_steps"])
         if self.monitor_every < 0:
-            raise InputError("--monitor-every must be >= 0 (0 turns the signal/drift monitor off)")
+            raise InputError("monitor_every must be >= 0 (0 turns the signal/drift monitor off)",
+                             fields=["monitor_every"])  # fmt: skip
         if self.precision not in PRECISIONS:
-            raise InputError(f"--precision={self.precision!r} is invalid: use one of {list(PRECISIONS)}")
+            raise InputError(f"precision={self.precision!r} is invalid: use one of {list(PRECISIONS)}",
+                             fields=["precision"])  # fmt: skip
         check_model_dir(self.model)
 
 

@@ -6,14 +6,16 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from .._errors import DivergenceError, run_cli
+from ..cli import ConfigParser
+from ..sweep import describe_alpha_star
 from . import TrainConfig, train
+from .sweep import TrainSweepConfig, run_train_sweep
 
 PROG = "python -m signal_drift.train"
 
@@ -23,45 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sweep"]:
         return sweep_main(argv[1:])
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, epilog=f"see also: {PROG} sweep --help")
-    p.add_argument(
-        "--model", help="local Hugging Face model directory (default: build a small Llama offline)"
-    )
-    p.add_argument("--data", help=".txt or .jsonl corpus (default: offline standard-library docstrings)")
-    p.add_argument(
-        "--scaling",
-        default="variant1",
-        help="variant1, variant2, rank, double_rank, rslora, fixed, or calibrated (with --calibration)",
-    )
-    p.add_argument(
-        "--calibration", help="calibration.json of `python -m signal_drift.calibrate`, PATH[:lambda|:trace]"
-    )
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--gamma", type=float, default=1.0)
-    p.add_argument("--alpha", type=float, default=16.0, help="α of 'fixed' and 'rslora'")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument(
-        "--pretrain-steps", type=int, default=300, help="pre-training of the default offline model"
-    )
-    p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, else fp32), fp32 or bf16")
-    p.add_argument(
-        "--monitor-every", type=int, default=1, help="log per-layer signal/drift every N steps (0: off)"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/train")
-    a = p.parse_args(argv)
-    cfg = TrainConfig(model=a.model, data=a.data, scaling=a.scaling, rank=a.rank, lr=a.lr, gamma=a.gamma,
-                      alpha=a.alpha, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
-                      eval_every=a.eval_every, checkpoint_every=a.checkpoint_every,
-                      pretrain_steps=a.pretrain_steps, precision=a.precision,
-                      monitor_every=a.monitor_every, calibration=a.calibration, seed=a.seed,
-                      out=a.out)  # fmt: skip
-    cfg.validate()
+    p = ConfigParser(TrainConfig, prog=PROG, description=__doc__, epilog=f"see also: {PROG} sweep --help")
+    cfg, _ = p.parse_config(argv)
     try:
         m = train(cfg, progress=sys.stderr.isatty(), log=lambda s: print(s, file=sys.stderr))
     except DivergenceError as err:
@@ -80,31 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def sweep_main(argv: Sequence[str]) -> int:
     """``train sweep``: Eq. 2 paths and the Eq. 3 fit (resumable)."""
-    from ..sweep import describe_alpha_star
-    from .sweep import TrainSweepConfig, run_train_sweep
-
-    p = argparse.ArgumentParser(prog=f"{PROG} sweep", description=run_train_sweep.__doc__)
-    p.add_argument(
-        "--model", help="local Hugging Face model directory (default: build a small Llama offline)"
-    )
-    p.add_argument("--data", help=".txt or .jsonl corpus (default: offline standard-library docstrings)")
-    p.add_argument("--ranks", type=int, nargs="+", default=[4, 8])
-    p.add_argument("--base-alpha", type=float, help="α0 of the baseline (default: α0 = r, the heuristic)")
-    p.add_argument("--base-lr", type=float, default=1e-4, help="η_FFT of the baseline")
-    p.add_argument("--multipliers", type=float, nargs="+", default=[1, 4, 16, 64], help="the k of Eq. 2")
-    p.add_argument("--gamma", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/train_sweep")
-    a = p.parse_args(argv)
-    cfg = TrainSweepConfig(model=a.model, data=a.data, ranks=tuple(a.ranks), base_alpha=a.base_alpha,
-                           base_lr=a.base_lr, multipliers=tuple(a.multipliers), gamma=a.gamma, steps=a.steps,
-                           batch_size=a.batch_size, seq_len=a.seq_len, pretrain_steps=a.pretrain_steps,
-                           seed=a.seed, out=a.out)  # fmt: skip
-    cfg.validate()
+    p = ConfigParser(TrainSweepConfig, prog=f"{PROG} sweep", description=run_train_sweep.__doc__)
+    cfg, _ = p.parse_config(argv)
     result, records = run_train_sweep(
         cfg, progress=sys.stderr.isatty(), log=lambda s: print(s, file=sys.stderr)
     )

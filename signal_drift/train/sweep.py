@@ -29,12 +29,17 @@ __all__ = ["TrainSweepConfig", "path_cells", "analyse_paths", "run_train_sweep"]
 
 @dataclass(frozen=True)
 class TrainSweepConfig:
-    """Settings of ``python -m signal_drift.train sweep``.
+    """Settings of :func:`run_train_sweep` (the flags of ``python -m signal_drift.train sweep``).
+
+    The settings ``model``, ``data``, ``gamma``, ``batch_size``, ``seq_len``, ``pretrain_steps``,
+    ``seed``, ``out`` mean the same in every config (:data:`signal_drift.cli.COMMON_HELP`).
 
     Attributes:
-        base_alpha: α0 of the baseline; ``None`` means the heuristic α0 = r for each rank.
+        ranks: the LoRA ranks r.
+        base_alpha: α0 of the baseline (default: α0 = r, the heuristic).
         base_lr: η_FFT, the baseline learning rate shared by both paths.
         multipliers: the k of Eq. 2.
+        steps: optimizer steps per run.
     """
 
     model: str | None = None
@@ -54,17 +59,19 @@ class TrainSweepConfig:
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first invalid field."""
         if not self.ranks or not self.multipliers:
-            raise InputError("--ranks and --multipliers need at least one value each")
+            raise InputError(
+                "ranks and multipliers need at least one value each", fields=["ranks", "multipliers"]
+            )
         for r in self.ranks:
-            check_positive_int("--ranks", r)
+            check_positive_int("ranks", r)
         for k in self.multipliers:
-            check_positive_float("--multipliers", k)
+            check_positive_float("multipliers", k)
         if self.base_alpha is not None:
-            check_positive_float("--base-alpha", self.base_alpha)
-        check_positive_float("--base-lr", self.base_lr)
-        check_positive_float("--gamma", self.gamma)
+            check_positive_float("base_alpha", self.base_alpha)
+        check_positive_float("base_lr", self.base_lr)
+        check_positive_float("gamma", self.gamma)
         for name in ("steps", "batch_size", "seq_len"):
-            check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         check_model_dir(self.model)
 
     def alpha0(self, rank: int) -> float:
