@@ -30,7 +30,7 @@ class InputError(ValueError):
 
     Attributes:
         fields: the argument or config field names the message names (as Python spells them),
-            so that a command line can name them by its flags (:mod:`signal_drift.cli`).
+            so that a command line can name them by its flags (:mod:`signal_drift.settings`).
     """
 
     def __init__(self, message: str, *, fields: Sequence[str] = ()):

@@ -20,12 +20,12 @@ from torch.func import grad
 from tqdm.auto import tqdm
 
 from ._errors import check_positive_int, run_cli
-from .cli import ConfigParser
 from .decomposition import block_indices, curvature, decompose_update
 from .hessian import dense_hessian, fft_gradient, lora_gradient
 from .lora import LoraProblem, attach_lora, init_theta
 from .model import make_mlp, make_task
 from .optim import adam_steps, gd_direction, muon_direction, sign_direction
+from .settings import ConfigParser
 from .theory import loglog_slope, signal_alignment, signal_trace_at_init, stability_threshold, trace_rule
 
 __all__ = ["CheckResult", "CHECKS", "run_checks", "main"]

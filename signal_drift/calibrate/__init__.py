@@ -54,7 +54,7 @@ class CalibrateConfig:
     """Settings of :func:`calibrate` (the flags of ``python -m signal_drift.calibrate``).
 
     The settings ``model``, ``rank``, ``pretrain_steps``, ``seed``, ``out`` mean the same in every config
-    (:data:`signal_drift.cli.COMMON_HELP`).
+    (:data:`signal_drift.settings.COMMON_HELP`).
 
     Attributes:
         data: .txt or .jsonl calibration corpus (default: offline docstrings).

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from .._errors import run_cli
-from ..cli import ConfigParser
+from ..settings import ConfigParser
 from . import CalibrateConfig, calibrate
 
 PROG = "python -m signal_drift.calibrate"

@@ -202,7 +202,7 @@ class DynamicsConfig:
     """Settings of :func:`run_dynamics` (the flags of ``python -m signal_drift.dynamics``).
 
     The settings ``dim``, ``rank``, ``depth``, ``samples``, ``seed`` mean the same in every config
-    (:data:`signal_drift.cli.COMMON_HELP`).
+    (:data:`signal_drift.settings.COMMON_HELP`).
 
     Attributes:
         steps: optimizer steps of every run.

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._errors import run_cli
-from ..cli import ConfigParser
 from ..io import atomic_write_text
+from ..settings import ConfigParser
 from . import DynamicsConfig, run_dynamics
 
 PROG = "python -m signal_drift.dynamics"

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .._errors import check_positive_int, run_cli
-from ..cli import ConfigParser
+from ..settings import ConfigParser
 from . import table6
 
 PROG = "python -m signal_drift.scaling"

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from .._errors import run_cli
-from ..cli import ConfigParser
 from ..io import atomic_savez, atomic_write_text
+from ..settings import ConfigParser
 from .experiment import SpectraConfig, run_spectra
 
 PROG = "python -m signal_drift.spectra"

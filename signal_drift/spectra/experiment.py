@@ -62,7 +62,7 @@ class SpectraConfig:
     """Settings of :func:`run_spectra` (the flags of ``python -m signal_drift.spectra``).
 
     The settings ``dim``, ``rank``, ``depth``, ``samples``, ``seed`` mean the same in every config
-    (:data:`signal_drift.cli.COMMON_HELP`).
+    (:data:`signal_drift.settings.COMMON_HELP`).
 
     Attributes:
         alphas: α values, at least 2 (default: 8 around Variant II's α*, :func:`default_alphas`).

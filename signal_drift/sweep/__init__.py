@@ -78,7 +78,7 @@ class MLPSweepConfig:
     """The (r, α, η) grid on the controlled MLP (the flags of ``python -m signal_drift.sweep``).
 
     The settings ``dim``, ``depth``, ``samples``, ``seed`` mean the same in every config
-    (:data:`signal_drift.cli.COMMON_HELP`).
+    (:data:`signal_drift.settings.COMMON_HELP`).
 
     Attributes:
         test_samples: held-out samples that score each cell.

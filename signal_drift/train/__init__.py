@@ -40,7 +40,7 @@ class TrainConfig:
     """Settings of :func:`train` (the flags of ``python -m signal_drift.train``).
 
     The settings ``model``, ``data``, ``rank``, ``gamma``, ``seq_len``, ``pretrain_steps``, ``seed``,
-    ``out`` mean the same in every config (:data:`signal_drift.cli.COMMON_HELP`).
+    ``out`` mean the same in every config (:data:`signal_drift.settings.COMMON_HELP`).
 
     Attributes:
         scaling: variant1, variant2, rank, double_rank, rslora, fixed, or calibrated (with

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._errors import DivergenceError, run_cli
-from ..cli import ConfigParser
+from ..settings import ConfigParser
 from ..sweep import describe_alpha_star
 from . import TrainConfig, train
 from .sweep import TrainSweepConfig, run_train_sweep

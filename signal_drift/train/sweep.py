@@ -32,7 +32,7 @@ class TrainSweepConfig:
     """Settings of :func:`run_train_sweep` (the flags of ``python -m signal_drift.train sweep``).
 
     The settings ``model``, ``data``, ``gamma``, ``batch_size``, ``seq_len``, ``pretrain_steps``,
-    ``seed``, ``out`` mean the same in every config (:data:`signal_drift.cli.COMMON_HELP`).
+    ``seed``, ``out`` mean the same in every config (:data:`signal_drift.settings.COMMON_HELP`).
 
     Attributes:
         ranks: the LoRA ranks r.

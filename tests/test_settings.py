@@ -8,8 +8,8 @@ import pytest
 
 from signal_drift import InputError
 from signal_drift.calibrate import CalibrateConfig
-from signal_drift.cli import ConfigParser, field_help, flag
 from signal_drift.dynamics import DynamicsConfig
+from signal_drift.settings import ConfigParser, field_help, flag
 from signal_drift.spectra import SpectraConfig
 from signal_drift.sweep import MLPSweepConfig
 from signal_drift.train import TrainConfig
