@@ -16,7 +16,7 @@ from cases import assert_cli_refuses  # noqa: E402
 from signal_drift import InputError  # noqa: E402
 from signal_drift._errors import DivergenceError  # noqa: E402
 from signal_drift.train import TrainConfig, build_base_model, train  # noqa: E402
-from signal_drift.train.data import ByteTokenizer, offline_text  # noqa: E402
+from signal_drift.lm import ByteTokenizer, offline_text  # noqa: E402
 
 SMALL = dict(batch_size=8, seq_len=32, eval_every=5, checkpoint_every=3, pretrain_steps=30, rank=4)
 

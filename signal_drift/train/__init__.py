@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .._errors import DivergenceError, InputError, check_finite, check_positive_float, check_positive_int
 from ..io import atomic_write_text
 from ._dist import setup
-from .data import ByteTokenizer, load_text, offline_text, split_ids
+from ..lm import ByteTokenizer, load_text, offline_text, split_ids
 from .monitor import SignalDriftMonitor
 
 __all__ = ["TrainConfig", "build_base_model", "load_model", "corpus_ids", "heldout_nll", "train"]
