@@ -3,7 +3,7 @@
 See the README for the two setup commands and ``PAPER_NOTES.md`` for the math.
 """
 
-from ._errors import DenseTooLargeError, InputError, PrecisionWarning
+from ._errors import DenseTooLargeError, DivergenceError, InputError, PrecisionWarning
 
 # curvature operators
 from .decomposition import (
@@ -43,6 +43,7 @@ __all__ = [
     "InputError",
     "PrecisionWarning",
     "DenseTooLargeError",
+    "DivergenceError",
     # models and adapters
     "make_mlp",
     "make_task",
