@@ -1,6 +1,6 @@
 """signal-drift: exact LoRA curvature, the signal/drift decomposition and the LoRA-α rule.
 
-See the README for the two setup commands and ``PAPER_NOTES.md`` for the math.
+See the README for the two setup commands and ``docs/theory.md`` for the math.
 """
 
 from ._errors import DenseTooLargeError, DivergenceError, InputError, PrecisionWarning
