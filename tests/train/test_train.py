@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from cases import assert_cli_refuses, free_port  # noqa: E402
 
 from signal_drift import DivergenceError, InputError  # noqa: E402
-from signal_drift.lm import ByteTokenizer, build_base_model, offline_text  # noqa: E402
+from signal_drift.lm import build_base_model  # noqa: E402
 from signal_drift.train import TrainConfig, train  # noqa: E402
 
 SMALL = dict(batch_size=8, seq_len=32, eval_every=5, checkpoint_every=3, pretrain_steps=30, rank=4)
@@ -27,12 +27,6 @@ def base(tmp_path_factory):
 
 def quiet(*_):
     pass
-
-
-def test_offline_domains_are_real_text():
-    a, b = offline_text("pydoc"), offline_text("docstrings")
-    assert len(a) > 100_000 and len(b) > 100_000 and a[:200] != b[:200]
-    assert ByteTokenizer().decode(ByteTokenizer().encode(b[:500])) == b[:500]
 
 
 def test_a_few_steps_lower_the_heldout_nll(tmp_path, base):
