@@ -6,13 +6,16 @@ docs/theory.md#mlp-experiment: a depth-5 SiLU MLP of width ``d``; ``x ~ N(0, I_d
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from ._errors import InputError, check_finite, check_positive_float, check_positive_int
+from .optim import adam_steps
 
 __all__ = ["make_mlp", "Task", "make_task", "mse_loss", "linear_names", "pretrain", "shifted_task"]
 
@@ -178,12 +181,6 @@ def pretrain(
     Raises:
         DivergenceError: if the loss becomes NaN/Inf, naming the step.
     """
-    import copy
-
-    from torch.func import functional_call
-
-    from .optim import adam_steps
-
     out = copy.deepcopy(model)
     params = {k: v.detach() for k, v in out.named_parameters()}
 
