@@ -1,9 +1,9 @@
 """signal-drift: exact LoRA curvature, the signal/drift decomposition and the LoRA-α rule.
 
-See the README for the two setup commands and ``PAPER_NOTES.md`` for the math.
+See the README for the two setup commands and ``docs/theory.md`` for the math.
 """
 
-from ._errors import DenseTooLargeError, InputError, PrecisionWarning
+from ._errors import DenseTooLargeError, DivergenceError, InputError, PrecisionWarning
 
 # curvature operators
 from .decomposition import (
@@ -44,6 +44,7 @@ __all__ = [
     "InputError",
     "PrecisionWarning",
     "DenseTooLargeError",
+    "DivergenceError",
     # models and adapters
     "make_mlp",
     "make_task",

@@ -45,9 +45,10 @@ TensorDict = dict[str, torch.Tensor]
 
 
 class MappingJacobian(LinearOperator):
-    """The mapping Jacobian ``J = ∂w/∂θ``, shape ``[|w|, |θ|]`` (PAPER_NOTES §1).
+    """The mapping Jacobian ``J = ∂w/∂θ``, shape ``[|w|, |θ|]`` (docs/theory.md#objects).
 
-    With column-major vec, ``J_B = s (A^T ⊗ I_m)`` and ``J_A = s (I_n ⊗ B)``.
+    With the row-major vec used here, ``J_A = s (B ⊗ I_n)`` and ``J_B = s (I_m ⊗ A^T)``
+    (column-major: ``J_A = s (I_n ⊗ B)``, ``J_B = s (A^T ⊗ I_m)``).
 
     Raises:
         InputError: ``theta`` with missing, misshaped or non-finite blocks.

@@ -1,6 +1,6 @@
 """LoRA adapters as pure functions over parameter dicts.
 
-PAPER_NOTES §1: one adapted linear layer with weight ``W0 ∈ R^{m×n}`` becomes
+docs/theory.md#objects: one adapted linear layer with weight ``W0 ∈ R^{m×n}`` becomes
 
 .. math::  W = W_0 + γ (α / r) B A,  B ∈ R^{m×r} (init 0),  A ∈ R^{r×n} (init random).
 

@@ -1,18 +1,21 @@
 """The controlled MLP experiment of the paper (App. E): SiLU MLP and synthetic regression.
 
-PAPER_NOTES §5: a depth-5 SiLU MLP of width ``d``; ``x ~ N(0, I_d)``, ``y = W* x`` with
+docs/theory.md#mlp-experiment: a depth-5 SiLU MLP of width ``d``; ``x ~ N(0, I_d)``, ``y = W* x`` with
 ``W* = U diag(s) V^T`` from random orthogonal ``U, V`` and decaying singular values; MSE loss.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from ._errors import InputError, check_finite, check_positive_float, check_positive_int
+from .optim import adam_steps
 
 __all__ = ["make_mlp", "Task", "make_task", "mse_loss", "linear_names", "pretrain", "shifted_task"]
 
@@ -99,7 +102,7 @@ def make_task(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
 ) -> Task:
-    """Synthetic task ``y = W* x`` with ``W* = U diag(s) V^T`` (PAPER_NOTES §5).
+    """Synthetic task ``y = W* x`` with ``W* = U diag(s) V^T`` (docs/theory.md#mlp-experiment).
 
     Singular values: ``s_i = i^(-decay)`` (``"power"``) or ``s_i = decay^(i-1)`` with
     ``0 < decay < 1`` (``"geometric"``), ``i = 1..dim``.
@@ -170,7 +173,7 @@ def pretrain(
     """Fit every parameter of a copy of ``model`` on ``(X, y)`` with ``steps`` Adam steps.
 
     Makes ``W0`` a real "pre-trained" weight (small residual, ``H`` close to PSD) before
-    adapters are attached (PAPER_NOTES §5, the spectra command's ``--pretrain-steps``).
+    adapters are attached (docs/theory.md#mlp-experiment, the spectra command's ``--pretrain-steps``).
 
     Returns:
         A new module; ``model`` is left untouched.
@@ -178,12 +181,6 @@ def pretrain(
     Raises:
         DivergenceError: if the loss becomes NaN/Inf, naming the step.
     """
-    import copy
-
-    from torch.func import functional_call
-
-    from .optim import adam_steps
-
     out = copy.deepcopy(model)
     params = {k: v.detach() for k, v in out.named_parameters()}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -253,3 +254,10 @@ def assert_cli_refuses(cli: list[str], needle: str, out: Path | None = None) -> 
     if out is not None:
         assert not out.exists()
     return r
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for ``torchrun --master_port``)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

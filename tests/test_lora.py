@@ -30,7 +30,7 @@ def test_init_gives_zero_b_and_a_with_the_declared_variance():
 
 def test_kaiming_uniform_a_has_variance_one_over_3n():
     # PEFT initialises lora_A by nn.init.kaiming_uniform_(a=√5): gain √(2/(1+a²)) = 1/√3, bound
-    # gain·√(3/n) = 1/√n, so A ~ U(−1/√n, 1/√n) and σ² = b²/3 = 1/(3n) (PAPER_NOTES Prop. 3)
+    # gain·√(3/n) = 1/√n, so A ~ U(−1/√n, 1/√n) and σ² = b²/3 = 1/(3n) (docs/theory.md#prop-3)
     n, r = 1024, 16
     assert init_variance("kaiming_uniform", n) == pytest.approx(1 / (3 * n), rel=1e-15)
     gen = torch.Generator().manual_seed(0)

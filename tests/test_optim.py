@@ -1,8 +1,15 @@
+import pytest
 import torch
 from cases import mlp_problem
 
-from signal_drift import init_theta, lora_gradient
-from signal_drift.optim import init_opt_state, muon_direction, newton_schulz_orthogonalize, step_direction
+from signal_drift import DivergenceError, init_theta, lora_gradient
+from signal_drift.optim import (
+    adam_steps,
+    init_opt_state,
+    muon_direction,
+    newton_schulz_orthogonalize,
+    step_direction,
+)
 
 
 def _polar(G):
@@ -74,11 +81,6 @@ def test_first_adam_step_is_the_sign_up_to_epsilon():
 
 
 def test_adam_steps_stops_when_a_parameter_becomes_nan_while_the_loss_is_finite():
-    import pytest
-
-    from signal_drift._errors import DivergenceError
-    from signal_drift.optim import adam_steps
-
     # sqrt at 0: a finite loss (0) with an infinite gradient, so Adam's step is inf/inf = NaN
     params = {"x": torch.tensor([0.0, 1.0], dtype=torch.float64)}
     with pytest.raises(DivergenceError, match="parameter 'x'.*after step 1") as err:

@@ -24,7 +24,9 @@ loaded in its eager form, whose second derivative exists everywhere.
 
 from __future__ import annotations
 
+import json
 import math
+import statistics
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -35,13 +37,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .._errors import InputError, check_choice, check_positive_int, warn_low_precision
+from ..io import atomic_write_text
+from ..lm import build_base_model, check_model_dir, corpus_ids, load_model, next_token_nll, sample_windows
 from ..operators import FunctionOperator, LinearOperator
 from ..scaling import InitKind
+from ..scaling.peft import lora_alpha_config, lora_modules, present_targets
 from ..spectra.lanczos import EigResult, lanczos_eigs
 from ..spectra.trace import TraceEstimate, hutchinson
-from ..train import check_model_dir
 
-__all__ = ["CalibrateConfig", "LayerCurvature", "calibrate_model", "calibrate"]
+__all__ = ["CalibrateConfig", "LayerCurvature", "LayerHessians", "layer_operators", "calibrate_model",
+           "lora_init", "calibrate", "summarize"]  # fmt: skip
 
 
 #: Relative Lanczos residual up to which a ``λ_max`` counts as converged (an eigenvalue lies within
@@ -135,8 +140,15 @@ class LayerCurvature:
     alpha_gaussian: float
 
 
-class _Curvature:
-    """HVPs of one batch's loss w.r.t. the targeted weights, reusing one gradient graph."""
+class LayerHessians:
+    """The diagonal blocks ``H_ll = ∇²_W L`` of one batch's loss, as HVPs on the targeted weights.
+
+    The gradient graph is built once (``create_graph=True``) and every product reuses it.
+
+    Args:
+        loss: the batch loss, a scalar computed from the weights below.
+        weights: ``{module name: weight tensor with requires_grad}``.
+    """
 
     def __init__(self, loss: torch.Tensor, weights: dict[str, torch.Tensor]):
         self.names = list(weights)
@@ -154,7 +166,7 @@ def _columns(fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, int])
     return lambda V: torch.stack([fn(v.reshape(shape)).reshape(-1) for v in V.T], dim=1)
 
 
-def layer_operators(curv: _Curvature, i: int, A: torch.Tensor) -> tuple[LinearOperator, LinearOperator]:
+def layer_operators(curv: LayerHessians, i: int, A: torch.Tensor) -> tuple[LinearOperator, LinearOperator]:
     """``H_ll`` on ``R^{m·n}`` and ``J0ᵀ H_ll J0`` on ``R^{m·r}`` (``Z ↦ (H_ll (Z A)) Aᵀ``)."""
     W = curv.weights[i]
     m, n = W.shape
@@ -213,7 +225,7 @@ def calibrate_model(
     for w in weights.values():
         w.requires_grad_(True)
     try:
-        curv = _Curvature(loss_fn(model, batch), weights)
+        curv = LayerHessians(loss_fn(model, batch), weights)
         out = []
         for i, name in enumerate(tqdm(curv.names, desc="calibrate layers", disable=not progress)):
             A_i = A[name].to(weights[name].dtype).to(weights[name].device)
@@ -270,10 +282,7 @@ def lora_init(model: torch.nn.Module, rank: int, targets: Sequence[str], init: s
     PEFT wraps the model in place (no copy of a large model), the A's are read, and the wrapping
     is undone: the modules and their ``requires_grad`` flags are as before.
     """
-    from peft import get_peft_model
-
-    from ..scaling.peft import lora_alpha_config
-    from ..train.monitor import lora_modules
+    from peft import get_peft_model  # optional dependency
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     torch.manual_seed(seed)
@@ -294,12 +303,6 @@ def calibrate(cfg: CalibrateConfig, progress: bool = False, log=print) -> dict:
         ``{"config", "layers": [LayerCurvature as dict], "alpha_pattern": {"trace": {...},
         "lambda": {...}}, "gap": median α_λ/α_tr, ...}``.
     """
-    import json
-
-    from ..io import atomic_write_text
-    from ..scaling.peft import present_targets
-    from ..train import _shifted_nll, _windows, build_base_model, corpus_ids, load_model
-
     cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -316,7 +319,7 @@ def calibrate(cfg: CalibrateConfig, progress: bool = False, log=print) -> dict:
         raise InputError(f"--targets {list(cfg.targets)} match no module of the model")
     A = lora_init(model, cfg.rank, present, cfg.init, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    batch = _windows(train_ids, cfg.samples, cfg.seq_len, gen).to(next(model.parameters()).device)
+    batch = sample_windows(train_ids, cfg.samples, cfg.seq_len, gen).to(next(model.parameters()).device)
     model.eval()
     result = {"config": asdict(cfg) | {"model_dir": str(model_dir), "targets": present}, "layers": [],
               "complete": False}  # fmt: skip
@@ -330,7 +333,7 @@ def calibrate(cfg: CalibrateConfig, progress: bool = False, log=print) -> dict:
     log(f"calibrating {len(A)} layers (r={cfg.rank}, {cfg.init} A, {cfg.probes} probes, {tokens})")
     with warnings.catch_warnings(record=True) as caught:  # unconverged Lanczos values: NaN + a warning
         warnings.simplefilter("always")
-        calibrate_model(model, batch, A, _shifted_nll, probes=cfg.probes, lanczos_steps=cfg.lanczos_steps,
+        calibrate_model(model, batch, A, next_token_nll, probes=cfg.probes, lanczos_steps=cfg.lanczos_steps,
                         seed=cfg.seed, progress=progress, on_layer=write)  # fmt: skip
     result["warnings"] = [str(w.message) for w in caught]
     for w in result["warnings"]:
@@ -338,7 +341,7 @@ def calibrate(cfg: CalibrateConfig, progress: bool = False, log=print) -> dict:
     result |= summarize(result["layers"])
     result["complete"] = True
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
-    from ..plotting import plot_calibration
+    from ..plotting import plot_calibration  # here: importing it selects Agg
 
     plot_calibration(result, out / "calibration.png")
     return result
@@ -346,8 +349,6 @@ def calibrate(cfg: CalibrateConfig, progress: bool = False, log=print) -> dict:
 
 def summarize(layers: list[dict]) -> dict:
     """PEFT ``alpha_pattern`` per criterion and the median trace/λ_max gap over layers."""
-    import statistics
-
     pattern = {
         crit: {d["name"]: d[f"alpha_{crit}"] for d in layers if math.isfinite(d[f"alpha_{crit}"])}
         for crit in ("trace", "lambda")

@@ -7,7 +7,7 @@
   (Lemma 1). Divergence (NaN/Inf or loss blow-up) stops the run and is reported with its step.
 - :func:`sdr_probes` (:mod:`.probes`): one-step SDR probes from common checkpoints, varying only
   ``η`` (slope −1, an identity) or only ``α``, by the frozen-state and the consistent
-  (function-preserving) probe (PAPER_NOTES §2, Prop. 4 and its Adam clarification).
+  (function-preserving) probe (docs/theory.md#prop-4, its Adam paragraph included).
 - :func:`run_dynamics`: the η-scaling path ``(α0, k η0)`` against the α-scaling path
   ``(k α0, η0)`` for every multiplier ``k`` (paper Eq. 2).
 

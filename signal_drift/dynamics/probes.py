@@ -1,7 +1,7 @@
 r"""One-step SDR probes of Prop. 4 from a fixed state: change only ``η``, or only ``α``.
 
 A probe takes one optimizer step from a checkpoint ``(θ, state)`` and measures
-``SDR = ‖Δw_signal‖ / ‖Δw_drift‖`` (PAPER_NOTES §2, Prop. 4).
+``SDR = ‖Δw_signal‖ / ‖Δw_drift‖`` (docs/theory.md#prop-4).
 
 **η-probe.** ``Δθ = −k η0 D`` with ``D`` fixed, so ``SDR(k) = SDR(1) / k``: slope −1 is an
 identity of the construction (``Δθ ∝ η``), not a measurement.

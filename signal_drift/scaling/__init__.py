@@ -3,7 +3,7 @@
 Every rule returns the *effective* ``α`` in ``W = W0 + γ (α / r) B A``; :func:`lora_scale`
 is the single formula for the factor multiplying ``B A``.
 
-Rules (PAPER_NOTES §3):
+Rules (docs/theory.md#lora-alpha):
 
 - ``rank``: the heuristic ``α = r`` (scale 1).
 - ``double_rank``: ``α = 2r``.

@@ -24,7 +24,7 @@ from .._errors import InputError, check_positive_float, check_positive_int
 from . import Rule, effective_alpha, lora_scale, variant_ii_alpha
 
 __all__ = ["LLAMA_TARGETS", "target_linears", "present_targets", "expected_scales", "lora_alpha_config",
-           "effective_scales", "loraplus_param_groups"]  # fmt: skip
+           "effective_scales", "lora_modules", "loraplus_param_groups"]  # fmt: skip
 
 PeftInit = Literal["kaiming_uniform", "gaussian"]
 
@@ -145,6 +145,26 @@ def effective_scales(peft_model: nn.Module, adapter: str = "default") -> dict[st
     for name, mod in peft_model.named_modules():
         if isinstance(mod, LoraLayer) and adapter in mod.scaling:
             out[name.removeprefix("base_model.model.")] = float(mod.scaling[adapter])
+    return out
+
+
+def lora_modules(model: nn.Module, adapter: str = "default") -> dict[str, nn.Module]:
+    """The PEFT LoRA layers of ``model`` by qualified name (without PEFT's wrapper prefix).
+
+    A layer is recognised by its ``lora_A`` and ``scaling`` attributes, so this needs no import
+    of ``peft``.
+
+    Args:
+        model: a PEFT-wrapped model (or the base model PEFT wrapped in place).
+        adapter: the adapter name.
+
+    Returns:
+        ``{module name in the base model: LoRA layer}`` for every layer holding ``adapter``.
+    """
+    out = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and hasattr(mod, "scaling") and adapter in getattr(mod, "lora_A", {}):
+            out[name.split("base_model.model.", 1)[-1]] = mod
     return out
 
 

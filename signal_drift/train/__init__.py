@@ -4,7 +4,9 @@ With no ``--model``, a small Llama-architecture causal LM is built locally and p
 offline text (the ``pydoc`` domain), then LoRA-fine-tuned on a held-out domain (standard-library
 docstrings), so the α-vs-η comparison runs on a real, if small, model with no network.
 ``--model PATH`` loads a local Hugging Face checkpoint (``local_files_only``); ``--data PATH``
-takes a ``.txt`` or ``.jsonl`` corpus. Held-out NLL (paper Eq. 1) on the corpus tail.
+takes a ``.txt`` or ``.jsonl`` corpus. Held-out NLL (paper Eq. 1) on the corpus tail. Models,
+tokenizers, corpora, token windows and the loss come from :mod:`signal_drift.lm`; this package
+holds the training itself.
 
 Checkpoints (adapter + optimizer + step + metrics) are written atomically every
 ``checkpoint_every`` steps; rerunning the same command resumes from the last one. Divergence
@@ -26,13 +28,30 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .._errors import DivergenceError, InputError, check_finite, check_positive_float, check_positive_int
+from .._errors import DivergenceError, InputError, check_positive_float, check_positive_int
 from ..io import atomic_write_text
+from ..lm import (
+    build_base_model,
+    check_model_dir,
+    corpus_ids,
+    heldout_nll,
+    load_model,
+    next_token_nll,
+    sample_windows,
+)
+from ..scaling import Rule
+from ..scaling.peft import (
+    LLAMA_TARGETS,
+    describe,
+    effective_scales,
+    lora_alpha_config,
+    present_targets,
+    target_linears,
+)
 from ._dist import setup
-from .data import ByteTokenizer, load_text, offline_text, split_ids
 from .monitor import SignalDriftMonitor
 
-__all__ = ["TrainConfig", "build_base_model", "load_model", "corpus_ids", "heldout_nll", "train"]
+__all__ = ["TrainConfig", "train", "calibrated_pattern", "resolve_precision", "PRECISIONS"]
 
 
 @dataclass(frozen=True)
@@ -79,8 +98,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first invalid field."""
-        from ..scaling import Rule
-
         valid = [r.value for r in Rule] + ["calibrated"]
         if self.scaling not in valid:
             raise InputError(f"scaling={self.scaling!r} is invalid: use one of {valid}", fields=["scaling"])
@@ -108,12 +125,6 @@ class TrainConfig:
         check_model_dir(self.model)
 
 
-def check_model_dir(model: str | None) -> None:
-    """Raise :class:`InputError` unless ``model`` is None or a local Hugging Face model directory."""
-    if model is not None and not (Path(model) / "config.json").is_file():
-        raise InputError(f"--model {model}: not a local Hugging Face model directory (no config.json)")
-
-
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -130,123 +141,6 @@ def _autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def _windows(ids: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen)
-    return torch.stack([ids[s : s + seq_len + 1] for s in starts.tolist()])
-
-
-def _shifted_nll(model, x: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=x[:, :-1]).logits
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
-        x[:, 1:].reshape(-1),
-    )
-
-
-@torch.no_grad()
-def heldout_nll(model, ids: torch.Tensor, seq_len: int, max_windows: int = 64) -> float:
-    """Mean next-token NLL (nats) over contiguous held-out windows (deterministic)."""
-    n = min(max_windows, (len(ids) - 1) // seq_len)
-    if n < 1:
-        raise InputError(f"held-out split has {len(ids)} tokens: fewer than --seq-len + 1")
-    x = torch.stack([ids[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)]).to(
-        next(model.parameters()).device
-    )
-    model.eval()
-    out = float(sum(_shifted_nll(model, x[i : i + 16]) * len(x[i : i + 16]) for i in range(0, n, 16)) / n)
-    model.train()
-    return out
-
-
-def _tiny_llama_config(seq_len: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=ByteTokenizer.vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=max(seq_len, 128),
-        bos_token_id=256,
-        eos_token_id=257,
-    )
-
-
-def build_base_model(
-    cache: Path, steps: int, seq_len: int = 128, seed: int = 0, progress: bool = False
-) -> Path:
-    """Build a small Llama locally and pre-train it on the offline ``pydoc`` domain; cached.
-
-    Returns:
-        The local Hugging Face directory of the pre-trained model.
-    """
-    from transformers import LlamaForCausalLM
-
-    if (cache / "config.json").is_file():
-        return cache
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(_tiny_llama_config(seq_len))
-    ids, _ = split_ids(ByteTokenizer().encode(offline_text("pydoc")))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(steps), desc="pre-train base model", disable=not progress):
-        loss = _shifted_nll(model, _windows(ids, 16, seq_len, gen))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    tmp = cache.with_name(cache.name + ".tmp")
-    model.save_pretrained(tmp)
-    os.replace(tmp, cache)
-    return cache
-
-
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
-    """Load a local Hugging Face causal LM (no network) and check its weights are finite.
-
-    Args:
-        path: a local directory in Hugging Face format (``config.json`` + weights).
-        dtype: parameter dtype.
-        attn_implementation: e.g. ``"eager"`` where second derivatives are needed (HVPs).
-    """
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per sweep cell is noise
-    try:
-        kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kw)
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-    for name, p in model.named_parameters():
-        check_finite(f"model weight {name!r}", p.detach())
-    return model
-
-
-def corpus_ids(model, model_dir: str | Path, data: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train and held-out token ids of ``data`` (default: the offline docstrings) for ``model``."""
-    tok = _tokenizer_for(Path(model_dir))
-    text = offline_text("docstrings") if data is None else load_text(data)
-    train_ids, val_ids = split_ids(tok.encode(text))
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if int(max(train_ids.max(), val_ids.max())) >= vocab:
-        raise InputError(
-            f"--data: token ids exceed the model's vocabulary ({vocab}); give the model a tokenizer"
-        )
-    return train_ids, val_ids
-
-
-def _tokenizer_for(path: Path):
-    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    return ByteTokenizer()
-
-
 def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
     """Fine-tune with LoRA under ``cfg.scaling``; returns the metrics (also in ``out/metrics.json``).
 
@@ -258,16 +152,7 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
             projections (e.g. GPT-2, whose ``Conv1D`` layers are not supported), before
             anything is written under ``out``.
     """
-    from peft import get_peft_model
-
-    from ..scaling.peft import (
-        LLAMA_TARGETS,
-        describe,
-        effective_scales,
-        lora_alpha_config,
-        present_targets,
-        target_linears,
-    )
+    from peft import get_peft_model  # optional dependency
 
     cfg.validate()
     dist = setup()
@@ -353,9 +238,9 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
     for step in tqdm(range(start, cfg.steps), desc="LoRA fine-tune", disable=not (progress and dist.main),
                      initial=start, total=cfg.steps):  # fmt: skip
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # batch depends only on the step
-        batch = dist.shard(_windows(train_ids, cfg.batch_size, cfg.seq_len, gen)).to(dist.device)
+        batch = dist.shard(sample_windows(train_ids, cfg.batch_size, cfg.seq_len, gen)).to(dist.device)
         with _autocast(precision, dist.device):
-            loss = _shifted_nll(ddp, batch)
+            loss = next_token_nll(ddp, batch)
         value = dist.mean(loss)
         first = value if first is None else first
         if not math.isfinite(value) or value > cfg.blowup * first:
@@ -382,7 +267,7 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
         model.save_pretrained(out / "adapter")
         metrics["final_heldout_nll"] = metrics["heldout_nll"][-1][1]
         write_metrics()
-        from ..plotting import plot_train_loss, plot_update_norms
+        from ..plotting import plot_train_loss, plot_update_norms  # here: importing it selects Agg
 
         plot_train_loss(metrics, out / "loss.png", title=_title(cfg))
         if metrics["update_norms"]:

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["Dist", "setup"]
 
@@ -52,8 +53,6 @@ class Dist:
         """``DistributedDataParallel`` around ``model`` when there is more than one rank."""
         if self.world == 1:
             return model
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 

@@ -15,11 +15,15 @@ after it; :class:`SignalDriftCallback` wires it into a ``transformers.Trainer``.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["StepNorms", "lora_step_norms", "lora_modules", "SignalDriftMonitor", "SignalDriftCallback"]
+from .._errors import InputError
+from ..scaling.peft import lora_modules
+
+__all__ = ["StepNorms", "lora_step_norms", "SignalDriftMonitor", "SignalDriftCallback"]
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,6 @@ def lora_step_norms(
         A :class:`StepNorms`.
     """
     if A.shape != dA.shape or B.shape != dB.shape or A.shape[0] != B.shape[1]:
-        from .._errors import InputError
-
         raise InputError(
             f"shapes do not form a LoRA step: A {tuple(A.shape)}, dA {tuple(dA.shape)}, "
             f"B {tuple(B.shape)}, dB {tuple(dB.shape)}"
@@ -80,15 +82,6 @@ def lora_step_norms(
         drift=abs(scale) * math.sqrt(max(dri2, 0.0)),
         cross=scale * scale * cross,
     )
-
-
-def lora_modules(model: torch.nn.Module, adapter: str = "default") -> dict[str, torch.nn.Module]:
-    """The PEFT LoRA layers of ``model`` by qualified name (without PEFT's wrapper prefix)."""
-    out = {}
-    for name, mod in model.named_modules():
-        if hasattr(mod, "lora_A") and hasattr(mod, "scaling") and adapter in getattr(mod, "lora_A", {}):
-            out[name.split("base_model.model.", 1)[-1]] = mod
-    return out
 
 
 @dataclass
@@ -111,8 +104,6 @@ class SignalDriftMonitor:
     def __post_init__(self):
         self._layers = lora_modules(self.model, self.adapter)
         if not self._layers:
-            from .._errors import InputError
-
             raise InputError("the model has no PEFT LoRA layers to monitor")
 
     def _ab(self, mod) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,8 +130,6 @@ class SignalDriftMonitor:
 
     def summary(self) -> dict[str, float]:
         """Median over layers of the last step's SDR, and of its signal and drift norms."""
-        import statistics
-
         last = [rows[-1] for rows in self.history.values() if rows]
         if not last:
             return {}
@@ -153,7 +142,7 @@ class SignalDriftMonitor:
 
 def _trainer_callback_base():
     try:
-        from transformers import TrainerCallback
+        from transformers import TrainerCallback  # optional dependency
     except ImportError:  # pragma: no cover - transformers is an optional extra
         return object
     return TrainerCallback

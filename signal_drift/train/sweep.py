@@ -14,6 +14,7 @@ over the bracketed ranks, with the slope interval their cells allow
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Sequence
@@ -21,8 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .._errors import DivergenceError, InputError, check_positive_float, check_positive_int
+from ..io import atomic_write_text
+from ..lm import build_base_model, check_model_dir
 from ..sweep import analyse, cell_key, run_grid
-from . import check_model_dir
+from . import TrainConfig, train
+from ._dist import setup
 
 __all__ = ["TrainSweepConfig", "path_cells", "analyse_paths", "run_train_sweep"]
 
@@ -100,8 +104,6 @@ def _cell_dir(cell: dict) -> str:
 
 
 def _run_cell(cell: dict, out: Path) -> dict:
-    from . import TrainConfig, train
-
     steps = cell["steps"]
     cfg = TrainConfig(model=cell["model"], data=cell["data"], scaling="fixed", rank=cell["rank"],
                       alpha=cell["alpha"], lr=cell["lr"], gamma=cell["gamma"], steps=steps,
@@ -156,12 +158,7 @@ def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) ->
 
     Under ``torchrun`` every rank runs every cell data-parallel; rank 0 writes the files.
     """
-    import json
-
-    from ..io import atomic_write_text
-    from ..plotting import plot_scaling_paths
-    from . import build_base_model
-    from ._dist import setup
+    from ..plotting import plot_scaling_paths  # here: importing it selects Agg
 
     cfg.validate()
     dist = setup()

@@ -10,11 +10,14 @@ import torch
 from cases import assert_cli_refuses, assert_close
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("peft")
+peft = pytest.importorskip("peft")
 
-from signal_drift.calibrate import _Curvature, calibrate_model, layer_operators, lora_init  # noqa: E402
+from signal_drift import InputError  # noqa: E402
+from signal_drift.calibrate import LayerHessians, calibrate_model, layer_operators, lora_init  # noqa: E402
+from signal_drift.lm import build_base_model, next_token_nll  # noqa: E402
 from signal_drift.model import make_mlp, make_task, mse_loss  # noqa: E402
-from signal_drift.train import _shifted_nll, build_base_model  # noqa: E402
+from signal_drift.scaling.peft import effective_scales  # noqa: E402
+from signal_drift.train import TrainConfig, train  # noqa: E402
 
 LLAMA_LAYERS = ["model.layers.0.self_attn.v_proj", "model.layers.0.mlp.down_proj"]
 
@@ -47,7 +50,7 @@ def problem(request):
     model = transformers.LlamaForCausalLM(cfg).double().eval()
     x = torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(1))
     A = lora_init(model, 2, ["v_proj", "down_proj"], "kaiming_uniform", seed=0)
-    return model, x, {n: A[n].double() for n in LLAMA_LAYERS}, _shifted_nll, 1e-6
+    return model, x, {n: A[n].double() for n in LLAMA_LAYERS}, next_token_nll, 1e-6
 
 
 def _dense_block(model, batch, loss_fn, name):
@@ -72,7 +75,7 @@ def _curv(model, batch, loss_fn, names):
     ws = {n: mods[n].weight for n in names}
     for w in ws.values():
         w.requires_grad_(True)
-    return _Curvature(loss_fn(model, batch), ws)
+    return LayerHessians(loss_fn(model, batch), ws)
 
 
 def test_layer_hessian_and_signal_block_equal_dense_autograd(problem):
@@ -175,10 +178,6 @@ def calibrated(base, tmp_path_factory):
 
 
 def test_cli_writes_a_peft_alpha_pattern_that_peft_applies(calibrated, base):
-    import peft
-
-    from signal_drift.scaling.peft import effective_scales
-
     res = json.loads((calibrated / "calibration.json").read_text())
     assert (
         res["complete"] and len(res["layers"]) == 14 and (calibrated / "calibration.png").stat().st_size > 0
@@ -195,8 +194,6 @@ def test_cli_writes_a_peft_alpha_pattern_that_peft_applies(calibrated, base):
 
 
 def test_train_uses_the_calibrated_alpha_per_module(calibrated, base, tmp_path):
-    from signal_drift.train import TrainConfig, train
-
     m = train(TrainConfig(model=str(base), scaling="calibrated", calibration=str(calibrated / "calibration.json"),
                           rank=4, gamma=2.0, steps=1, batch_size=2, seq_len=32, out=str(tmp_path)),
               log=lambda _: None)  # fmt: skip
@@ -206,9 +203,6 @@ def test_train_uses_the_calibrated_alpha_per_module(calibrated, base, tmp_path):
 
 
 def test_train_refuses_a_calibration_of_another_rank_or_with_gaps(calibrated, base, tmp_path):
-    from signal_drift import InputError
-    from signal_drift.train import TrainConfig, train
-
     path = calibrated / "calibration.json"
     with pytest.raises(InputError, match="r=4"):
         train(TrainConfig(model=str(base), scaling="calibrated", calibration=str(path), rank=8, steps=1,

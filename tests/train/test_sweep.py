@@ -11,10 +11,10 @@ import pytest
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from cases import assert_cli_refuses  # noqa: E402
+from cases import assert_cli_refuses, free_port  # noqa: E402
 
+from signal_drift.lm import build_base_model  # noqa: E402
 from signal_drift.sweep import cell_key  # noqa: E402
-from signal_drift.train import build_base_model  # noqa: E402
 from signal_drift.train.sweep import TrainSweepConfig, analyse_paths, path_cells, run_train_sweep  # noqa: E402
 
 
@@ -103,12 +103,10 @@ def test_cli_rejects_bad_input(tmp_path):
 
 
 def test_torchrun_sweep_writes_each_cell_once(tmp_path, sweep):
-    from test_train import _free_port
-
     args = ["--model", sweep[0].model, "--ranks", "2", "--multipliers", "1", "2", "--steps", "2",
             "--batch-size", "4", "--seq-len", "32", "--out", str(tmp_path)]  # fmt: skip
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(_free_port()), "-m", "signal_drift.train", "sweep", *args],
+                        str(free_port()), "-m", "signal_drift.train", "sweep", *args],
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     lines = (tmp_path / "sweep.jsonl").read_text().splitlines()

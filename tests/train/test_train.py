@@ -11,12 +11,11 @@ import torch
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from cases import assert_cli_refuses  # noqa: E402
+from cases import assert_cli_refuses, free_port  # noqa: E402
 
-from signal_drift import InputError  # noqa: E402
-from signal_drift._errors import DivergenceError  # noqa: E402
-from signal_drift.train import TrainConfig, build_base_model, train  # noqa: E402
-from signal_drift.train.data import ByteTokenizer, offline_text  # noqa: E402
+from signal_drift import DivergenceError, InputError  # noqa: E402
+from signal_drift.lm import build_base_model  # noqa: E402
+from signal_drift.train import TrainConfig, train  # noqa: E402
 
 SMALL = dict(batch_size=8, seq_len=32, eval_every=5, checkpoint_every=3, pretrain_steps=30, rank=4)
 
@@ -28,12 +27,6 @@ def base(tmp_path_factory):
 
 def quiet(*_):
     pass
-
-
-def test_offline_domains_are_real_text():
-    a, b = offline_text("pydoc"), offline_text("docstrings")
-    assert len(a) > 100_000 and len(b) > 100_000 and a[:200] != b[:200]
-    assert ByteTokenizer().decode(ByteTokenizer().encode(b[:500])) == b[:500]
 
 
 def test_a_few_steps_lower_the_heldout_nll(tmp_path, base):
@@ -60,14 +53,6 @@ def test_bf16_autocast_trains(tmp_path, base):
     assert m["precision"] == "bf16" and m["final_heldout_nll"] < m["heldout_nll"][0][1]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_torchrun_two_processes_equal_one(tmp_path, base):
     """Data-parallel over 2 gloo ranks = the single-process run with the same global batch."""
     flags = ["--model", str(base), "--steps", "4", "--lr", "1e-3", "--batch-size", "8", "--seq-len", "32",
@@ -77,7 +62,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, base):
                        capture_output=True, text=True, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(_free_port()), "-m", "signal_drift.train", *flags, "--out", str(tmp_path / "two")],
+                        str(free_port()), "-m", "signal_drift.train", *flags, "--out", str(tmp_path / "two")],
                        capture_output=True, text=True, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))

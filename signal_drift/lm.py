@@ -1,0 +1,358 @@
+"""Causal language models for the training and calibration paths: model, tokenizer, data, loss.
+
+Everything here runs offline. With no checkpoint, :func:`build_base_model` builds a small
+Llama-architecture model and pre-trains it on text that ships with every CPython install;
+:func:`load_model` and :func:`tokenizer_for` read a local Hugging Face directory
+(``local_files_only``); :func:`corpus_ids` turns a corpus into train and held-out token streams,
+:func:`sample_windows` draws training windows from them, and :func:`next_token_nll` is the loss
+(paper Eq. 1) that :mod:`signal_drift.train` minimises and :mod:`signal_drift.calibrate`
+differentiates twice.
+
+The two offline text domains:
+
+- ``"pydoc"``: the language-reference topics of ``pydoc_data.topics`` (pre-training domain);
+- ``"docstrings"``: API docstrings of a fixed list of standard-library modules (the held-out
+  fine-tuning domain: another register of English about Python).
+
+Model building and loading need the ``transformers`` extra (``pip install signal-drift[peft]``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+from pathlib import Path
+from pydoc_data.topics import topics as _PYDOC_TOPICS
+
+import torch
+from tqdm.auto import tqdm
+
+from ._errors import InputError, check_finite
+
+__all__ = [
+    # text and tokens
+    "ByteTokenizer",
+    "offline_text",
+    "load_text",
+    "split_ids",
+    "tokenizer_for",
+    "corpus_ids",
+    "sample_windows",
+    # loss
+    "next_token_nll",
+    "heldout_nll",
+    # models
+    "tiny_llama_config",
+    "build_base_model",
+    "check_model_dir",
+    "load_model",
+]
+
+_MODULES = ("json", "argparse", "textwrap", "email.message", "http.client", "collections", "itertools",
+            "functools", "pathlib", "datetime", "decimal", "fractions", "statistics", "string", "csv",
+            "logging", "unittest", "typing", "subprocess", "shutil")  # fmt: skip
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class ByteTokenizer:
+    """Bytes as tokens (ids 0–255) plus ``<bos>`` (256) and ``<eos>`` (257).
+
+    >>> tok = ByteTokenizer()
+    >>> tok.decode(tok.encode("LoRA-α"))
+    'LoRA-α'
+    """
+
+    vocab_size = 258
+    bos_token_id, eos_token_id = 256, 257
+
+    def encode(self, text: str) -> list[int]:
+        """UTF-8 bytes of ``text``."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        """Inverse of :meth:`encode` (special tokens dropped)."""
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def offline_text(domain: str) -> str:
+    """The text of an offline domain, in a deterministic order.
+
+    Args:
+        domain: ``"pydoc"`` (language-reference topics) or ``"docstrings"`` (standard-library
+            API docstrings).
+
+    Returns:
+        The domain's documents joined by blank lines.
+
+    Raises:
+        InputError: for any other ``domain``.
+    """
+    if domain == "pydoc":
+        return "\n\n".join(_PYDOC_TOPICS[k] for k in sorted(_PYDOC_TOPICS))
+    if domain == "docstrings":
+        parts = []
+        for name in _MODULES:
+            mod = importlib.import_module(name)
+            for attr, obj in sorted(inspect.getmembers(mod), key=lambda t: t[0]):
+                doc = inspect.getdoc(obj)
+                if doc and not attr.startswith("_") and getattr(obj, "__module__", name) == mod.__name__:
+                    parts.append(f"{name}.{attr}: {doc}")
+        return "\n\n".join(parts)
+    raise InputError(f"domain={domain!r} is invalid: use 'pydoc' or 'docstrings'")
+
+
+def load_text(path: str | Path) -> str:
+    """A user corpus: a ``.txt`` file, or ``.jsonl`` with a ``"text"`` field per line.
+
+    Args:
+        path: the corpus file.
+
+    Returns:
+        The text (JSONL records joined by blank lines).
+
+    Raises:
+        InputError: if the file is missing or empty, or a JSONL line has no ``"text"``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--data {path}: no such file")
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not rows or any("text" not in r for r in rows):
+            raise InputError(f"--data {path}: every JSONL line needs a 'text' field")
+        return "\n\n".join(r["text"] for r in rows)
+    text = path.read_text()
+    if not text.strip():
+        raise InputError(f"--data {path}: the file is empty")
+    return text
+
+
+def split_ids(ids: list[int], held_out: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous split into train and held-out token streams (the held-out part is the tail).
+
+    Args:
+        ids: the corpus as one token stream.
+        held_out: the fraction kept for evaluation.
+
+    Returns:
+        ``(train_ids, heldout_ids)``, 1-D ``long`` tensors.
+
+    Raises:
+        InputError: if the corpus has fewer than 100 tokens.
+    """
+    if len(ids) < 100:
+        raise InputError(f"the corpus has {len(ids)} tokens: need at least 100")
+    cut = int(len(ids) * (1 - held_out))
+    return torch.tensor(ids[:cut], dtype=torch.long), torch.tensor(ids[cut:], dtype=torch.long)
+
+
+def tokenizer_for(model_dir: str | Path):
+    """The tokenizer saved in ``model_dir``, or a :class:`ByteTokenizer` if it holds none.
+
+    Args:
+        model_dir: a local Hugging Face model directory.
+
+    Returns:
+        An object with ``encode(text) -> list[int]``.
+    """
+    path = Path(model_dir)
+    if any((path / f).is_file() for f in _TOKENIZER_FILES):
+        from transformers import AutoTokenizer  # optional dependency
+
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return ByteTokenizer()
+
+
+def corpus_ids(model, model_dir: str | Path, data: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and held-out token ids of ``data`` for ``model``, with the model's own tokenizer.
+
+    Args:
+        model: the causal LM (its input-embedding size bounds the token ids).
+        model_dir: its directory (where the tokenizer is looked for, :func:`tokenizer_for`).
+        data: a ``.txt`` or ``.jsonl`` corpus (:func:`load_text`); ``None`` is the offline
+            ``"docstrings"`` domain.
+
+    Returns:
+        ``(train_ids, heldout_ids)`` as in :func:`split_ids`.
+
+    Raises:
+        InputError: if the corpus is unusable or its ids exceed the model's vocabulary.
+    """
+    tok = tokenizer_for(model_dir)
+    text = offline_text("docstrings") if data is None else load_text(data)
+    train_ids, val_ids = split_ids(tok.encode(text))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if int(max(train_ids.max(), val_ids.max())) >= vocab:
+        raise InputError(
+            f"--data: token ids exceed the model's vocabulary ({vocab}); give the model a tokenizer"
+        )
+    return train_ids, val_ids
+
+
+def sample_windows(ids: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    """``batch`` windows of ``seq_len + 1`` consecutive tokens at random offsets of ``ids``.
+
+    Args:
+        ids: a 1-D token stream longer than ``seq_len + 1``.
+        batch: number of windows.
+        seq_len: tokens predicted per window (each window carries one more, its first input).
+        gen: the generator that draws the offsets (the batch depends on it alone).
+
+    Returns:
+        ``[batch, seq_len + 1]`` token ids, ready for :func:`next_token_nll`.
+    """
+    starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen)
+    return torch.stack([ids[s : s + seq_len + 1] for s in starts.tolist()])
+
+
+def next_token_nll(model, x: torch.Tensor) -> torch.Tensor:
+    """Mean next-token negative log-likelihood (nats) of windows ``x`` under a causal LM.
+
+    The model reads ``x[:, :-1]`` and is scored on ``x[:, 1:]``; the cross-entropy is taken in
+    at least float32 whatever the logits' dtype (bf16 autocast included).
+
+    Args:
+        model: a causal LM called as ``model(input_ids=...)`` with ``.logits`` in its output.
+        x: ``[B, T + 1]`` token ids.
+
+    Returns:
+        A scalar tensor, differentiable in the model's parameters.
+    """
+    logits = model(input_ids=x[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
+        x[:, 1:].reshape(-1),
+    )
+
+
+@torch.no_grad()
+def heldout_nll(model, ids: torch.Tensor, seq_len: int, max_windows: int = 64) -> float:
+    """Mean next-token NLL (nats) over contiguous held-out windows (deterministic; paper Eq. 1).
+
+    Args:
+        model: the causal LM; evaluated in eval mode and returned to train mode.
+        ids: the held-out token stream.
+        seq_len: tokens predicted per window.
+        max_windows: at most this many windows from the start of ``ids``.
+
+    Returns:
+        The mean NLL per token.
+
+    Raises:
+        InputError: if ``ids`` holds fewer than ``seq_len + 1`` tokens.
+    """
+    n = min(max_windows, (len(ids) - 1) // seq_len)
+    if n < 1:
+        raise InputError(f"held-out split has {len(ids)} tokens: fewer than --seq-len + 1")
+    x = torch.stack([ids[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)]).to(
+        next(model.parameters()).device
+    )
+    model.eval()
+    out = float(sum(next_token_nll(model, x[i : i + 16]) * len(x[i : i + 16]) for i in range(0, n, 16)) / n)
+    model.train()
+    return out
+
+
+def tiny_llama_config(seq_len: int = 128):
+    """The offline model's ``LlamaConfig``: 2 layers, hidden 128, 4 heads, byte vocabulary.
+
+    Args:
+        seq_len: the longest window it will see (positions: at least 128).
+
+    Returns:
+        A ``transformers.LlamaConfig``.
+    """
+    from transformers import LlamaConfig  # optional dependency
+
+    return LlamaConfig(
+        vocab_size=ByteTokenizer.vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=max(seq_len, 128),
+        bos_token_id=ByteTokenizer.bos_token_id,
+        eos_token_id=ByteTokenizer.eos_token_id,
+    )
+
+
+def build_base_model(
+    cache: Path, steps: int, seq_len: int = 128, seed: int = 0, progress: bool = False
+) -> Path:
+    """Build a small Llama locally and pre-train it on the offline ``pydoc`` domain; cached.
+
+    AdamW (lr 3e-3), batches of 16 windows; the directory is written atomically, and an
+    existing one is returned as it is.
+
+    Args:
+        cache: the model directory to create (or reuse).
+        steps: pre-training steps.
+        seq_len: window length (:func:`tiny_llama_config`).
+        seed: seed of the initial weights and of the batches.
+        progress: show a tqdm bar.
+
+    Returns:
+        The local Hugging Face directory of the pre-trained model (``cache``).
+    """
+    from transformers import LlamaForCausalLM  # optional dependency
+
+    if (cache / "config.json").is_file():
+        return cache
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(seq_len))
+    ids, _ = split_ids(ByteTokenizer().encode(offline_text("pydoc")))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc="pre-train base model", disable=not progress):
+        loss = next_token_nll(model, sample_windows(ids, 16, seq_len, gen))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tmp = cache.with_name(cache.name + ".tmp")
+    model.save_pretrained(tmp)
+    os.replace(tmp, cache)
+    return cache
+
+
+def check_model_dir(model: str | None) -> None:
+    """Raise :class:`InputError` unless ``model`` is None or a local Hugging Face model directory.
+
+    Raises:
+        InputError: naming ``--model`` if ``model/config.json`` does not exist.
+    """
+    if model is not None and not (Path(model) / "config.json").is_file():
+        raise InputError(f"--model {model}: not a local Hugging Face model directory (no config.json)")
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """Load a local Hugging Face causal LM (no network) and check its weights are finite.
+
+    Args:
+        path: a local directory in Hugging Face format (``config.json`` + weights).
+        dtype: parameter dtype.
+        attn_implementation: e.g. ``"eager"`` where second derivatives are needed (HVPs).
+
+    Returns:
+        The ``transformers`` causal LM.
+
+    Raises:
+        InputError: if a weight holds NaN or Inf.
+    """
+    from transformers import AutoModelForCausalLM  # optional dependency
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per sweep cell is noise
+    try:
+        kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kw)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    for name, p in model.named_parameters():
+        check_finite(f"model weight {name!r}", p.detach())
+    return model
