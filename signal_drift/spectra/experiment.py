@@ -1,7 +1,7 @@
 """The Figure 8 experiment: exact spectra of H, H_θ, H_signal and H_drift across α.
 
-PAPER_NOTES §5 (Fig. 8 a–d) on the 5-layer SiLU MLP. At init (``B = 0``) the network output,
-hence ``g`` and ``H``, do not depend on ``α``; then ``H_signal(α) = α² S₁`` and
+``docs/theory.md#mlp-experiment`` (Fig. 8 a–d) on the 5-layer SiLU MLP. At init (``B = 0``) the
+network output, hence ``g`` and ``H``, do not depend on ``α``; then ``H_signal(α) = α² S₁`` and
 ``H_drift(α) = α D₁`` exactly (Prop. 1 and 4), so ``S₁`` and ``D₁`` are computed once (exact,
 dense) and every ``H_θ(α) = α² S₁ + α D₁`` is diagonalised densely. The assembled ``H_θ`` is
 cross-checked against plain autograd ``H_θ`` at every ``α`` in the same run

@@ -261,5 +261,11 @@ def test_float32_calibration_warns_about_precision():
     model, batch, A, loss_fn, _ = _mlp_case()
     model = model.float()
     with pytest.warns(PrecisionWarning, match="float32"):
-        calibrate_model(model, (batch[0].float(), batch[1].float()), {n: a.float() for n, a in A.items()}, loss_fn,
-                        probes=4, lanczos_steps=20)
+        calibrate_model(
+            model,
+            (batch[0].float(), batch[1].float()),
+            {n: a.float() for n, a in A.items()},
+            loss_fn,
+            probes=4,
+            lanczos_steps=20,
+        )
