@@ -90,15 +90,22 @@ def test_drift_products(dense_case):
     compare_matmat(DriftOperator(ref.problem, ref.theta, g), ref.drift)
 
 
-def test_curvature_bundle_and_operator_algebra(dense_case):
-    ref = dense_case
-    c = curvature(ref.problem, ref.theta)
-    for op, M in [
+def _members(c, ref):
+    """Every member of a ``curvature()`` bundle beside its dense reference."""
+    return [
         (c.H, ref.H),
         (c.H_theta, ref.H_theta),
         (c.J, ref.J),
         (c.signal, ref.signal),
         (c.drift, ref.drift),
+    ]
+
+
+def test_curvature_bundle_and_operator_algebra(dense_case):
+    ref = dense_case
+    c = curvature(ref.problem, ref.theta)
+    for op, M in [
+        *_members(c, ref),
         (c.signal + c.drift, ref.H_theta),
         (c.H_theta - c.drift, ref.signal),
         (c.H_theta - c.signal, ref.drift),
@@ -136,13 +143,7 @@ def test_to_dense_of_every_operator(dense_case):
     # to_dense has its own paths (closed-form drift, signal_at_init at B = 0), checked entrywise
     ref = dense_case
     c = curvature(ref.problem, ref.theta)
-    for op, M in [
-        (c.H, ref.H),
-        (c.H_theta, ref.H_theta),
-        (c.J, ref.J),
-        (c.signal, ref.signal),
-        (c.drift, ref.drift),
-    ]:
+    for op, M in _members(c, ref):
         D = op.to_dense()
         scale = M.abs().max()
         assert_close(D, M, rtol=1e-10, atol=1e-13 * scale)
