@@ -155,3 +155,34 @@ def test_fraction_band_stays_inside_zero_one():
     # two probes that disagree wildly: the raw t-band would reach below 0 and above 1
     band = bracket_interval(0.5, np.array([0.0, 0.9]), np.array([0.1, 1.0]), support=(0.0, 1.0))
     assert band.low == 0.0 and band.high == 1.0
+
+
+def test_exact_probes_bracket_eigenvalues_at_zero():
+    """Exact zeros come back as Ritz nodes of ±1e-16: the band must not decide their sign by round-off."""
+    gen = torch.Generator().manual_seed(3)
+    lam = torch.cat([-torch.ones(10), torch.zeros(20), torch.ones(10)])
+    U, _ = torch.linalg.qr(torch.randn(40, 40, generator=gen))
+    A = U @ torch.diag(lam) @ U.T
+    op = FunctionOperator(lambda V: A @ V, (40, 40), torch.float64, symmetric=True)
+    res = slq(op, probes=64, steps=40)
+    assert res.exact.all()
+    assert res.negative_fraction().covers(0.25)
+
+
+def test_slq_negative_mass_band_has_power_where_plain_slq_is_biased():
+    """Small negative and positive eigenvalues share Ritz nodes: the plain ratio ± t·SE misses."""
+    gen = torch.Generator().manual_seed(0)
+    lam = torch.cat([0.1 * torch.rand(150, generator=gen) - 0.06, 0.5 + torch.rand(150, generator=gen)])
+    U, _ = torch.linalg.qr(torch.randn(300, 300, generator=gen))
+    A = U @ torch.diag(lam) @ U.T
+    op = FunctionOperator(lambda V: A @ V, (300, 300), torch.float64, symmetric=True)
+    truth = float(lam[lam < 0].abs().sum() / lam.abs().sum())
+    ours = naive = 0
+    for s in SEEDS:
+        res = slq(op, probes=8, steps=4, seed=s)
+        ours += res.negative_mass(float(lam.min()) * (1 + 1e-9)).covers(truth)
+        w, th = res.weights, res.nodes
+        per = (w * np.abs(th) * (th < 0)).sum(1) / (w * np.abs(th)).sum(1)
+        naive += abs(per.mean() - truth) <= t_quantile(0.95, 8) * per.std(ddof=1) / math.sqrt(8)
+    assert ours >= 0.9 * len(SEEDS)
+    assert naive < 0.9 * len(SEEDS)

@@ -29,10 +29,11 @@ import math
 import statistics
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -234,8 +235,8 @@ def calibrate_model(
             # first m·r rows of H's, correlating the two estimates)
             tr_H, tr_S = hutchinson(H, probes, seed), hutchinson(S, probes, seed + 1)
             # iterate to 1e-8; accept a residual up to 1e-4 |λ| (then α_λ is within 5e-5 relative)
-            eig_H = lanczos_eigs(H, 1, "LA", steps=lanczos_steps, seed=seed, tol=1e-8, accept=LAMBDA_ACCEPT)
-            eig_S = lanczos_eigs(S, 1, "LA", steps=lanczos_steps, seed=seed, tol=1e-8, accept=LAMBDA_ACCEPT)
+            eig_H = _accept_relative(lanczos_eigs(H, 1, "LA", steps=lanczos_steps, seed=seed, tol=1e-8))
+            eig_S = _accept_relative(lanczos_eigs(S, 1, "LA", steps=lanczos_steps, seed=seed, tol=1e-8))
             warn = eig_H.checked(f"{name}: λ_max(H_ll)")[1] + eig_S.checked(f"{name}: λ_max(J0ᵀH_llJ0)")[1]
             for w in warn:
                 warnings.warn(w, stacklevel=2)
@@ -247,6 +248,12 @@ def calibrate_model(
     finally:
         for w, flag in saved:
             w.requires_grad_(flag)
+
+
+def _accept_relative(eig: EigResult) -> EigResult:
+    """Converged where ``‖Av − λv‖ ≤ LAMBDA_ACCEPT · |λ|`` (relative to the value itself, not to ``‖A‖``)."""
+    conv = eig.residuals <= LAMBDA_ACCEPT * np.abs(eig.values)
+    return replace(eig, converged=conv, accept=LAMBDA_ACCEPT)
 
 
 def _layer(name, shape, A, tr_H: TraceEstimate, tr_S: TraceEstimate, eig_H: EigResult, eig_S: EigResult):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._errors import InputError
 from ..lora import LoraProblem
 from ..operators import FunctionOperator, LinearOperator
 from .inertia import count_below
@@ -149,10 +150,14 @@ class InitBlocks:
         Returns:
             ``(count, method)``.
         """
+        if not alpha > 0:
+            raise InputError(f"alpha={alpha} is invalid: the count needs α > 0")
         svals = [c.singular_values for c in self.couplings]
         top = max(float(s.max()) for s in svals)
         square = all(c.C.shape[0] == c.C.shape[1] for c in self.couplings)
-        if square and all(float(s.min()) > 1e-10 * top for s in svals):
+        # invertible beyond round-off of the SVD in this dtype (a singular C_l computes σ_min ≈ n·eps·σ_max)
+        tol = 100 * max(max(c.C.shape) for c in self.couplings) * torch.finfo(svals[0].dtype).eps * top
+        if square and all(float(s.min()) > tol for s in svals):
             n_A = sum(c.C.shape[0] for c in self.couplings)
             return n_A, "exact: |A| (zero A block, invertible square C_l)"
         low, high = count_below(self.dense_H_theta(alpha))

@@ -71,7 +71,9 @@ class EigResult:
         residuals: ``‖A v_i − λ_i v_i‖`` per pair, ``[k]``.
         matvecs: number of operator products used.
         converged: ``residuals ≤ accept · scale`` per pair, ``[k]`` (``scale``: the largest
-            ``|λ|`` seen by the solver).
+            ``|λ|`` seen by the solver, i.e. about ``‖A‖``: each value is then within
+            ``accept · ‖A‖`` of an eigenvalue; a caller that needs accuracy relative to ``|λ|``
+            itself re-judges with ``dataclasses.replace``, as ``calibrate`` does).
         accept: the relative residual that counts as converged.
     """
 

@@ -67,8 +67,13 @@ class SLQResult:
         rows = np.arange(len(k))
         lower = C[rows, np.maximum(k - 1, 0)]
         upper = C[rows, np.minimum(k + 1, m)]
+        # an exact probe's measure is its quadrature, but an eigenvalue at x comes back as a node
+        # within round-off of x: count nodes within δ = m·eps·max|θ| of x as either side
         ex = self._exact()
-        lower[ex], upper[ex] = C[rows, k][ex], C[rows, k][ex]
+        delta = m * np.finfo(float).eps * np.nanmax(np.abs(self.nodes), axis=1)
+        k_lo = (self.nodes < x - delta[:, None]).sum(1)
+        k_hi = (self.nodes <= x + delta[:, None]).sum(1)
+        lower[ex], upper[ex] = C[rows, k_lo][ex], C[rows, k_hi][ex]
         return lower, np.minimum(upper, 1.0)
 
     def negative_part_bounds(self, lower_edge: float) -> tuple[np.ndarray, np.ndarray]:
