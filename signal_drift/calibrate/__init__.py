@@ -341,7 +341,7 @@ def calibrate(cfg: CalibrateConfig, progress: bool = False, log=print) -> dict:
     result |= summarize(result["layers"])
     result["complete"] = True
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
-    from ..plotting import plot_calibration  # here: importing it selects Agg
+    from .figure import plot_calibration  # here: importing it selects Agg
 
     plot_calibration(result, out / "calibration.png")
     return result

@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     atomic_write_text(out / "dynamics.json", json.dumps(summary, indent=1) + "\n")
     atomic_write_text(out / "dynamics_curves.json", json.dumps(curves) + "\n")
     if not a.no_plot:
-        from ..plotting import plot_fig2
+        from .figure import plot_fig2
 
         plot_fig2(summary, runs, out)
     c = summary["config"]

@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {"config": config_dict(cfg), **analyse(records)}
     atomic_write_text(out / "sweep.json", json.dumps(result, indent=1) + "\n")
     if not a.no_plot:
-        from ..plotting import plot_fig1
+        from .figure import plot_fig1
 
         plot_fig1(result, records, out)
     print(f"signal-drift sweep: {len(records)} cells (r × α × η) on the d={cfg.dim} MLP -> {out}/")

@@ -158,7 +158,7 @@ def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) ->
 
     Under ``torchrun`` every rank runs every cell data-parallel; rank 0 writes the files.
     """
-    from ..plotting import plot_scaling_paths  # here: importing it selects Agg
+    from .figure import plot_scaling_paths  # here: importing it selects Agg
 
     cfg.validate()
     dist = setup()
