@@ -22,7 +22,8 @@ def plot_calibration(result: dict, path: str | Path) -> Path:
     """Per-layer α from ``calibrate``: trace and λ_max criteria against Corollary 1 and Variant I.
 
     Args:
-        result: :func:`~signal_drift.calibrate.calibrate` output (``calibration.json``).
+        result: the ``calibration.json`` content
+            (:meth:`~signal_drift.calibrate.CalibrationResult.to_json`).
         path: the PNG to write.
     """
     path = Path(path)

@@ -84,7 +84,8 @@ def plot_fig2(summary: dict, runs: dict, out_dir: str | Path) -> Path:
     """Write ``fig2.png``: losses, λ_max(H_θ) against 2/η, SDR curves, final loss, one-step probes.
 
     Args:
-        summary: the ``dynamics.json`` content.
+        summary: the ``dynamics.json`` content (:class:`~signal_drift.dynamics.DynamicsResult`'s
+            ``summary``).
         runs: ``{"eta_scaling"|"alpha_scaling": {k: Run}}``.
         out_dir: output folder.
     """

@@ -22,7 +22,14 @@ __all__ = ["plot_fig1"]
 
 
 def plot_fig1(analysis: dict, records: list[dict], out_dir: str | Path) -> Path:
-    """Write ``fig1.png``: (a) loss vs η per α, (b) best loss vs α per rank, (c) α*(r) fit."""
+    """Write ``fig1.png``: (a) loss vs η per α, (b) best loss vs α per rank, (c) α*(r) fit.
+
+    Args:
+        analysis: the ``sweep.json`` content (:meth:`~signal_drift.sweep.SweepAnalysis.to_json`,
+            with or without ``config``).
+        records: the sweep's records (``sweep.jsonl``).
+        out_dir: output folder.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))

@@ -82,7 +82,8 @@ def plot_scaling_paths(result: dict, path: str | Path) -> Path:
     """Eq. 2 and Eq. 3 of a training sweep: loss and SDR along both paths, and α*(r).
 
     Args:
-        result: :func:`~signal_drift.train.sweep.analyse_paths` output (``sweep.json``).
+        result: the ``sweep.json`` content
+            (:meth:`~signal_drift.train.sweep.TrainSweepResult.to_json`).
         path: the PNG to write.
     """
     path = Path(path)
