@@ -29,7 +29,7 @@ import math
 import statistics
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -47,7 +47,7 @@ from ..spectra.lanczos import EigResult, lanczos_eigs
 from ..spectra.trace import TraceEstimate, hutchinson
 
 __all__ = ["CalibrateConfig", "LayerCurvature", "LayerHessians", "layer_operators", "calibrate_model",
-           "lora_init", "calibrate", "summarize"]  # fmt: skip
+           "lora_init", "CalibrationResult", "calibrate", "summarize"]  # fmt: skip
 
 
 #: Relative Lanczos residual up to which a ``λ_max`` counts as converged (an eigenvalue lies within
@@ -303,12 +303,45 @@ def lora_init(model: torch.nn.Module, rank: int, targets: Sequence[str], init: s
     return A
 
 
-def calibrate(cfg: CalibrateConfig, progress: bool = False, log=print) -> dict:
+@dataclass(frozen=True)
+class CalibrationResult:
+    """What :func:`calibrate` returns, and what ``calibration.json`` holds at every point of a run.
+
+    Attributes:
+        config: the :class:`CalibrateConfig` as a dict, with ``model_dir`` and the ``targets``
+            present in the model.
+        layers: one :class:`LayerCurvature` per measured layer, in model order.
+        complete: False while layers are still being measured (the fields below are then empty).
+        warnings: the messages of unconverged ``λ_max`` (those values are NaN).
+        alpha_pattern: ``{"trace" | "lambda": {module name: α}}``, the finite per-layer α of each
+            criterion, a PEFT ``alpha_pattern`` (:func:`summarize`).
+        gap_lambda_over_trace: the median ``α_λ / α_tr`` over layers (NaN if no layer has both).
+    """
+
+    config: dict
+    layers: tuple[LayerCurvature, ...] = ()
+    complete: bool = True
+    warnings: tuple[str, ...] = ()
+    alpha_pattern: dict[str, dict[str, float]] = field(default_factory=dict)
+    gap_lambda_over_trace: float = math.nan
+
+    def to_json(self) -> dict:
+        """``calibration.json``: ``config``, ``layers``, ``complete`` and, once complete, the rest."""
+        out = {"config": self.config, "layers": [asdict(d) for d in self.layers], "complete": self.complete}
+        if self.complete:
+            out |= {"warnings": list(self.warnings), "alpha_pattern": self.alpha_pattern,
+                    "gap_lambda_over_trace": self.gap_lambda_over_trace}  # fmt: skip
+        return json.loads(json.dumps(out))
+
+
+def calibrate(cfg: CalibrateConfig, progress: bool = False, log=print) -> CalibrationResult:
     """Load (or build) the model, measure every targeted layer, write ``calibration.json`` and the PNG.
 
+    ``calibration.json`` is rewritten after every layer (``"complete": false`` until the end).
+
     Returns:
-        ``{"config", "layers": [LayerCurvature as dict], "alpha_pattern": {"trace": {...},
-        "lambda": {...}}, "gap": median α_λ/α_tr, ...}``.
+        A complete :class:`CalibrationResult`: the layers, the PEFT ``alpha_pattern`` per
+        criterion and the median ``α_λ / α_tr``.
     """
     cfg.validate()
     out = Path(cfg.out)
@@ -328,13 +361,14 @@ def calibrate(cfg: CalibrateConfig, progress: bool = False, log=print) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     batch = sample_windows(train_ids, cfg.samples, cfg.seq_len, gen).to(next(model.parameters()).device)
     model.eval()
-    result = {"config": asdict(cfg) | {"model_dir": str(model_dir), "targets": present}, "layers": [],
-              "complete": False}  # fmt: skip
+    config = asdict(cfg) | {"model_dir": str(model_dir), "targets": present}
+    layers: list[LayerCurvature] = []
     path = out / "calibration.json"
 
     def write(rec: LayerCurvature) -> None:
-        result["layers"].append(asdict(rec))
-        atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+        layers.append(rec)
+        partial = CalibrationResult(config, tuple(layers), complete=False)
+        atomic_write_text(path, json.dumps(partial.to_json(), indent=1) + "\n")
 
     tokens = f"{cfg.samples}×{cfg.seq_len} tokens"
     log(f"calibrating {len(A)} layers (r={cfg.rank}, {cfg.init} A, {cfg.probes} probes, {tokens})")
@@ -342,15 +376,17 @@ def calibrate(cfg: CalibrateConfig, progress: bool = False, log=print) -> dict:
         warnings.simplefilter("always")
         calibrate_model(model, batch, A, next_token_nll, probes=cfg.probes, lanczos_steps=cfg.lanczos_steps,
                         seed=cfg.seed, progress=progress, on_layer=write)  # fmt: skip
-    result["warnings"] = [str(w.message) for w in caught]
-    for w in result["warnings"]:
+    messages = tuple(str(w.message) for w in caught)
+    for w in messages:
         log(f"warning: {w}")
-    result |= summarize(result["layers"])
-    result["complete"] = True
-    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
-    from ..plotting import plot_calibration  # here: importing it selects Agg
+    summary = summarize([asdict(d) for d in layers])
+    result = CalibrationResult(config, tuple(layers), True, messages, summary["alpha_pattern"],
+                               summary["gap_lambda_over_trace"])  # fmt: skip
+    js = result.to_json()
+    atomic_write_text(path, json.dumps(js, indent=1) + "\n")
+    from .figure import plot_calibration  # here: importing it selects Agg
 
-    plot_calibration(result, out / "calibration.png")
+    plot_calibration(js, out / "calibration.png")
     return result
 
 

@@ -16,6 +16,7 @@ CLI: ``python -m signal_drift.dynamics``.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,7 @@ __all__ = [
     "sdr_probes",
     "consistent_alpha_point",
     "DynamicsConfig",
+    "DynamicsResult",
     "run_dynamics",
 ]
 
@@ -253,6 +255,39 @@ class DynamicsConfig:
             )
 
 
+#: The per-step records of a :class:`Run` that ``dynamics_curves.json`` holds.
+CURVE_FIELDS = ("loss", "sdr", "norm_signal", "norm_drift", "align_signal", "align_drift")
+
+
+@dataclass(frozen=True)
+class DynamicsResult:
+    """What :func:`run_dynamics` returns.
+
+    Attributes:
+        summary: every number of the run, keyed as in ``dynamics.json`` (``config``, per-path
+            outcomes keyed by ``f"{k:g}"``, the one-step probes, ``curvature``, ``warnings``).
+        runs: ``{"eta_scaling"|"alpha_scaling": {k: Run}}``; ``alpha_scaling[1.0]`` is the
+            ``eta_scaling[1.0]`` run (the shared baseline).
+    """
+
+    summary: dict
+    runs: dict[str, dict[float, Run]]
+
+    def to_json(self) -> dict:
+        """``summary`` in plain JSON types (what ``dynamics.json`` holds)."""
+        return json.loads(json.dumps(self.summary))
+
+    def curves_json(self) -> dict:
+        """The per-step records of every run (what ``dynamics_curves.json`` holds).
+
+        ``{path: {f"{k:g}": {field: [...]}}}`` for the fields in :data:`CURVE_FIELDS`.
+        """
+        return {
+            p: {f"{k:g}": {f: getattr(r, f) for f in CURVE_FIELDS} for k, r in rs.items()}
+            for p, rs in self.runs.items()
+        }
+
+
 #: What each one-step probe in ``dynamics.json`` measures (see :mod:`.probes`).
 PROBE_DEFINITIONS = {
     "sdr_eta": "(α0, k·η0), direction fixed: SDR(1)/k, slope −1 is an identity (Δθ ∝ η), not a finding",
@@ -263,11 +298,11 @@ PROBE_DEFINITIONS = {
 }
 
 
-def run_dynamics(cfg: DynamicsConfig, progress: bool = False) -> tuple[dict, dict[str, dict[float, Run]]]:
+def run_dynamics(cfg: DynamicsConfig, progress: bool = False) -> DynamicsResult:
     """η-scaling vs α-scaling paths from a common baseline ``(α0, η0)`` (paper Eq. 2, Fig. 2).
 
     Returns:
-        ``(summary, runs)``: the JSON-ready summary and ``{"eta_scaling"|"alpha_scaling": {k: Run}}``.
+        A :class:`DynamicsResult`: the JSON-ready ``summary`` and the ``runs`` of both paths.
     """
     cfg.validate()
     torch.set_default_dtype(torch.float64)
@@ -348,4 +383,4 @@ def run_dynamics(cfg: DynamicsConfig, progress: bool = False) -> tuple[dict, dic
         }
         for path in runs
     }
-    return summary, runs
+    return DynamicsResult(summary, runs)

@@ -13,7 +13,6 @@ from ..settings import ConfigParser
 from . import DynamicsConfig, run_dynamics
 
 PROG = "python -m signal_drift.dynamics"
-FIELDS = ("loss", "sdr", "norm_signal", "norm_drift", "align_signal", "align_drift")
 
 
 def _fmt(x: float | None) -> str:
@@ -25,18 +24,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = ConfigParser(DynamicsConfig, prog=PROG, description=__doc__)
     p.add_output("out/dynamics", figures="fig2.png")
     cfg, a = p.parse_config(argv)
-    summary, runs = run_dynamics(cfg, progress=sys.stderr.isatty())
+    res = run_dynamics(cfg, progress=sys.stderr.isatty())
+    summary = res.to_json()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    curves = {
-        p: {f"{k:g}": {f: getattr(r, f) for f in FIELDS} for k, r in rs.items()} for p, rs in runs.items()
-    }
     atomic_write_text(out / "dynamics.json", json.dumps(summary, indent=1) + "\n")
-    atomic_write_text(out / "dynamics_curves.json", json.dumps(curves) + "\n")
+    atomic_write_text(out / "dynamics_curves.json", json.dumps(res.curves_json()) + "\n")
     if not a.no_plot:
-        from ..plotting import plot_fig2
+        from .figure import plot_fig2
 
-        plot_fig2(summary, runs, out)
+        plot_fig2(res.summary, res.runs, out)
     c = summary["config"]
     head = f"d={c['dim']}, r={c['rank']}, {c['optimizer']}, α0={c['alpha0']:g}, η0={c['lr0']:g}"
     print(f"signal-drift dynamics: {head}")

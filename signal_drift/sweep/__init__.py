@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ __all__ = [
     "cell_key",
     "MLPSweepConfig",
     "mlp_cell",
+    "SweepAnalysis",
     "analyse",
     "fit_power_law",
     "describe_alpha_star",
@@ -228,7 +229,46 @@ def fit_power_law(
     return out
 
 
-def analyse(records: Sequence[dict], metric: str = "test_loss") -> dict:
+@dataclass(frozen=True)
+class SweepAnalysis:
+    """Findings I and III of a sweep (what :func:`analyse` returns); rank and α keys are strings.
+
+    Attributes:
+        metric: the record field that was minimised (e.g. ``test_loss``).
+        eta_star: ``{r: {α: η*}}``, the best learning rate per (r, α) (Finding I).
+        best_loss: ``{r: {α: loss}}``, the loss at ``η*``.
+        alpha_star: ``{r: α*}``, the grid argmin of the best loss over η.
+        alpha_star_cell: ``{r: [lo, hi]}``, the α interval that α* stands for (``None`` on an
+            open side).
+        alpha_star_edge: ``{r: "lower" | "upper" | "both"}``, only the ranks whose α* is the
+            smallest / largest α tried (a bound, not an optimum; ``"both"`` if one α was tried).
+        fit: :func:`fit_power_law` of the bracketed α* with their cells, plus ``ranks`` (those
+            fitted) and ``excluded_at_edge``; ``None`` when fewer than 2 ranks are bracketed.
+        fit_skipped: why there is no ``fit`` (``None`` when there is one).
+    """
+
+    metric: str
+    eta_star: dict[str, dict[str, float]] = field(default_factory=dict)
+    best_loss: dict[str, dict[str, float]] = field(default_factory=dict)
+    alpha_star: dict[str, float] = field(default_factory=dict)
+    alpha_star_cell: dict[str, list[float | None]] = field(default_factory=dict)
+    alpha_star_edge: dict[str, str] = field(default_factory=dict)
+    fit: dict | None = None
+    fit_skipped: str | None = None
+
+    def to_json(self) -> dict:
+        """The analysis as ``sweep.json`` holds it: ``fit`` or ``fit_skipped``, whichever applies."""
+        out = {"metric": self.metric, "eta_star": self.eta_star, "best_loss": self.best_loss,
+               "alpha_star": self.alpha_star, "alpha_star_cell": self.alpha_star_cell,
+               "alpha_star_edge": self.alpha_star_edge}  # fmt: skip
+        if self.fit is not None:
+            out["fit"] = self.fit
+        else:
+            out["fit_skipped"] = self.fit_skipped
+        return json.loads(json.dumps(out))
+
+
+def analyse(records: Sequence[dict], metric: str = "test_loss") -> SweepAnalysis:
     """Findings I and III from sweep records.
 
     α*(r) is a grid argmin, so it stands for its whole grid cell: from the geometric midpoint
@@ -238,17 +278,8 @@ def analyse(records: Sequence[dict], metric: str = "test_loss") -> dict:
     that their cells allow (:func:`fit_power_law`).
 
     Returns:
-        A JSON-ready dict (rank and α keys as strings):
-
-        - ``eta_star`` ``{r: {α: η*}}`` and ``best_loss`` ``{r: {α: loss}}`` (Finding I);
-        - ``alpha_star`` ``{r: α*}``, the grid argmin of the best loss over η;
-        - ``alpha_star_cell`` ``{r: [lo, hi]}``, the α interval that α* stands for (``None``
-          on an open side);
-        - ``alpha_star_edge`` ``{r: "lower" | "upper"}``, only the ranks whose α* is the
-          smallest / largest α tried (a bound, not an optimum; ``"both"`` if one α was tried);
-        - ``fit`` (when >= 2 ranks are bracketed): :func:`fit_power_law` of the bracketed α*
-          with their cells, plus ``ranks`` (those fitted) and ``excluded_at_edge``; otherwise
-          ``fit_skipped``, the reason.
+        A :class:`SweepAnalysis` (η*, best loss, α* with its cell and edge flag, and the fit or
+        why there is none).
     """
     by: dict[int, dict[float, list[tuple[float, float]]]] = {}
     for rec in records:
@@ -274,34 +305,36 @@ def analyse(records: Sequence[dict], metric: str = "test_loss") -> dict:
             ]
             if i in (0, len(tried) - 1):
                 edge[str(r)] = "both" if len(tried) == 1 else "lower" if i == 0 else "upper"
-    out = {"metric": metric, "eta_star": eta_star, "best_loss": best, "alpha_star": alpha_star,
-           "alpha_star_cell": cell, "alpha_star_edge": edge}  # fmt: skip
+    found = {"metric": metric, "eta_star": eta_star, "best_loss": best, "alpha_star": alpha_star,
+             "alpha_star_cell": cell, "alpha_star_edge": edge}  # fmt: skip
     inner = [r for r in alpha_star if r not in edge]
     if len(inner) >= 2:
-        out["fit"] = fit_power_law(
+        fit = fit_power_law(
             [float(r) for r in inner], [alpha_star[r] for r in inner], [tuple(cell[r]) for r in inner]
         ) | {"ranks": inner, "excluded_at_edge": sorted(edge, key=int)}
-    else:
-        out["fit_skipped"] = (
+        return SweepAnalysis(**found, fit=fit)
+    return SweepAnalysis(
+        **found,
+        fit_skipped=(
             f"{len(inner)} rank(s) with α* bracketed by the grid (at the edge: {sorted(edge, key=int)}); "
             "the fit needs 2"
-        )
-    return out
+        ),
+    )
 
 
-def describe_alpha_star(analysis: dict) -> list[str]:
+def describe_alpha_star(analysis: SweepAnalysis) -> list[str]:
     """Lines for a CLI: α*(r) with its cell and edge flags, and the Eq. 3 fit (or why none)."""
-    edge = analysis["alpha_star_edge"]
+    edge = analysis.alpha_star_edge
     lines = []
-    for r, a in analysis["alpha_star"].items():
-        lo, hi = analysis["alpha_star_cell"][r]
+    for r, a in analysis.alpha_star.items():
+        lo, hi = analysis.alpha_star_cell[r]
         cell = f"[{'0' if lo is None else f'{lo:.3g}'}, {'∞' if hi is None else f'{hi:.3g}'}]"
         note = {"lower": "  (smallest α tried: an upper bound)",
                 "upper": "  (largest α tried: a lower bound)",
                 "both": "  (the only α tried)"}.get(edge.get(r), "")  # fmt: skip
         lines.append(f"  α*(r={r}) = {a:g}, cell {cell}{note}")
-    if "fit" in analysis:
-        f = analysis["fit"]
+    if analysis.fit is not None:
+        f = analysis.fit
         kg, kc = f["k_grid_range"], f["k_ci95_gaussian"]
         gauss = "undefined" if kc[0] is None else f"[{kc[0]:.3f}, {kc[1]:.3f}]"
         lines.append(
@@ -310,7 +343,7 @@ def describe_alpha_star(analysis: dict) -> list[str]:
             f"{gauss}); left out at the grid edge: r = {', '.join(f['excluded_at_edge']) or 'none'}"
         )
     else:
-        lines.append(f"  no fit: {analysis['fit_skipped']}")
+        lines.append(f"  no fit: {analysis.fit_skipped}")
     return lines
 
 

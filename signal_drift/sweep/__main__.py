@@ -24,17 +24,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cells = [c | {"test_samples": cfg.test_samples} for c in cfg.cells()]
     records = run_grid(cells, mlp_cell, out / "sweep.jsonl", progress=sys.stderr.isatty(), log=print)
-    result = {"config": config_dict(cfg), **analyse(records)}
+    analysis = analyse(records)
+    result = {"config": config_dict(cfg), **analysis.to_json()}
     atomic_write_text(out / "sweep.json", json.dumps(result, indent=1) + "\n")
     if not a.no_plot:
-        from ..plotting import plot_fig1
+        from .figure import plot_fig1
 
         plot_fig1(result, records, out)
     print(f"signal-drift sweep: {len(records)} cells (r × α × η) on the d={cfg.dim} MLP -> {out}/")
-    for r, per in result["eta_star"].items():
+    for r, per in analysis.eta_star.items():
         trend = ", ".join(f"α={al}: η*={lr:g}" for al, lr in per.items())
         print(f"  r={r}: {trend}")
-    print("\n".join(describe_alpha_star(result)))
+    print("\n".join(describe_alpha_star(analysis)))
     return 0
 
 

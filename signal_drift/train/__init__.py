@@ -267,7 +267,7 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
         model.save_pretrained(out / "adapter")
         metrics["final_heldout_nll"] = metrics["heldout_nll"][-1][1]
         write_metrics()
-        from ..plotting import plot_train_loss, plot_update_norms  # here: importing it selects Agg
+        from .figure import plot_train_loss, plot_update_norms  # here: importing it selects Agg
 
         plot_train_loss(metrics, out / "loss.png", title=_title(cfg))
         if metrics["update_norms"]:

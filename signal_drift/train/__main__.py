@@ -47,21 +47,17 @@ def sweep_main(argv: Sequence[str]) -> int:
     """``train sweep``: Eq. 2 paths and the Eq. 3 fit (resumable)."""
     p = ConfigParser(TrainSweepConfig, prog=f"{PROG} sweep", description=run_train_sweep.__doc__)
     cfg, _ = p.parse_config(argv)
-    result, records = run_train_sweep(
-        cfg, progress=sys.stderr.isatty(), log=lambda s: print(s, file=sys.stderr)
-    )
+    result = run_train_sweep(cfg, progress=sys.stderr.isatty(), log=lambda s: print(s, file=sys.stderr))
     if int(os.environ.get("RANK", "0")) != 0:  # a non-zero torchrun rank: rank 0 reports
         return 0
-    print(f"signal-drift train sweep: {len(records)} runs -> {cfg.out}/sweep.json, eq2.png")
-    for r, best in result["best_k"].items():
+    print(f"signal-drift train sweep: {len(result.records)} runs -> {cfg.out}/sweep.json, eq2.png")
+    for r, best in result.analysis.best_k.items():
         print(f"  r={r}: best k on the η path {best['eta']}, on the α path {best['alpha']}")
-    ap = result["alpha_path"]
+    ap = result.analysis.alpha_path
     print("  α* at η_FFT (α-scaling path):")
     print("\n".join(describe_alpha_star(ap)))
-    if ap["alpha_star_edge"]:
-        print(
-            f"  warning: α* of r={list(ap['alpha_star_edge'])} is at the end of the path; widen --multipliers"
-        )
+    if ap.alpha_star_edge:
+        print(f"  warning: α* of r={list(ap.alpha_star_edge)} is at the end of the path; widen --multipliers")
     return 0
 
 

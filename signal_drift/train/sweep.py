@@ -18,17 +18,24 @@ import json
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .._errors import DivergenceError, InputError, check_positive_float, check_positive_int
 from ..io import atomic_write_text
 from ..lm import build_base_model, check_model_dir
-from ..sweep import analyse, cell_key, run_grid
+from ..sweep import SweepAnalysis, analyse, cell_key, run_grid
 from . import TrainConfig, train
 from ._dist import setup
 
-__all__ = ["TrainSweepConfig", "path_cells", "analyse_paths", "run_train_sweep"]
+__all__ = [
+    "TrainSweepConfig",
+    "path_cells",
+    "ScalingPaths",
+    "analyse_paths",
+    "TrainSweepResult",
+    "run_train_sweep",
+]
 
 
 @dataclass(frozen=True)
@@ -124,15 +131,60 @@ def _is_cell(cell: dict, rank: int, alpha: float, lr: float) -> bool:
     return cell["rank"] == rank and math.isclose(cell["alpha"], alpha) and math.isclose(cell["lr"], lr)
 
 
-def analyse_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
+@dataclass(frozen=True)
+class ScalingPaths:
+    """Loss and SDR along both paths of Eq. 2 per rank, and α*(r) on the α path (:func:`analyse_paths`).
+
+    Rank keys are strings, as in ``sweep.json``.
+
+    Attributes:
+        paths: ``{r: {"eta": [[k, nll, sdr], ...], "alpha": [...]}}``, the held-out NLL and the
+            median per-layer SDR of each run, by multiplier.
+        best_k: ``{r: {"eta": k, "alpha": k}}``, the multiplier of the lowest finite NLL on each
+            path (``None`` where every run diverged).
+        alpha_path: :func:`~signal_drift.sweep.analyse` of the α-path runs: ``alpha_star``, its
+            grid cell ``alpha_star_cell``, ``alpha_star_edge`` (ranks whose α* is the smallest α
+            tried, k = 1, an upper bound only, or the largest, a lower bound only) and the ``fit``
+            over the bracketed ranks with its ``k_grid_range``.
+    """
+
+    paths: dict[str, dict[str, list[list[float]]]]
+    best_k: dict[str, dict[str, float | None]]
+    alpha_path: SweepAnalysis
+
+    def to_json(self) -> dict:
+        """The analysis as ``sweep.json`` holds it (without ``config``)."""
+        return json.loads(json.dumps({"paths": self.paths, "best_k": self.best_k})) | {
+            "alpha_path": self.alpha_path.to_json()
+        }
+
+
+@dataclass(frozen=True)
+class TrainSweepResult:
+    """What :func:`run_train_sweep` returns.
+
+    Attributes:
+        config: the :class:`TrainSweepConfig` as a JSON-ready dict.
+        analysis: the paths, the best k and α*(r) (:func:`analyse_paths`).
+        records: one ``sweep.jsonl`` record per cell (``key``, ``cell``, ``heldout_nll``,
+            ``diverged_step``, ``sdr_median``), in the order of :func:`path_cells`.
+    """
+
+    config: dict
+    analysis: ScalingPaths
+    records: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """What ``sweep.json`` holds: ``config``, ``paths``, ``best_k`` and ``alpha_path``."""
+        return json.loads(json.dumps({"config": self.config})) | self.analysis.to_json()
+
+
+def analyse_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> ScalingPaths:
     """Loss and SDR along both paths per rank, the best k of each, and α*(r) with its fit.
 
     Returns:
-        ``{"paths": {r: {"eta": [[k, nll, sdr]], "alpha": [...]}}, "best_k": {r: {"eta": k, "alpha": k}},
-        "alpha_path": analyse(α-path records)}``; the last holds ``alpha_star``, its grid cell
-        ``alpha_star_cell``, ``alpha_star_edge`` (ranks whose α* is the smallest α tried, k = 1,
-        an upper bound only, or the largest, a lower bound only) and the ``fit`` over the
-        bracketed ranks with its ``k_grid_range`` (:func:`~signal_drift.sweep.analyse`).
+        A :class:`ScalingPaths`; its ``alpha_path`` is :func:`~signal_drift.sweep.analyse` of
+        the α-path records, scored by ``heldout_nll``.
     """
     paths, best_k, alpha_recs = {}, {}, []
     for r in cfg.ranks:
@@ -150,15 +202,15 @@ def analyse_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
             p: min((row for row in v if math.isfinite(row[1])), key=lambda row: row[1], default=[None])[0]
             for p, v in rows.items()
         }
-    return {"paths": paths, "best_k": best_k, "alpha_path": analyse(alpha_recs, metric="heldout_nll")}
+    return ScalingPaths(paths, best_k, analyse(alpha_recs, metric="heldout_nll"))
 
 
-def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) -> tuple[dict, list[dict]]:
+def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) -> TrainSweepResult:
     """Run (or resume) every cell; write ``sweep.jsonl``, ``sweep.json`` and ``eq2.png`` under ``cfg.out``.
 
     Under ``torchrun`` every rank runs every cell data-parallel; rank 0 writes the files.
     """
-    from ..plotting import plot_scaling_paths  # here: importing it selects Agg
+    from .figure import plot_scaling_paths  # here: importing it selects Agg
 
     cfg.validate()
     dist = setup()
@@ -179,8 +231,9 @@ def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) ->
         log=None if quiet else log,
         write=not quiet,
     )
-    result = {"config": asdict(cfg), **analyse_paths(records, cfg)}
+    result = TrainSweepResult(asdict(cfg), analyse_paths(records, cfg), records)
     if dist.main:
-        atomic_write_text(out / "sweep.json", json.dumps(result, indent=1) + "\n")
-        plot_scaling_paths(result, out / "eq2.png")
-    return result, records
+        summary = result.to_json()
+        atomic_write_text(out / "sweep.json", json.dumps(summary, indent=1) + "\n")
+        plot_scaling_paths(summary, out / "eq2.png")
+    return result

@@ -148,7 +148,7 @@ def test_dynamics_runs_both_paths_and_reports_slopes():
     cfg = DynamicsConfig(
         dim=6, rank=2, samples=64, steps=12, multipliers=(1, 4, 400), lr0=0.02, curvature_every=6
     )
-    s, runs = run_dynamics(cfg)
+    s = run_dynamics(cfg).summary
     assert set(s["eta_scaling"]) == set(s["alpha_scaling"]) == {"1", "4", "400"}
     assert s["eta_scaling"]["400"]["diverged"]  # η = 8 blows up
     assert abs(s["sdr_slope_eta_identity"] + 1) < 1e-9
@@ -226,5 +226,5 @@ def test_divergence_is_surfaced_as_a_warning():
     cfg = DynamicsConfig(
         dim=5, rank=2, samples=24, steps=10, multipliers=(1, 1000), lr0=0.02, curvature_every=0
     )
-    s, _ = run_dynamics(cfg)
+    s = run_dynamics(cfg).summary
     assert any("eta_scaling k=1000 diverged at step" in w for w in s["warnings"])

@@ -46,13 +46,13 @@ def test_analyse_finds_argmins():
     recs = [{"cell": {"rank": r, "alpha": a, "lr": lr}, "test_loss": (a - 4 * r) ** 2 + lr + 1}
             for r in (1, 2, 4) for a in (1, 4, 8, 16) for lr in (0.1, 0.2)]  # fmt: skip
     out = analyse(recs)
-    assert out["alpha_star"] == {"1": 4.0, "2": 8.0, "4": 16.0}
-    assert out["eta_star"]["1"]["4"] == 0.1
+    assert out.alpha_star == {"1": 4.0, "2": 8.0, "4": 16.0}
+    assert out.eta_star["1"]["4"] == 0.1
     # α*(r=4) = 16 is the largest α tried: a lower bound, flagged and left out of the fit
-    assert out["alpha_star_edge"] == {"4": "upper"}
-    assert out["alpha_star_cell"]["1"] == [2.0, math.sqrt(32)] and out["alpha_star_cell"]["4"][1] is None
-    assert out["fit"]["ranks"] == ["1", "2"] and out["fit"]["excluded_at_edge"] == ["4"]
-    assert abs(out["fit"]["k"] - 1) < 1e-12
+    assert out.alpha_star_edge == {"4": "upper"}
+    assert out.alpha_star_cell["1"] == [2.0, math.sqrt(32)] and out.alpha_star_cell["4"][1] is None
+    assert out.fit["ranks"] == ["1", "2"] and out.fit["excluded_at_edge"] == ["4"]
+    assert abs(out.fit["k"] - 1) < 1e-12
 
 
 def _quantised(true_alpha, ranks, alphas):
@@ -65,12 +65,12 @@ def test_alpha_star_at_either_edge_is_a_bound_and_is_not_fitted():
     alphas = [1.0, 2.0, 4.0, 8.0, 16.0]
     out = analyse(_quantised(lambda r: {1: 0.3, 2: 4.0, 4: 8.0, 8: 100.0}[r], [1, 2, 4, 8], alphas))
     # the MLP sweep's α*(r=4) = 1 at the lower edge used to pass for an optimum
-    assert out["alpha_star"] == {"1": 1.0, "2": 4.0, "4": 8.0, "8": 16.0}
-    assert out["alpha_star_edge"] == {"1": "lower", "8": "upper"}
-    assert out["alpha_star_cell"]["1"] == [None, math.sqrt(2)]
-    assert out["fit"]["ranks"] == ["2", "4"] and out["fit"]["excluded_at_edge"] == ["1", "8"]
+    assert out.alpha_star == {"1": 1.0, "2": 4.0, "4": 8.0, "8": 16.0}
+    assert out.alpha_star_edge == {"1": "lower", "8": "upper"}
+    assert out.alpha_star_cell["1"] == [None, math.sqrt(2)]
+    assert out.fit["ranks"] == ["2", "4"] and out.fit["excluded_at_edge"] == ["1", "8"]
     one = analyse(_quantised(lambda r: 0.1, [1, 2, 4], alphas))
-    assert "fit" not in one and "3 rank" not in one["fit_skipped"] and "0 rank" in one["fit_skipped"]
+    assert one.fit is None and "3 rank" not in one.fit_skipped and "0 rank" in one.fit_skipped
 
 
 def test_the_grid_slope_range_is_what_the_cells_allow_and_covers_the_true_exponent():
@@ -81,8 +81,8 @@ def test_the_grid_slope_range_is_what_the_cells_allow_and_covers_the_true_expone
     ranks, alphas = [1, 2, 4, 8, 16], [2.0**i for i in range(-2, 12)]
     for k_true in (0.5, 0.3, 1.2):
         out = analyse(_quantised(lambda r, k=k_true: 7.0 * r**k, ranks, alphas))
-        assert not out["alpha_star_edge"]
-        f = out["fit"]
+        assert not out.alpha_star_edge
+        f = out.fit
         lo, hi = f["k_grid_range"]
         assert lo <= k_true <= hi, (k_true, lo, hi)
         assert f["c_grid_range"][0] <= 7.0 <= f["c_grid_range"][1]
@@ -94,7 +94,7 @@ def test_the_grid_slope_range_is_what_the_cells_allow_and_covers_the_true_expone
             f["k"] - lo, h * np.abs(w).sum()
         )
         corners = [
-            np.polyfit(lx, np.log([out["alpha_star"][str(r)] for r in ranks]) + h * np.array(s), 1)[0]
+            np.polyfit(lx, np.log([out.alpha_star[str(r)] for r in ranks]) + h * np.array(s), 1)[0]
             for s in itertools.product((-1, 1), repeat=len(ranks))
         ]
         assert math.isclose(min(corners), lo, abs_tol=1e-12) and math.isclose(max(corners), hi, abs_tol=1e-12)

@@ -41,34 +41,31 @@ def test_alpha_star_and_its_fit_come_from_the_alpha_path():
     res = analyse_paths(
         _records(cfg, lambda c: math.log(c["alpha"] / (8 * c["rank"] ** 0.5)) ** 2 + c["lr"]), cfg
     )
-    assert res["alpha_path"]["alpha_star"] == {"1": 8.0, "4": 16.0, "16": 32.0}
-    assert math.isclose(res["alpha_path"]["fit"]["k"], 0.5) and math.isclose(
-        res["alpha_path"]["fit"]["c"], 8.0
-    )
-    assert res["best_k"]["4"] == {"alpha": 16.0, "eta": 1.0}
-    assert res["alpha_path"]["alpha_star_edge"] == {}
+    assert res.alpha_path.alpha_star == {"1": 8.0, "4": 16.0, "16": 32.0}
+    assert math.isclose(res.alpha_path.fit["k"], 0.5) and math.isclose(res.alpha_path.fit["c"], 8.0)
+    assert res.best_k["4"] == {"alpha": 16.0, "eta": 1.0}
+    assert res.alpha_path.alpha_star_edge == {}
     # each α* known to within a factor √2 either side: k = 0.5 ± (log √2)·Σ|w_i| = 0.5 ± 0.25
     assert all(
-        math.isclose(a, b)
-        for a, b in zip(res["alpha_path"]["fit"]["k_grid_range"], [0.25, 0.75], strict=True)
+        math.isclose(a, b) for a, b in zip(res.alpha_path.fit["k_grid_range"], [0.25, 0.75], strict=True)
     )
 
 
 def test_an_optimum_at_the_grid_edge_is_flagged():
     cfg = TrainSweepConfig(ranks=(1, 4), multipliers=(1, 2, 4))
     res = analyse_paths(_records(cfg, lambda c: -c["alpha"]), cfg)  # loss keeps falling with α
-    assert res["alpha_path"]["alpha_star"] == {"1": 4.0, "4": 16.0}
-    assert res["alpha_path"]["alpha_star_edge"] == {"1": "upper", "4": "upper"}
-    assert "fit" not in res["alpha_path"] and "fit_skipped" in res["alpha_path"]
+    assert res.alpha_path.alpha_star == {"1": 4.0, "4": 16.0}
+    assert res.alpha_path.alpha_star_edge == {"1": "upper", "4": "upper"}
+    assert res.alpha_path.fit is None and res.alpha_path.fit_skipped is not None
     res = analyse_paths(_records(cfg, lambda c: c["alpha"]), cfg)  # loss rises with α: α* = α0
-    assert res["alpha_path"]["alpha_star"] == {"1": 1.0, "4": 4.0}
-    assert res["alpha_path"]["alpha_star_edge"] == {"1": "lower", "4": "lower"}
+    assert res.alpha_path.alpha_star == {"1": 1.0, "4": 4.0}
+    assert res.alpha_path.alpha_star_edge == {"1": "lower", "4": "lower"}
 
 
 def test_diverged_cells_are_never_best():
     cfg = TrainSweepConfig(ranks=(2,), multipliers=(1, 2, 4))
     res = analyse_paths(_records(cfg, lambda c: math.nan if c["lr"] > 1e-4 else -c["alpha"]), cfg)
-    assert res["best_k"]["2"] == {"eta": 1.0, "alpha": 4.0}
+    assert res.best_k["2"] == {"eta": 1.0, "alpha": 4.0}
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +73,13 @@ def sweep(tmp_path_factory):
     base = build_base_model(tmp_path_factory.mktemp("base") / "model", steps=30, seq_len=32)
     cfg = TrainSweepConfig(model=str(base), ranks=(2, 4), multipliers=(1, 8), steps=6, batch_size=8, seq_len=32,
                            out=str(tmp_path_factory.mktemp("sweep")))  # fmt: skip
-    return cfg, *run_train_sweep(cfg, log=lambda _: None)
+    return cfg, run_train_sweep(cfg, log=lambda _: None)
 
 
 def test_sdr_falls_along_the_eta_path_and_not_along_the_alpha_path(sweep):
     """Prop. 4 on a real model: SDR ∝ 1/η and independent of α (a band around the prediction)."""
-    _, result, _ = sweep
-    for paths in result["paths"].values():
+    _, result = sweep
+    for paths in result.analysis.paths.values():
         (_, _, s1), (_, _, s8) = paths["eta"]
         assert s8 / s1 > 1 / 16 and s8 / s1 < 1 / 4  # ≈ 1/8
         (_, _, a1), (_, _, a8) = paths["alpha"]
@@ -90,11 +87,12 @@ def test_sdr_falls_along_the_eta_path_and_not_along_the_alpha_path(sweep):
 
 
 def test_a_rerun_resumes_every_finished_cell(sweep):
-    cfg, result, records = sweep
+    cfg, result = sweep
     notes = []
-    again, records2 = run_train_sweep(cfg, log=notes.append)
+    again = run_train_sweep(cfg, log=notes.append)
     assert notes == [f"resuming: 6 of 6 cells already in {cfg.out}/sweep.jsonl"]
-    assert again == result and records2 == records
+    assert again.config == result.config and again.analysis == result.analysis
+    assert again.records == result.records
 
 
 def test_cli_rejects_bad_input(tmp_path):

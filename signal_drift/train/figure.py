@@ -1,0 +1,132 @@
+"""The training figures: a run's loss curves and per-layer signal/drift, and a sweep's Eq. 2/3 paths.
+
+Kept out of ``signal_drift.train``'s namespace so that importing training does not load
+matplotlib.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..plotting import alpha_star_panel, save_figure  # noqa: E402
+
+__all__ = ["plot_train_loss", "plot_update_norms", "plot_scaling_paths"]
+
+
+def plot_train_loss(metrics: dict, path: str | Path, title: str = "") -> Path:
+    """Write the train / held-out NLL curves of a ``train`` run (``metrics.json`` layout)."""
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    tl, hl = metrics["train_loss"], metrics["heldout_nll"]
+    ax.plot([s for s, _ in tl], [v for _, v in tl], lw=0.8, label="train NLL")
+    ax.plot([s for s, _ in hl], [v for _, v in hl], "o-", label="held-out NLL")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+    return path
+
+
+def _sdr(signal: np.ndarray, drift: np.ndarray) -> np.ndarray:
+    """``signal / drift`` where the drift is non-zero, NaN (a gap in the plot) elsewhere."""
+    return np.where(drift > 0, signal / np.where(drift > 0, drift, 1.0), np.nan)
+
+
+def plot_update_norms(history: dict, path: str | Path, title: str = "") -> Path:
+    """Per-layer ``‖Δw_signal‖``, ``‖Δw_drift‖`` and SDR against the step.
+
+    Args:
+        history: ``{layer: [[step, signal, drift], ...]}`` as recorded by
+            :class:`~signal_drift.train.monitor.SignalDriftMonitor`.
+        path: the PNG to write.
+        title: figure title.
+    """
+    path = Path(path)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    names = list(history)
+    rows = {n: np.asarray(history[n], dtype=float) for n in names}  # [steps, (step, signal, drift)]
+    cmap = plt.get_cmap("viridis")
+    for i, name in enumerate(names):
+        step, sig, dri = rows[name].T
+        color = cmap(i / max(len(names) - 1, 1))
+        axes[0].semilogy(step, sig, color=color, lw=0.8)
+        axes[1].semilogy(step, np.where(dri > 0, dri, np.nan), color=color, lw=0.8)
+        axes[2].semilogy(step, _sdr(sig, dri), color=color, lw=0.8)
+    if names and len({len(r) for r in rows.values()}) == 1:
+        arr = np.stack([rows[n] for n in names])  # [layers, steps, 3]
+        ratio = _sdr(arr[:, :, 1], arr[:, :, 2])
+        some = ~np.isnan(ratio).all(axis=0)  # steps where some layer has drift (not the first from B = 0)
+        med = np.full(ratio.shape[1], np.nan)
+        med[some] = np.nanmedian(ratio[:, some], axis=0)
+        axes[2].semilogy(arr[0, :, 0], med, "k-", lw=2, label="median over layers")
+        axes[2].legend(fontsize=8)
+    for ax, lab in zip(axes, ["‖Δw_signal‖ per layer", "‖Δw_drift‖ per layer", "SDR per layer"], strict=True):
+        ax.set_xlabel("step")
+        ax.set_title(lab)
+    fig.suptitle(f"{title} — {len(names)} adapted layers (colour: depth order)")
+    fig.tight_layout()
+    save_figure(fig, path)
+    return path
+
+
+def plot_scaling_paths(result: dict, path: str | Path) -> Path:
+    """Eq. 2 and Eq. 3 of a training sweep: loss and SDR along both paths, and α*(r).
+
+    Args:
+        result: the ``sweep.json`` content
+            (:meth:`~signal_drift.train.sweep.TrainSweepResult.to_json`).
+        path: the PNG to write.
+    """
+    path = Path(path)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    ranks = list(result["paths"])
+    colors = plt.get_cmap("plasma")
+    for i, r in enumerate(ranks):
+        color = colors(i / max(len(ranks), 1))
+        for p, style, name in (("eta", "o-", "η-scaling (α0, kη)"), ("alpha", "s--", "α-scaling (kα0, η)")):
+            rows = np.asarray(result["paths"][r][p], dtype=float).reshape(-1, 3)
+            if not len(rows):
+                continue
+            axes[0].semilogx(rows[:, 0], rows[:, 1], style, color=color, label=f"r={r}: {name}")
+            bad = ~np.isfinite(rows[:, 1])
+            if bad.any():
+                top = np.nanmax(rows[:, 1]) if (~bad).any() else 1.0
+                axes[0].semilogx(rows[bad, 0], np.full(bad.sum(), top), "x", color=color, ms=10, mew=2)
+            axes[2].loglog(rows[:, 0], rows[:, 2], style, color=color, label=f"r={r}: {name}")
+    for ax in axes:
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[0].set_xlabel("multiplier k")
+    axes[0].set_ylabel("held-out NLL (nats/token)")
+    axes[0].set_title("(a) Eq. 2: loss along both paths (×: diverged)")
+    axes[0].legend(fontsize=7)
+    axes[2].set_xlabel("multiplier k")
+    axes[2].set_ylabel("median per-layer SDR over the run")
+    axes[2].set_title("(c) SDR: Prop. 4 predicts ∝ 1/k (η) and flat (α)")
+    axes[2].legend(fontsize=7)
+    ax = axes[1]
+    ap = result["alpha_path"]
+    rs = alpha_star_panel(ax, ap, "α*(r) on the α-scaling path")
+    if len(rs):
+        xx = np.geomspace(rs.min(), rs.max(), 50) if len(rs) > 1 else rs
+        ax.loglog(xx, 256 * np.sqrt(xx), ":", color="C3", label="Variant I: 256√r")
+        ax.loglog(xx, xx, ":", color="gray", label="heuristic α = r")
+        ax.set_xticks(rs, [f"{r:g}" for r in rs])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("α*")
+    ax.set_title("(b) Eq. 3: optimal α against rank")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return path
