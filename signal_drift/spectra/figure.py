@@ -13,14 +13,12 @@ matplotlib.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ..plotting import save_figure  # also selects the Agg backend
 
 __all__ = ["plot_fig8"]
 
@@ -152,13 +150,6 @@ def _panel_d(ax, s, arr):
 _PANELS = {"a": _panel_a, "b": _panel_b, "c": _panel_c, "d": _panel_d}
 
 
-def _save(fig, path: Path) -> None:
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    plt.close(fig)
-
-
 def plot_fig8(summary: dict, arrays: dict, out_dir: str | Path) -> list[Path]:
     """Write ``fig8.png`` (four panels) and ``fig8a.png`` … ``fig8d.png``.
 
@@ -182,11 +173,11 @@ def plot_fig8(summary: dict, arrays: dict, out_dir: str | Path) -> list[Path]:
     )
     fig.tight_layout()
     paths = [out / "fig8.png"]
-    _save(fig, paths[0])
+    save_figure(fig, paths[0])
     for key, fn in _PANELS.items():
         f, ax = plt.subplots(figsize=(6.5, 5))
         fn(ax, summary, arrays)
         f.tight_layout()
         paths.append(out / f"fig8{key}.png")
-        _save(f, paths[-1])
+        save_figure(f, paths[-1])
     return paths
