@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-__all__ = ["Interval", "t_quantile", "mean_interval", "bracket_interval"]
+__all__ = ["Interval", "t_quantile", "standard_error", "mean_interval", "bracket_interval"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,9 @@ def t_quantile(level: float, n: int, sides: int = 2) -> float:
     return float(stats.t.ppf(1 - (1 - level) / sides, n - 1))
 
 
-def _se(x: np.ndarray) -> float:
+def standard_error(x: np.ndarray) -> float:
+    """Standard error of the mean of the samples ``x`` ``[n]`` (``inf`` for fewer than 2)."""
+    x = np.asarray(x, dtype=float)
     return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.inf
 
 
@@ -86,7 +88,7 @@ def mean_interval(samples: np.ndarray, level: float = 0.95, method: str = "") ->
     """Student-t interval for the mean of i.i.d. unbiased samples ``[n]``."""
     x = np.asarray(samples, dtype=float)
     m, q = float(x.mean()), t_quantile(level, len(x))
-    h = q * _se(x)
+    h = q * standard_error(x)
     return Interval(m, m - h, m + h, level, method or f"Student-t over {len(x)} samples")
 
 
@@ -107,7 +109,7 @@ def bracket_interval(
     """
     lo, hi = np.asarray(lower, dtype=float), np.asarray(upper, dtype=float)
     q = t_quantile(level, len(lo))
-    low = float(lo.mean()) - q * _se(lo) if q < math.inf else -math.inf
-    high = float(hi.mean()) + q * _se(hi) if q < math.inf else math.inf
+    low = float(lo.mean()) - q * standard_error(lo) if q < math.inf else -math.inf
+    high = float(hi.mean()) + q * standard_error(hi) if q < math.inf else math.inf
     low, high = max(low, support[0]), min(high, support[1])
     return Interval(float(estimate), min(low, estimate), max(high, estimate), level, method)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..intervals import Interval, bracket_interval, t_quantile
+from ..intervals import Interval, bracket_interval, standard_error, t_quantile
 from ..operators import LinearOperator
 from .lanczos import lanczos_probes
 
@@ -164,9 +164,10 @@ class SLQResult:
             ends = [ratio(x, x + t) if 2 * x + t > 0 else 1.0 for x in (a, b)]
             return Interval(est, min(min(ends), est), max(max(ends), est), level, method + ", exact trace")
         q = t_quantile(level, n, sides=4)
-        se = (lambda x: x.std(ddof=1) / np.sqrt(n)) if n > 1 else (lambda x: np.inf)
-        n_lo, n_hi = max(lo.mean() - q * se(lo), 0.0), hi.mean() + q * se(hi)
-        p_lo, p_hi = max((lo + rq).mean() - q * se(lo + rq), 0.0), (hi + rq).mean() + q * se(hi + rq)
+        n_lo, n_hi = max(lo.mean() - q * standard_error(lo), 0.0), hi.mean() + q * standard_error(hi)
+        pos_lo, pos_hi = lo + rq, hi + rq  # per-probe bounds on the positive part
+        p_lo = max(pos_lo.mean() - q * standard_error(pos_lo), 0.0)
+        p_hi = pos_hi.mean() + q * standard_error(pos_hi)
         est = ratio(float(neg.mean()), float((neg + rq).mean()))
         return Interval(est, min(ratio(n_lo, p_hi), est), max(ratio(n_hi, p_lo), est), level, method)
 
