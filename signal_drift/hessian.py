@@ -7,12 +7,18 @@
 
 Hessian-vector products are reverse-over-reverse (the VJP of the gradient, linearised once at
 the point and reused for every vector), which works for any activation a user brings,
-including ``nn.SiLU``, where forward-over-reverse compositions can fail.
+including ``nn.SiLU``, where forward-over-reverse compositions can fail, and through eager
+attention.
+
+A problem with several batches is linearised one batch at a time (the Hessian of a sum is the
+sum of the Hessians; each batch's term carries its share of the loss's normaliser, see
+:class:`~signal_drift.lora.LoraProblem`), and a distributed problem sums every gradient and
+product over the processes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -20,7 +26,7 @@ from torch.func import grad, jacrev, vjp
 
 from ._errors import InputError, check_finite, warn_low_precision
 from ._memory import check_dense
-from .lora import LoraProblem
+from .lora import LoraProblem, all_reduce_sum
 from .mlp_hessian import MLPHessianOperator, supports_fast_path
 from .operators import LinearOperator, ParamLayout
 
@@ -48,6 +54,15 @@ class HessianOperator(LinearOperator):
     Args:
         fn: scalar function of a ``{name: tensor}`` dict.
         params: the point ``p``; its insertion order defines the flat layout.
+        terms: functions whose sum is ``fn`` (one per batch), linearised one at a time; each
+            product is the sum of theirs. Default: ``[fn]``.
+        distributed: sum the gradient and every product over the processes of the default
+            ``torch.distributed`` group (each process holding its own ``terms``).
+
+    Attributes:
+        gradient: ``∇_p f`` at the point (``{name: tensor}``; summed over processes).
+
+    Every linearisation is kept for the operator's lifetime (memory: one autograd graph per term).
 
     Warns:
         PrecisionWarning: parameters coarser than float64 (float32 and below).
@@ -61,7 +76,14 @@ class HessianOperator(LinearOperator):
 
     symmetric = True
 
-    def __init__(self, fn: Callable[[TensorDict], torch.Tensor], params: Mapping[str, torch.Tensor]):
+    def __init__(
+        self,
+        fn: Callable[[TensorDict], torch.Tensor],
+        params: Mapping[str, torch.Tensor],
+        *,
+        terms: Sequence[Callable[[TensorDict], torch.Tensor]] | None = None,
+        distributed: bool = False,
+    ):
         params = _detach(params)
         for k, v in params.items():
             check_finite(f"parameter {k!r}", v)
@@ -72,12 +94,32 @@ class HessianOperator(LinearOperator):
         first = next(iter(params.values()))
         self.shape, self.dtype, self.device = (P, P), first.dtype, first.device
         warn_low_precision("Hessian", self.dtype)
-        self.gradient, self._vjp = vjp(grad(fn), params)
+        self.distributed = distributed
+        self._vjps = []
+        grads = []
+        for term in [fn] if terms is None else list(terms):
+            g, f_vjp = vjp(grad(term), params)
+            grads.append(g)
+            self._vjps.append(f_vjp)
+        if len(grads) == 1 and not distributed:
+            self.gradient = grads[0]
+        else:
+            flat = self.in_layout.flatten({k: sum(g[k] for g in grads) for k in params})
+            self.gradient = self.in_layout.unflatten(self._reduce(flat))
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(t) if self.distributed else t
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         lay = self.in_layout
-        cols = [lay.flatten(self._vjp(lay.unflatten(V[:, j]))[0]) for j in range(V.shape[1])]
-        return torch.stack(cols, dim=1)
+        cols = []
+        for j in range(V.shape[1]):
+            v = lay.unflatten(V[:, j])
+            col = lay.flatten(self._vjps[0](v)[0])
+            for f_vjp in self._vjps[1:]:
+                col = col + lay.flatten(f_vjp(v)[0])
+            cols.append(col)
+        return self._reduce(torch.stack(cols, dim=1))
 
     def flat_gradient(self) -> torch.Tensor:
         """``∇_p f`` at the point, flattened (``[P]``)."""
@@ -150,22 +192,32 @@ def fft_hessian(
         )
     if backend == "mlp" or (backend == "auto" and fast):
         return MLPHessianOperator(problem, w)
-    return HessianOperator(problem.loss_w, w)
+    return HessianOperator(problem.loss_w, w, terms=problem.loss_terms_w(), distributed=problem.distributed)
 
 
 def lora_hessian(problem: LoraProblem, theta: Mapping[str, torch.Tensor]) -> HessianOperator:
     """The LoRA Hessian ``H_θ = ∇²_θ L(w(θ))``, shape ``[|θ|, |θ|]``, layout ``theta_layout``."""
     problem.check_theta(theta)
-    return HessianOperator(problem.loss_theta, theta)
+    return HessianOperator(
+        problem.loss_theta, theta, terms=problem.loss_terms_theta(), distributed=problem.distributed
+    )
 
 
 def fft_gradient(problem: LoraProblem, theta: Mapping[str, torch.Tensor]) -> TensorDict:
     """``g = ∇_w L`` at ``w(θ)``: ``{layer: [m, n]}``."""
     with torch.no_grad():
         w = problem.weights(theta)
-    return grad(problem.loss_w)(_detach(w))
+    return _reduced(problem, grad(problem.loss_w)(_detach(w)))
 
 
 def lora_gradient(problem: LoraProblem, theta: Mapping[str, torch.Tensor]) -> TensorDict:
     """``∇_θ L``: ``{key: tensor}`` in the layout of ``θ``."""
-    return grad(problem.loss_theta)(_detach(theta))
+    return _reduced(problem, grad(problem.loss_theta)(_detach(theta)))
+
+
+def _reduced(problem: LoraProblem, g: TensorDict) -> TensorDict:
+    """``g`` summed over processes for a distributed problem (unchanged otherwise)."""
+    if not problem.distributed:
+        return g
+    lay = ParamLayout.from_tensors(g)
+    return lay.unflatten(all_reduce_sum(lay.flatten(g)))

@@ -41,6 +41,8 @@ __all__ = [
     "corpus_ids",
     "sample_windows",
     # loss
+    "causal_lm_loss",
+    "IGNORE_INDEX",
     "next_token_nll",
     "heldout_nll",
     # models
@@ -206,6 +208,49 @@ def sample_windows(ids: torch.Tensor, batch: int, seq_len: int, gen: torch.Gener
     """
     starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen)
     return torch.stack([ids[s : s + seq_len + 1] for s in starts.tolist()])
+
+
+#: Label of a position that is not scored (PEFT/transformers convention: prompts in SFT, padding).
+IGNORE_INDEX = -100
+
+
+def _scored(labels: torch.Tensor) -> torch.Tensor:
+    return labels[..., 1:] != IGNORE_INDEX
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over the scored positions: the loss of ``transformers``' causal LMs.
+
+    Position ``t`` of ``logits`` predicts ``labels[:, t + 1]`` (the shift is done here, as
+    ``model(labels=...)`` does); labels equal to :data:`IGNORE_INDEX` (``-100``) are not scored,
+    so response-only SFT masks and right padding work. Unlike ``model(labels=...)``, which casts
+    the logits to float32, the cross-entropy is taken in the logits' own dtype when it is float64
+    (at least float32 otherwise): second derivatives of a float64 model stay float64.
+
+    Its :func:`~signal_drift.lora.loss_weight` is the number of scored positions
+    (``causal_lm_loss.weight(labels)``), so batches of any size and padding combine into the
+    loss of all the data at once.
+
+    Args:
+        logits: ``[B, T, V]``.
+        labels: ``[B, T]`` token ids, ``-100`` where not scored.
+
+    Returns:
+        A scalar tensor (NaN if no position is scored).
+    """
+    if logits.ndim != 3 or labels.shape != logits.shape[:2]:
+        raise InputError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)}: expected [B, T, V] and [B, T]"
+        )
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).to(dtype),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+causal_lm_loss.weight = lambda labels: int(_scored(labels).sum())  # type: ignore[attr-defined]
 
 
 def next_token_nll(model, x: torch.Tensor) -> torch.Tensor:

@@ -46,9 +46,11 @@ ELEMENTWISE: tuple[type[nn.Module], ...] = (
 
 
 def supports_fast_path(problem: LoraProblem) -> bool:
-    """Whether the fast path applies: ``nn.Sequential`` of linears/elementwise acts, MSE, 2-D data."""
+    """Whether the fast path applies: ``nn.Sequential`` of linears/elementwise acts, MSE, one 2-D batch."""
     m = problem.module
-    if not isinstance(m, nn.Sequential) or problem.loss_fn is not mse_loss or problem.X.ndim != 2:
+    if not isinstance(m, nn.Sequential) or problem.loss_fn is not mse_loss or problem.distributed:
+        return False
+    if len(problem.batches) != 1 or not isinstance(problem.X, torch.Tensor) or problem.X.ndim != 2:
         return False
     return all(isinstance(layer, (nn.Linear, *ELEMENTWISE)) for layer in m)
 
