@@ -170,8 +170,10 @@ def lm_batches(
 
 
 def lm_data(data) -> tuple[Batch, ...]:
-    """``data`` as batches: a ``[N, T]`` id tensor (one batch, every position scored) or anything
-    :func:`~signal_drift.lora.as_batches` accepts.
+    """``data`` as batches.
+
+    A ``[N, T]`` id tensor is one batch with every position scored; anything else goes through
+    :func:`~signal_drift.lora.as_batches`.
     """
     if isinstance(data, torch.Tensor) and not data.is_floating_point():
         return lm_batches(data)
@@ -346,17 +348,16 @@ def _read_layer(
         raise InputError(f"{where}: LoRA factors are {type(lin_A).__name__}; only linear LoRA is supported")
     if lin_B.bias is not None:
         raise InputError(f"{where}: lora_B has a bias (lora_bias); not supported")
-    if bool(getattr(mod, "fan_in_fan_out", False)) != conv:
-        raise InputError(
-            f"{where}: fan_in_fan_out={getattr(mod, 'fan_in_fan_out', False)} does not match a {type(bl).__name__} base layer"
-        )
+    fifo = bool(getattr(mod, "fan_in_fan_out", False))
+    if fifo != conv:
+        raise InputError(f"{where}: fan_in_fan_out={fifo} does not match a {type(bl).__name__} base layer")
     W0 = bl.weight
     m, n = (W0.shape[1], W0.shape[0]) if conv else tuple(W0.shape)
     r = int(mod.r[adapter])
     A, B = lin_A.weight.detach().to(W0.dtype), lin_B.weight.detach().to(W0.dtype)
     if tuple(A.shape) != (r, n) or tuple(B.shape) != (m, r):
         raise InputError(
-            f"{where}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not fit a {m}x{n} weight with r={r}"
+            f"{where}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not fit a {m}x{n} weight, r={r}"
         )
     scaling = float(mod.scaling[adapter])
     if not math.isfinite(scaling) or scaling <= 0:
