@@ -1,4 +1,8 @@
-"""CLI: ``python -m signal_drift.spectra --dim 64`` — Figure 8 and ``spectra.json``."""
+"""CLI: ``python -m signal_drift.spectra --dim 64`` — Figure 8 and ``spectra.json``.
+
+``python -m signal_drift.spectra lm [--model DIR] [--adapter DIR] [--data FILE]``: Figure 8 on
+a causal LM's LoRA adapter (:mod:`signal_drift.spectra.lm`), ``lm.json`` and ``lm_fig8.png``.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,10 @@ PROG = "python -m signal_drift.spectra"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point."""
+    """CLI entry point (``lm`` as the first argument selects the LM mode)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm"]:
+        return lm_main(argv[1:])
     p = ConfigParser(SpectraConfig, prog=PROG, description=__doc__)
     p.add_output("out/spectra", figures="the PNG figures")
     cfg, args = p.parse_config(argv)
@@ -46,6 +53,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("  warning: " + w)
     total = sum(res.summary["timings"].values())
     print(f"  time {total:.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in res.summary["timings"].items()))
+    return 0
+
+
+def lm_main(argv: Sequence[str]) -> int:
+    """``spectra lm``: the LM Figure 8; under ``torchrun`` every rank computes, rank 0 writes."""
+    from .lm import LMSpectraConfig, run_lm_spectra
+
+    p = ConfigParser(LMSpectraConfig, prog=PROG + " lm", description=lm_main.__doc__)
+    p.add_output("out/spectra_lm", figures="lm_fig8.png")
+    cfg, args = p.parse_config(argv)
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    if world > 1 and cfg.device.startswith("cuda"):
+        cfg = type(cfg)(**{**cfg.__dict__, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"})
+        torch.cuda.set_device(cfg.device)
+    progress = sys.stderr.isatty() and rank == 0
+    out = Path(args.out)
+
+    def write(summary: dict) -> None:
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "lm.json", json.dumps(summary, indent=1, default=float) + "\n")
+
+    try:
+        log = (lambda m: print(m, file=sys.stderr)) if rank == 0 else (lambda m: None)
+        res = run_lm_spectra(cfg, out, progress=progress, log=log, checkpoint=write)
+        write(res.summary)
+        if rank == 0 and not args.no_plot:
+            from .figure import plot_lm_fig8
+
+            plot_lm_fig8(res.summary, out / "lm_fig8.png")
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        s = res.summary
+        print(f"signal-drift spectra lm: {len(s['layers'])} layers, |θ| = {s['params_theta']} -> {out}/")
+        for point, c in s["claims"].items():
+            print(f"  {point}: " + ", ".join(f"{k} {v}" for k, v in c.items() if not isinstance(v, dict)))
+        for w in s["warnings"]:
+            print("  warning: " + w)
+        print("  time " + ", ".join(f"{k} {v:.1f} s" for k, v in s["timings"].items()))
     return 0
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..plotting import save_figure  # also selects the Agg backend
 
-__all__ = ["plot_fig8"]
+__all__ = ["plot_fig8", "plot_lm_fig8"]
 
 
 def _per_decade(nodes, weights, grid, sigma=0.12):
@@ -181,3 +181,68 @@ def plot_fig8(summary: dict, arrays: dict, out_dir: str | Path) -> list[Path]:
         paths.append(out / f"fig8{key}.png")
         save_figure(f, paths[-1])
     return paths
+
+
+def plot_lm_fig8(summary: dict, path: str | Path) -> Path:
+    """The LM Figure 8 from ``lm.json`` (:mod:`signal_drift.spectra.lm`); one PNG.
+
+    (a) ``λ_max`` of ``H_θ``, ``H_signal`` and ``|λ_min|`` of ``H_θ`` against α, with the FFT
+    ``λ_max(H)``; (b) ``‖H_drift‖_F / ‖H_signal‖_F`` with its bands and a ``1/α`` guide;
+    (c) ``H_θ``'s negative spectral mass with its bands; (d) per layer, the trace rule
+    ``E_A tr H_signal / α²ρ tr H`` at init with its bands. Init solid, trained dashed.
+    """
+    path = Path(path)
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    styles = {"init": ("C0", "-", "o"), "trained": ("C3", "--", "s")}
+    for point, rec in summary["points"].items():
+        col, ls, mk = styles.get(point, ("C2", ":", "^"))
+        al = rec["alphas"]
+        if not al:
+            continue
+        k = np.array([r["k"] for r in al])
+        ax = axes[0]
+        ax.plot(
+            k, [r["H_theta"]["lambda_max"] for r in al], ls, color=col, marker=mk, label=f"λ_max(H_θ) {point}"
+        )
+        ax.plot(k, [r["signal_lambda_max"] for r in al], ls, color=col, marker="x", alpha=0.6,
+                label=f"λ_max(H_signal) {point}")  # fmt: skip
+        ax.plot(k, [abs(r["H_theta"]["lambda_min"]) for r in al], ls, color=col, marker="v", alpha=0.4,
+                label=f"|λ_min(H_θ)| {point}")  # fmt: skip
+        ax.axhline(rec["H_lambda_max"], color=col, lw=0.8, ls=":", label=f"λ_max(H), FFT, {point}")
+        ax = axes[1]
+        bands = [r["drift_over_signal_fro"] for r in al]
+        est = np.array([b["estimate"] for b in bands])
+        err = np.array([[b["estimate"] - b["low"], min(b["high"], 1e300) - b["estimate"]] for b in bands]).T
+        ax.errorbar(k, est, yerr=err, ls=ls, color=col, marker=mk, capsize=3,
+                    label=f"{point} (slope {rec.get('drift_over_signal_slope', float('nan')):.2f})")  # fmt: skip
+        ax.plot(k, est[0] * k[0] / k, color="0.6", lw=0.8, ls=":")
+        ax = axes[2]
+        m = [r["H_theta"].get("negative_mass_interval") for r in al]
+        if all(m):
+            e = np.array([x["estimate"] for x in m])
+            ax.errorbar(k, e, yerr=np.array([[x["estimate"] - x["low"] for x in m], [x["high"] - x["estimate"] for x in m]]),
+                        ls=ls, color=col, marker=mk, capsize=3, label=point)  # fmt: skip
+    axes[0].set(xscale="log", yscale="log", xlabel="α / α_ref", title="(a) extreme curvature")
+    axes[1].set(xscale="log", yscale="log", xlabel="α / α_ref", title="(b) ‖H_drift‖_F / ‖H_signal‖_F (95 %)")
+    axes[2].set(
+        xscale="log", xlabel="α / α_ref", ylabel="Σ|λ<0| / Σ|λ|", title="(c) negative mass of H_θ (95 %)"
+    )
+    layers = summary["points"].get("init", {}).get("layers") or []
+    rules = [(x["name"], x["trace_rule_ratio"]) for x in layers if x.get("trace_rule_ratio")]
+    ax = axes[3]
+    if rules:
+        y = np.arange(len(rules))
+        e = np.array([r["estimate"] for _, r in rules])
+        lo = np.array([r["estimate"] - r["low"] for _, r in rules])
+        hi = np.array([r["high"] - r["estimate"] for _, r in rules])
+        ax.errorbar(e, y, xerr=[lo, hi], fmt="o", color="C0", capsize=3)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_yticks(y, [n.replace("model.layers.", "L").replace(".self_attn", "").replace(".mlp", "") for n, _ in rules],
+                      fontsize=7)  # fmt: skip
+    ax.set(xlabel="E_A tr H_signal / α²ρ tr H_ll", title="(d) trace rule per layer, init (95 %)")
+    for ax in axes[:3]:
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Figure 8 on a causal LM: {len(summary['layers'])} LoRA layers, |θ| = {summary['params_theta']}, "
+                 f"{summary['tokens']} tokens; {summary['adapter']}", fontsize=9)  # fmt: skip
+    save_figure(fig, path)
+    return path

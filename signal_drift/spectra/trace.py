@@ -3,19 +3,21 @@
 - Hutchinson (1989): ``tr A ≈ mean_i v_iᵀ A v_i`` with Rademacher ``v_i``.
 - Hutch++ (Meyer, Musco, Musco & Woodruff, 2021): sketch the top subspace ``Q`` with a third of
   the budget, take ``tr(Qᵀ A Q)`` exactly, and apply Hutchinson to the deflated remainder.
+- :func:`frobenius_ratio`: ``‖X‖_F / ‖Y‖_F`` from ``‖X‖_F² = tr XᵀX = E‖Xz‖²``, with a band.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .._errors import InputError
-from ..intervals import Interval, t_quantile
+from ..intervals import Interval, mean_interval, t_quantile
 from ..operators import LinearOperator
 
-__all__ = ["TraceEstimate", "hutchinson", "hutchpp"]
+__all__ = ["TraceEstimate", "hutchinson", "hutchpp", "frobenius_ratio"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +83,38 @@ def hutchpp(op: LinearOperator, matvecs: int = 150, seed: int = 0) -> TraceEstim
     G = G - Q @ (Q.T @ G)
     vals = (G * op.matmat(G)).sum(0)
     return TraceEstimate(t_top + float(vals.mean()), float(vals.std() / m**0.5), matvecs, m)
+
+
+def frobenius_ratio(
+    num: LinearOperator, den: LinearOperator, probes: int = 8, seed: int = 0, level: float = 0.95
+) -> Interval:
+    """``‖num‖_F / ‖den‖_F`` with a band, from paired Rademacher probes (``‖X‖_F² = E_z ‖Xz‖²``).
+
+    Each probe gives unbiased samples ``‖num z‖²`` and ``‖den z‖²``; each mean gets a Student-t
+    band at ``1 − (1 − level)/2`` and the ratio's band combines them by the union bound (the
+    ratio is monotone in each). Used for ``‖H_drift‖_F / ‖H_signal‖_F``.
+
+    Args:
+        num: symmetric operator ``[P, P]``.
+        den: symmetric operator ``[P, P]`` (same ``P``).
+        probes: Rademacher probes (>= 2), one product with each operator per probe.
+        seed: RNG seed of the probes.
+        level: coverage of the band.
+
+    Returns:
+        An :class:`~signal_drift.intervals.Interval` (``high`` is ``inf`` when ``den``'s band
+        reaches 0).
+    """
+    if probes < 2:
+        raise InputError(f"probes={probes} is invalid: need >= 2 for a band")
+    gen = torch.Generator().manual_seed(seed)
+    Z = _rademacher(den.shape[0], probes, gen, den.dtype).to(den.device)
+    n2 = num.matmat(Z).pow(2).sum(0).cpu().numpy()
+    d2 = den.matmat(Z).pow(2).sum(0).cpu().numpy()
+    half = 1 - (1 - level) / 2
+    bn, bd = mean_interval(n2, half), mean_interval(d2, half)
+    est = math.sqrt(bn.estimate / bd.estimate) if bd.estimate > 0 else math.inf
+    low = math.sqrt(max(bn.low, 0.0) / bd.high) if bd.high > 0 else 0.0
+    high = math.sqrt(bn.high / bd.low) if bd.low > 0 else math.inf
+    method = f"Hutchinson ‖Xz‖² over {probes} Rademacher probes, Student-t per norm, union bound"
+    return Interval(est, min(low, est), max(high, est), level, method)
