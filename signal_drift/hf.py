@@ -217,10 +217,6 @@ def lm_problem(
     Raises:
         InputError: no linear layer matches ``targets``, or bad data (see ``attach_lora``).
     """
-    from .scaling.peft import present_targets
-
-    if not present_targets(model, targets):
-        raise InputError(f"targets: {list(targets)} match no linear layer of the model")
     names = [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or _is_conv1d(m))
              and any(n == t or n.endswith("." + t) for t in targets)]  # fmt: skip
     if not names:
