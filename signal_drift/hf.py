@@ -291,6 +291,10 @@ def from_peft(
     for key, why in _UNSUPPORTED_CONFIG.items():
         if getattr(cfg, key, None):
             raise InputError(f"adapter {adapter!r}: {key} is not supported ({why})")
+    for name, mod in base.named_modules():  # PEFT's embedding layers keep their factors apart from lora_A
+        if adapter in getattr(mod, "lora_embedding_A", {}):
+            where = f"adapter {adapter!r}, layer {name!r}"
+            raise InputError(f"{where}: LoRA on an embedding is not supported (only linear layers)")
     layers = lora_modules(base, adapter)
     if not layers:
         raise InputError(f"adapter {adapter!r}: the model has no LoRA layer for it")
