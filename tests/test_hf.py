@@ -43,15 +43,27 @@ VOCAB = 20
 # -- tiny models (built locally, float64, default attention: sdpa) ----------------------------------
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # GQA: 2 query heads per kv head
     return transformers.LlamaForCausalLM(cfg).double()
 
 
 def tiny_qwen2(seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # GQA; q, k, v with biases
     return transformers.Qwen2ForCausalLM(cfg).double()
 
 
@@ -167,7 +179,7 @@ def reference_loss(model, batches, params=None, arch=None):
 
 @dataclass(frozen=True)
 class DenseLM:
-    """Dense curvature at ``θ``; ``θ`` flat as per layer ``A`` then ``B`` (row-major), ``w`` as each ``W``."""
+    """Dense curvature at ``θ``; flat ``θ``: per layer ``A`` then ``B``, row-major; flat ``w``: each ``W``."""
 
     H: torch.Tensor  # ∇²_w L
     g: torch.Tensor  # ∇_w L
@@ -306,8 +318,7 @@ def test_per_layer_blocks(arch_case):
         assert_dense(c.H_theta.restrict(iB), ref.H_theta[sB, sB])
         compare_matmat(c.H_theta.restrict(iA, iB), ref.H_theta[sA, sB], k=2)
         compare_matmat(c.drift.restrict(iA, iB), ref.drift[sA, sB], k=2)
-        assert_close(c.drift.restrict(iA).matmat(torch.eye(sA.stop - sA.start)), torch.zeros(iA.numel(), iA.numel()),
-                     atol=0)  # fmt: skip
+        assert not c.drift.restrict(iA).matmat(torch.eye(iA.numel())).any()  # the drift couples A only to B
 
 
 # -- 2. data: ragged batches, SFT masks, fully masked batches --------------------------------------
@@ -355,8 +366,8 @@ def test_a_fully_masked_batch_contributes_nothing(llama_sft):
     # labels scored only at position 0: nothing to predict there either (the shift drops it)
     first_only = lm_batches(seq, labels=[torch.tensor([seq[0][0]] + [-100] * 5)])
     for extra in (masked, first_only):
-        problem = lm_problem(model, extra + sft_data(2) + extra, targets=("q_proj", "o_proj", "up_proj"), rank=2,
-                             alpha=5.0)  # fmt: skip
+        data = extra + sft_data(2) + extra
+        problem = lm_problem(model, data, targets=("q_proj", "o_proj", "up_proj"), rank=2, alpha=5.0)
         assert len(problem.batches) == 5
         assert math.isclose(problem.loss(theta), loss, rel_tol=1e-13)
         HV2 = curvature(problem, theta).H_theta.matmat(V)
@@ -379,7 +390,8 @@ PEFT_CASES = {
     # name: (arch, LoraConfig kwargs, {target suffix: expected scale from the config, written out})
     "plain": ("llama", dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
               {"q_proj": 16 / 4, "v_proj": 16 / 4, "down_proj": 16 / 4}),
-    "rslora": ("llama", dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "rslora": ("llama", dict(r=4, lora_alpha=16, use_rslora=True,
+                             target_modules=["q_proj", "v_proj", "down_proj"]),
                {"q_proj": 16 / 2, "v_proj": 16 / 2, "down_proj": 16 / 2}),
     "patterns": ("qwen2", dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
                                rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 6}),
@@ -391,7 +403,7 @@ PEFT_CASES = {
 
 
 def peft_model(arch_name, seed=0, steps=0, data=None, **config):
-    """A PEFT model on a tiny base; ``steps`` AdamW steps on ``data`` (B moves off 0); returned in eval mode."""
+    """A PEFT model on a tiny base after ``steps`` AdamW epochs on ``data`` (B moves off 0), in eval mode."""
     base = ARCHS[arch_name].build(seed)
     fresh_base = copy.deepcopy(base)
     pm = peft.get_peft_model(base, peft.LoraConfig(**config))
@@ -520,7 +532,7 @@ def _eager_only(model):
 
 @pytest.fixture(scope="module")
 def llama_precision():
-    """One tiny Llama, one point, its dense float64 reference; the engine built with and without float64_forward."""
+    """A tiny Llama, a point, its dense float64 reference, and the engine without float64_forward."""
     model = tiny_llama(seed=5)
     batches = lm_batches(sequences((7, 6), seed=6))
     targets = ("q_proj", "k_proj", "o_proj")
