@@ -217,10 +217,6 @@ def lm_problem(
     Raises:
         InputError: no linear layer matches ``targets``, or bad data (see ``attach_lora``).
     """
-    from .scaling.peft import present_targets
-
-    if not present_targets(model, targets):
-        raise InputError(f"targets: {list(targets)} match no linear layer of the model")
     names = [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or _is_conv1d(m))
              and any(n == t or n.endswith("." + t) for t in targets)]  # fmt: skip
     if not names:
@@ -295,6 +291,10 @@ def from_peft(
     for key, why in _UNSUPPORTED_CONFIG.items():
         if getattr(cfg, key, None):
             raise InputError(f"adapter {adapter!r}: {key} is not supported ({why})")
+    for name, mod in base.named_modules():  # PEFT's embedding layers keep their factors apart from lora_A
+        if adapter in getattr(mod, "lora_embedding_A", {}):
+            where = f"adapter {adapter!r}, layer {name!r}"
+            raise InputError(f"{where}: LoRA on an embedding is not supported (only linear layers)")
     layers = lora_modules(base, adapter)
     if not layers:
         raise InputError(f"adapter {adapter!r}: the model has no LoRA layer for it")
