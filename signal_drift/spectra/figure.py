@@ -213,15 +213,17 @@ def plot_lm_fig8(summary: dict, path: str | Path) -> Path:
         bands = [r["drift_over_signal_fro"] for r in al]
         est = np.array([b["estimate"] for b in bands])
         err = np.array([[b["estimate"] - b["low"], min(b["high"], 1e300) - b["estimate"]] for b in bands]).T
-        ax.errorbar(k, est, yerr=err, ls=ls, color=col, marker=mk, capsize=3,
-                    label=f"{point} (slope {rec.get('drift_over_signal_slope', float('nan')):.2f})")  # fmt: skip
+        slope = rec.get("drift_over_signal_slope", float("nan"))
+        ax.errorbar(
+            k, est, yerr=err, ls=ls, color=col, marker=mk, capsize=3, label=f"{point} (slope {slope:.2f})"
+        )
         ax.plot(k, est[0] * k[0] / k, color="0.6", lw=0.8, ls=":")
         ax = axes[2]
         m = [r["H_theta"].get("negative_mass_interval") for r in al]
         if all(m):
             e = np.array([x["estimate"] for x in m])
-            ax.errorbar(k, e, yerr=np.array([[x["estimate"] - x["low"] for x in m], [x["high"] - x["estimate"] for x in m]]),
-                        ls=ls, color=col, marker=mk, capsize=3, label=point)  # fmt: skip
+            yerr = np.array([[x["estimate"] - x["low"] for x in m], [x["high"] - x["estimate"] for x in m]])
+            ax.errorbar(k, e, yerr=yerr, ls=ls, color=col, marker=mk, capsize=3, label=point)
     axes[0].set(xscale="log", yscale="log", xlabel="α / α_ref", title="(a) extreme curvature")
     axes[1].set(xscale="log", yscale="log", xlabel="α / α_ref", title="(b) ‖H_drift‖_F / ‖H_signal‖_F (95 %)")
     axes[2].set(
@@ -237,12 +239,14 @@ def plot_lm_fig8(summary: dict, path: str | Path) -> Path:
         hi = np.array([r["high"] - r["estimate"] for _, r in rules])
         ax.errorbar(e, y, xerr=[lo, hi], fmt="o", color="C0", capsize=3)
         ax.axvline(1.0, color="k", lw=0.8)
-        ax.set_yticks(y, [n.replace("model.layers.", "L").replace(".self_attn", "").replace(".mlp", "") for n, _ in rules],
-                      fontsize=7)  # fmt: skip
+        names = [
+            n.replace("model.layers.", "L").replace(".self_attn", "").replace(".mlp", "") for n, _ in rules
+        ]
+        ax.set_yticks(y, names, fontsize=7)
     ax.set(xlabel="E_A tr H_signal / α²ρ tr H_ll", title="(d) trace rule per layer, init (95 %)")
     for ax in axes[:3]:
         ax.legend(fontsize=7)
-    fig.suptitle(f"Figure 8 on a causal LM: {len(summary['layers'])} LoRA layers, |θ| = {summary['params_theta']}, "
-                 f"{summary['tokens']} tokens; {summary['adapter']}", fontsize=9)  # fmt: skip
+    head = f"Figure 8 on a causal LM: {len(summary['layers'])} LoRA layers, |θ| = {summary['params_theta']}"
+    fig.suptitle(f"{head}, {summary['tokens']} tokens; {summary['adapter']}", fontsize=9)
     save_figure(fig, path)
     return path
