@@ -185,7 +185,10 @@ def corpus_ids(model, model_dir: str | Path, data: str | None) -> tuple[torch.Te
     """
     tok = tokenizer_for(model_dir)
     text = offline_text("docstrings") if data is None else load_text(data)
-    train_ids, val_ids = split_ids(tok.encode(text))
+    try:
+        train_ids, val_ids = split_ids(tok.encode(text))
+    except InputError as err:
+        raise InputError(f"--data {data}: {err}" if data is not None else str(err)) from None
     vocab = model.get_input_embeddings().weight.shape[0]
     if int(max(train_ids.max(), val_ids.max())) >= vocab:
         raise InputError(
