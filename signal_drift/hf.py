@@ -1,4 +1,4 @@
-"""Hugging Face causal LMs and PEFT adapters as LoRA problems (docs/theory.md#objects).
+"""Hugging Face causal LMs and PEFT adapters as LoRA problems (docs/theory.md#lm-experiment).
 
 The curvature engine of :mod:`signal_drift.hessian` and :mod:`signal_drift.decomposition`
 works on any :class:`~signal_drift.lora.LoraProblem`; this module builds one from what an LM

@@ -1,7 +1,7 @@
 """Figure 8 on a transformer: signal and drift curvature of a causal LM's LoRA adapter across α.
 
 ``python -m signal_drift.spectra lm [--model DIR] [--adapter DIR] [--data FILE]``
-(docs/theory.md#mlp-experiment for the MLP original). The problem is a Hugging Face causal LM
+(docs/theory.md#lm-experiment; docs/theory.md#mlp-experiment for the MLP original). The problem is a Hugging Face causal LM
 with LoRA on its linear layers (:mod:`signal_drift.hf`), scored by the shifted next-token loss
 on ``samples`` windows of ``seq_len`` tokens. Two points are analysed:
 
