@@ -362,6 +362,35 @@ class LoraProblem:
             new.append(dataclasses.replace(a, alpha=float(val)))
         return dataclasses.replace(self, adapters=tuple(new))
 
+    def select(self, names: Sequence[str], theta: Mapping[str, torch.Tensor]) -> tuple[LoraProblem, Theta]:
+        """The problem with only the adapters ``names``, the others merged into the base at ``θ``.
+
+        The network is the same (every other layer keeps its ``W0 + s B A``), so the selected
+        layers' blocks of ``H``, ``H_θ``, ``H_signal`` and ``H_drift`` are unchanged, while every
+        product only differentiates through the selected weights (much cheaper for one layer
+        of a deep model than restricting the full operator, whose products pay for the whole
+        gradient graph).
+
+        Returns:
+            ``(problem, theta)`` restricted to ``names`` (in adapter order).
+
+        Raises:
+            InputError: a name that is not an adapted layer.
+        """
+        known = [a.name for a in self.adapters]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise InputError(f"names: {unknown} are not adapted layers; adapted: {known}")
+        keep = tuple(a for a in self.adapters if a.name in names)
+        base = dict(self.base)
+        with torch.no_grad():
+            w = self.weights(theta)
+        for a in self.adapters:
+            if a.name not in names:
+                base[a.weight_key] = _oriented(a, w[a.name]).detach()
+        sub = {k: theta[k] for a in keep for k in (a.key_A, a.key_B)}
+        return dataclasses.replace(self, base=base, adapters=keep), sub
+
     def with_data(self, X: Inputs | Batch | Iterable, y: torch.Tensor | None = None) -> LoraProblem:
         """A copy with other data: ``(X, y)`` or any ``data`` that :func:`as_batches` accepts (validated)."""
         batches = as_batches((X, y) if y is not None else X)

@@ -372,7 +372,6 @@ def lm_fig8_table(root: Path) -> str:
     def cell(point: str, what: str) -> str:
         p, c = pts[point], s["claims"][point]
         al = p["alphas"]
-        at1 = min(al, key=lambda r: abs(math.log(r["k"])))
         if what == "trace":
             if "trace_rule_layers" not in c:
                 return "— (Prop. 3 is a statement at init)"

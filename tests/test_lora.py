@@ -166,3 +166,32 @@ def test_a_forward_that_is_random_in_eval_mode_is_refused():
 
     with pytest.raises(InputError, match="two forward passes in eval mode differ"):
         attach_lora(Noisy().eval(), *_data(), rank=2)
+
+
+def test_select_keeps_the_network_and_the_diagonal_blocks():
+    """One layer's problem (others merged at θ) has the same loss and the same diagonal blocks, raw products."""
+    from cases import mlp_problem, trained_theta
+
+    from signal_drift.decomposition import curvature
+    from signal_drift.hessian import fft_hessian
+
+    problem = mlp_problem(dim=6, depth=3, rank=2, alpha=3.0)
+    theta = trained_theta(problem, seed=1)
+    full = curvature(problem, theta)
+    layer = problem.adapters[1].name
+    sub, th = problem.select([layer], theta)
+    assert [a.name for a in sub.adapters] == [layer] and set(th) == {f"{layer}.lora_A", f"{layer}.lora_B"}
+    assert sub.loss(th) == pytest.approx(problem.loss(theta), rel=1e-14)
+    part = curvature(sub, th, H=fft_hessian(sub, th, backend="autograd"))
+    w_idx = problem.weight_layout.indices([layer])
+    t_idx = problem.theta_layout.indices([f"{layer}.lora_A", f"{layer}.lora_B"])
+    gen = torch.Generator().manual_seed(0)
+    V = torch.randn(len(w_idx), 3, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(part.H.matmat(V), full.H.restrict(w_idx).matmat(V), rtol=1e-10, atol=1e-14)
+    U = torch.randn(len(t_idx), 3, generator=gen, dtype=torch.float64)
+    for name in ("H_theta", "signal", "drift"):
+        torch.testing.assert_close(
+            getattr(part, name).matmat(U), getattr(full, name).restrict(t_idx).matmat(U), rtol=1e-10, atol=1e-14
+        )
+    with pytest.raises(InputError, match="names"):
+        problem.select(["nope"], theta)

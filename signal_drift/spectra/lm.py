@@ -1,9 +1,9 @@
 """Figure 8 on a transformer: signal and drift curvature of a causal LM's LoRA adapter across α.
 
 ``python -m signal_drift.spectra lm [--model DIR] [--adapter DIR] [--data FILE]``
-(docs/theory.md#lm-experiment; docs/theory.md#mlp-experiment for the MLP original). The problem is a Hugging Face causal LM
-with LoRA on its linear layers (:mod:`signal_drift.hf`), scored by the shifted next-token loss
-on ``samples`` windows of ``seq_len`` tokens. Two points are analysed:
+(docs/theory.md#lm-experiment; docs/theory.md#mlp-experiment for the MLP original). The problem
+is a Hugging Face causal LM with LoRA on its linear layers (:mod:`signal_drift.hf`), scored by
+the shifted next-token loss on ``samples`` windows of ``seq_len`` tokens. Two points are analysed:
 
 - ``init``: a fresh adapter (``B = 0``, PEFT's Kaiming-uniform ``A``), where Prop. 1 and 4 make
   ``H_signal = α² S₁`` and ``H_drift = α D₁`` exactly;
@@ -286,25 +286,29 @@ def _alpha_record(cfg, problem, theta, H, k, seed, warnings_, label):
     return rec, {"x": np.asarray(x).tolist(), "y": np.asarray(y).tolist()}
 
 
-def _layer_records(cfg, problem, theta, H, point, seed, warnings_, progress, rank0):
-    """Per layer at ``α_ref``: drift/signal Frobenius ratio of the diagonal block; at init the trace rule."""
-    J = MappingJacobian(problem, theta)
-    S, D = SignalOperator(J, H), DriftOperator(problem, theta, H.gradient)
-    Ht = lora_hessian(problem, theta) if cfg.layer_lanczos_steps else None
+def _layer_records(cfg, problem, theta, point, seed, warnings_, progress, rank0):
+    """Per layer at ``α_ref``: drift/signal Frobenius ratio of the diagonal block; at init the trace rule.
+
+    Each layer is analysed on :meth:`~signal_drift.lora.LoraProblem.select` (the other adapters
+    merged into the base): the same diagonal blocks, with products that differentiate through
+    that layer only.
+    """
     out = []
     for i, a in enumerate(tqdm(problem.adapters, desc=f"{point}: layers", disable=not (progress and rank0))):
-        idx = block_indices(problem, "all", a.name)
+        pl, tl = problem.select([a.name], theta)
+        H = fft_hessian(pl, tl)
+        S, D = SignalOperator(MappingJacobian(pl, tl), H), DriftOperator(pl, tl, H.gradient)
         rec = {"name": a.name, "fan_in": a.fan_in, "fan_out": a.fan_out, "rank": a.rank, "alpha": a.alpha}
-        rec["drift_over_signal_fro"] = frobenius_ratio(
-            D.restrict(idx), S.restrict(idx), cfg.probes, seed + i
-        ).to_json()
-        if Ht is not None:
-            eig, (lo, hi) = _eig(Ht.restrict(idx), "BE", cfg.layer_lanczos_steps, seed + i,
-                                 f"{point}, {a.name}: λ(H_θ block)", warnings_)  # fmt: skip
+        rec["drift_over_signal_fro"] = frobenius_ratio(D, S, cfg.probes, seed + i).to_json()
+        if cfg.layer_lanczos_steps:
+            name = f"{point}, {a.name}: λ(H_θ block)"
+            eig, (lo, hi) = _eig(
+                lora_hessian(pl, tl), "BE", cfg.layer_lanczos_steps, seed + i, name, warnings_
+            )
             rec |= {"H_theta_lambda_min": float(lo), "H_theta_lambda_max": float(hi),
                     "H_theta_residual": float(max(eig.residuals))}  # fmt: skip
         if point == "init":
-            rec |= _trace_rule_layer(cfg, problem, H, a, seed + 1000 + i)
+            rec |= _trace_rule_layer(cfg, pl, H, pl.adapters[0], seed + 1000 + i)
         out.append(rec)
     return out
 
@@ -315,6 +319,7 @@ def _trace_rule_layer(cfg, problem, H, a, seed) -> dict:
     ``tr H_ll`` by Hutchinson on the layer's block of ``H``; ``E_A tr(s² J_Bᵀ H_ll J_B)`` by
     Hutchinson with a fresh ``A`` per probe (one unbiased sample of the double expectation each).
     Both scale as ``α²``: their ratio is α-independent (an identity), so it is measured once.
+    ``problem`` may hold other adapters (``H`` is then over all of them); only ``a``'s blocks are used.
     """
     w_idx = problem.weight_layout.indices([a.name])
     tr_H = hutchinson(H.restrict(w_idx), cfg.probes, seed)
@@ -421,7 +426,7 @@ def run_lm_spectra(
         rec["negative_mass_by_k"] = masses
         if cfg.layers:
             rec["layers"] = _layer_records(
-                cfg, problem, theta, H, point, cfg.seed + 100, warnings_, progress, rank0
+                cfg, problem, theta, point, cfg.seed + 100, warnings_, progress, rank0
             )
         timings[point] = time.perf_counter() - t
         if checkpoint is not None:
