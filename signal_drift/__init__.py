@@ -25,8 +25,12 @@ from .hessian import (
     lora_hessian,
 )
 
+# language models and PEFT adapters
+from .hf import float64_forward, from_peft, lm_batches, lm_problem
+from .lm import causal_lm_loss
+
 # models and adapters
-from .lora import AdapterSpec, LoraProblem, attach_lora, init_theta
+from .lora import AdapterSpec, Batch, LoraProblem, attach_lora, init_theta
 from .mlp_hessian import MLPHessianOperator
 from .model import Task, make_mlp, make_task, mse_loss
 from .operators import FunctionOperator, LinearOperator, ParamLayout
@@ -54,6 +58,13 @@ __all__ = [
     "LoraProblem",
     "attach_lora",
     "init_theta",
+    "Batch",
+    # language models and PEFT adapters
+    "lm_problem",
+    "from_peft",
+    "lm_batches",
+    "causal_lm_loss",
+    "float64_forward",
     # curvature operators
     "LinearOperator",
     "FunctionOperator",

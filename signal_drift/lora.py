@@ -437,7 +437,10 @@ def _check_batches(batches: tuple[Batch, ...]) -> None:
 
 
 def _total_weight(loss_fn: Callable, batches: tuple[Batch, ...], distributed: bool) -> float:
-    total = torch.tensor([sum(loss_weight(loss_fn, b.targets) for b in batches)], dtype=torch.float64)
+    device = batches[0].targets.device  # NCCL reduces device tensors only
+    total = torch.tensor(
+        [sum(loss_weight(loss_fn, b.targets) for b in batches)], dtype=torch.float64, device=device
+    )
     if distributed:
         all_reduce_sum(total)
     if not float(total) > 0:
