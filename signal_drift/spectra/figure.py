@@ -239,12 +239,19 @@ def plot_lm_fig8(summary: dict, path: str | Path) -> Path:
         hi = np.array([r["high"] - r["estimate"] for _, r in rules])
         ax.errorbar(e, y, xerr=[lo, hi], fmt="o", color="C0", capsize=3)
         ax.axvline(1.0, color="k", lw=0.8)
+        wide = [i for i, (_, r) in enumerate(rules) if r["high"] > 3 or r["low"] < -0.5]
+        ax.set_xlim(-0.5, 3.0)
+        for i in wide:  # bands beyond the axis: marked, not hidden
+            ax.annotate("band beyond axis", (2.95, y[i]), fontsize=6, ha="right", va="bottom", color="0.4")
         names = [
             n.replace("model.layers.", "L").replace(".self_attn", "").replace(".mlp", "") for n, _ in rules
         ]
         ax.set_yticks(y, names, fontsize=7)
-    ax.set(xlabel="E_A tr H_signal / α²ρ tr H_ll", title="(d) trace rule per layer, init (95 %)")
-    for ax in axes[:3]:
+    unresolved = sum(1 for x in layers if "trace_rule" in x and not x.get("trace_rule_ratio"))
+    title = "(d) trace rule per layer, init (95 %)" + (f"; {unresolved} unresolved" if unresolved else "")
+    ax.set(xlabel="E_A tr H_signal / α²ρ tr H_ll", title=title)
+    axes[0].legend(fontsize=6, loc="upper left")
+    for ax in axes[1:3]:
         ax.legend(fontsize=7)
     head = f"Figure 8 on a causal LM: {len(summary['layers'])} LoRA layers, |θ| = {summary['params_theta']}"
     fig.suptitle(f"{head}, {summary['tokens']} tokens; {summary['adapter']}", fontsize=9)

@@ -78,7 +78,8 @@ class LMSpectraConfig:
         samples: windows in the curvature data.
         seq_len: tokens per window.
         batch_size: windows per batch (batches are summed; torchrun shares them out).
-        train_steps: Adam steps of the adapter trained here (no --adapter).
+        train_steps: full-batch Adam steps of the adapter trained here (no --adapter).
+        train_samples: windows it is trained on (other than the curvature data).
         lr: Adam learning rate of those steps.
         lanczos_steps: Lanczos steps per extreme eigenvalue.
         slq_probes: probe vectors per SLQ density.
@@ -100,10 +101,11 @@ class LMSpectraConfig:
     seq_len: int = 64
     batch_size: int = 4
     train_steps: int = 60
-    lr: float = 2e-3
+    train_samples: int = 64
+    lr: float = 1e-3
     lanczos_steps: int = 50
-    slq_probes: int = 3
-    slq_steps: int = 20
+    slq_probes: int = 6
+    slq_steps: int = 30
     probes: int = 6
     layers: bool = True
     layer_lanczos_steps: int = 0
@@ -116,7 +118,15 @@ class LMSpectraConfig:
         """Raise :class:`InputError` naming the first invalid field."""
         from ..lm import check_model_dir
 
-        for name in ("rank", "samples", "seq_len", "batch_size", "lanczos_steps", "slq_steps"):
+        for name in (
+            "rank",
+            "samples",
+            "seq_len",
+            "batch_size",
+            "train_samples",
+            "lanczos_steps",
+            "slq_steps",
+        ):
             check_positive_int(name, getattr(self, name))
         for name in ("probes", "slq_probes"):
             if getattr(self, name) < 2:
@@ -222,13 +232,15 @@ def _setup(cfg: LMSpectraConfig, out: Path, progress: bool, log, rank: int, worl
         trained = theta0
         if cfg.train_steps:
             # trained on other windows than the curvature data, full batch, every process the same
-            train = lm_batches(sample_windows(train_ids, 16, cfg.seq_len, gen), 16)
+            train = lm_batches(
+                sample_windows(train_ids, cfg.train_samples, cfg.seq_len, gen), cfg.train_samples
+            )
             local = replace(problem, distributed=False).with_data(train)
             bar = progress and rank == 0
             trained = adam_steps(
                 local.loss_theta, theta0, cfg.train_steps, cfg.lr, progress=bar, desc="train adapter"
             )
-        how = f"trained here: {cfg.train_steps} Adam steps, lr {cfg.lr}, α = r, 16 other windows"
+        how = f"trained here: {cfg.train_steps} Adam steps, lr {cfg.lr}, α = r, {cfg.train_samples} windows"
     return model_dir, problem, theta0, trained, how
 
 
