@@ -18,6 +18,7 @@ product over the processes.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
@@ -131,8 +132,15 @@ class HessianOperator(LinearOperator):
         if V.shape[1] > 1 and self._vmap:
             try:
                 return lay.flatten(vmap(f_vjp)(lay.unflatten(V.T))[0], batch_dims=1).T
-            except Exception:  # an op without a batching rule: the same products one column at a time
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, NotImplementedError) as err:  # an op without a batching rule
                 self._vmap = False
+                warnings.warn(
+                    f"HessianOperator: vmap over the model failed ({str(err).splitlines()[0][:120]}); "
+                    "products go one vector at a time (same results, slower)",
+                    stacklevel=3,
+                )
         return torch.stack([lay.flatten(f_vjp(lay.unflatten(V[:, j]))[0]) for j in range(V.shape[1])], dim=1)
 
     def flat_gradient(self) -> torch.Tensor:

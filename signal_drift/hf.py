@@ -33,7 +33,17 @@ from torch import nn
 
 from ._errors import InputError
 from .lm import IGNORE_INDEX, causal_lm_loss
-from .lora import AdapterSpec, Batch, LoraProblem, _check_problem, _is_conv1d, _total_weight, as_batches
+from .lora import (
+    AdapterSpec,
+    Batch,
+    LoraProblem,
+    _check_problem,
+    _is_conv1d,
+    _total_weight,
+    as_batches,
+    loss_weight,
+    model_output,
+)
 from .lora import attach_lora as _attach_lora
 from .scaling import InitKind
 
@@ -76,14 +86,29 @@ def _eager_attention(module, query, key, value, attention_mask, scaling, dropout
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+#: Modules whose eager attention is plain scaled dot-product attention with GQA and an additive mask
+#: (what :func:`_eager_attention` reproduces); other families (soft-capping, sinks, ...) keep theirs.
+_PLAIN_EAGER = frozenset(
+    f"transformers.models.{m}.modeling_{m}" for m in ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2")
+)
+
+
+def _static_rope(mod: nn.Module) -> bool:
+    """Rotary embeddings whose frequencies do not change with the input (no dynamic/longrope update)."""
+    kind = str(getattr(mod, "rope_type", "default"))
+    return "dynamic" not in kind and "longrope" not in kind
+
+
 @contextlib.contextmanager
 def float64_forward(model: nn.Module) -> Iterator[None]:
     """Run ``model`` with eager attention, and in float64 throughout if it is a float64 model.
 
     Inside the block: the attention is eager (second derivatives exist everywhere); for a
     float64 model, RMSNorm (modules named ``*RMSNorm`` with ``variance_epsilon``), rotary
-    embeddings (``*RotaryEmbedding`` with ``inv_freq``) and the eager attention's softmax
-    compute in float64 instead of float32. Everything is restored on exit.
+    embeddings (``*RotaryEmbedding`` with ``inv_freq``, static frequencies only) and the eager
+    attention's softmax (Llama, Mistral, Qwen2/3, Phi-3, OLMo-2, whose eager attention is plain)
+    compute in float64 instead of float32. Everything is restored on exit. The problem builders
+    check that the patched forward gives the model's own loss (:func:`_check_same_loss`).
     """
     restore: list[Callable[[], None]] = []
     configs = {
@@ -102,7 +127,7 @@ def float64_forward(model: nn.Module) -> Iterator[None]:
             name = type(mod).__name__
             if name.endswith("RMSNorm") and hasattr(mod, "variance_epsilon") and hasattr(mod, "weight"):
                 patch = _rms_norm_forward(mod)
-            elif name.endswith("RotaryEmbedding") and hasattr(mod, "inv_freq"):
+            elif name.endswith("RotaryEmbedding") and hasattr(mod, "inv_freq") and _static_rope(mod):
                 patch = _rotary_forward(mod)
             else:
                 patch = None
@@ -110,9 +135,10 @@ def float64_forward(model: nn.Module) -> Iterator[None]:
                 mod.forward = patch
                 restore.append(lambda mod=mod: vars(mod).pop("forward", None))
             lib = sys.modules.get(type(mod).__module__)
-            if name.endswith("Attention") and getattr(lib, "eager_attention_forward", None) not in (
-                None,
-                _eager_attention,
+            if (
+                name.endswith("Attention")
+                and type(mod).__module__ in _PLAIN_EAGER
+                and getattr(lib, "eager_attention_forward", None) not in (None, _eager_attention)
             ):
                 old_fn = lib.eager_attention_forward
                 lib.eager_attention_forward = _eager_attention
@@ -227,7 +253,9 @@ def lm_problem(
             model, data=batches, targets=names, rank=rank, alpha=alpha, init=init, rank_pattern=rank_pattern,
             alpha_pattern=alpha_pattern, loss_fn=causal_lm_loss, distributed=distributed,
         )  # fmt: skip
-    return _with_context(problem)
+    problem = _with_context(problem)
+    _check_same_loss(problem, problem.base_weights(), model, "model")
+    return problem
 
 
 def _with_context(problem: LoraProblem) -> LoraProblem:
@@ -238,6 +266,10 @@ def _with_context(problem: LoraProblem) -> LoraProblem:
 
 _UNSUPPORTED_CONFIG = {
     "use_dora": "DoRA rescales each column of W by a learned magnitude: W is not W0 + s·B·A",
+    "alora_invocation_tokens": "activated LoRA applies the adapter to some tokens only",
+    "use_qalora": "QA-LoRA pools the input before A",
+    "trainable_token_indices": "trained embedding rows are outside θ = (A, B)",
+    "use_bdlora": "block-diagonal LoRA factors are not a plain B·A",
     "lora_bias": "a bias on lora_B adds parameters outside θ = (A, B)",
     "modules_to_save": "fully trained modules beside the adapter are outside θ = (A, B)",
     "layer_replication": "replicated layers share weights across depth",
@@ -282,11 +314,18 @@ def from_peft(
         active = getattr(peft_model, "active_adapters", None) or [
             getattr(peft_model, "active_adapter", "default")
         ]
-        if len(active) != 1:
-            raise InputError(f"model: {len(active)} active adapters {list(active)}; pass adapter=")
         adapter = active[0]
+    else:
+        active = getattr(peft_model, "active_adapters", None) or [
+            getattr(peft_model, "active_adapter", adapter)
+        ]
     if adapter not in configs:
         raise InputError(f"adapter: {adapter!r} is not an adapter of the model; it has {list(configs)}")
+    if list(active) != [adapter]:
+        raise InputError(
+            f"model: active adapters {list(active)}; exactly one, the one read ({adapter!r}), must be active "
+            "(peft_model.set_adapter(name))"
+        )
     cfg = configs[adapter]
     for key, why in _UNSUPPORTED_CONFIG.items():
         if getattr(cfg, key, None):
@@ -300,7 +339,7 @@ def from_peft(
         raise InputError(f"adapter {adapter!r}: the model has no LoRA layer for it")
     specs, theta = [], {}
     for name, mod in layers.items():
-        spec, A, B = _read_layer(name, mod, adapter, base)
+        spec, A, B = _read_layer(name, mod, adapter, base, getattr(cfg, "init_lora_weights", True))
         specs.append(spec)
         theta[spec.key_A], theta[spec.key_B] = A, B
     params = {k: v.detach() for k, v in base.named_parameters()}
@@ -314,12 +353,53 @@ def from_peft(
     problem = _with_context(problem)
     _check_problem(problem)
     problem.check_theta(theta)
+    with torch.no_grad():
+        _check_same_loss(problem, problem.weights(theta), peft_model, "adapter")
     return problem, theta
 
 
+def _check_same_loss(
+    problem: LoraProblem, w: Mapping[str, torch.Tensor], model: nn.Module, what: str
+) -> None:
+    """Refuse a problem whose loss on its first batch differs from ``model``'s own forward at ``w``.
+
+    Catches adapter variants and attention forms the problem does not reproduce. The tolerance
+    (1e-5 relative) leaves room for the float32 blocks a float64 model has outside
+    :func:`float64_forward` (~1e-7) and none for a different network.
+    """
+    b = problem.batches[0]
+    if not loss_weight(problem.loss_fn, b.targets) > 0:
+        return
+    with torch.no_grad(), _eval(model):
+        out = model(**b.inputs) if isinstance(b.inputs, Mapping) else model(b.inputs)
+        ref = float(problem.loss_fn(model_output(out), b.targets))
+        ours = float(problem.loss_fn(problem.output_w(w, b.inputs), b.targets))
+    if not abs(ours - ref) <= 1e-5 * max(abs(ref), 1e-12):
+        raise InputError(
+            f"{what}: the problem's loss {ours:.10g} differs from the model's own forward {ref:.10g}; this "
+            "architecture or adapter type is not reproduced exactly"
+        )
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
 def _read_layer(
-    name: str, mod: nn.Module, adapter: str, base: nn.Module
+    name: str, mod: nn.Module, adapter: str, base: nn.Module, init_how: object = True
 ) -> tuple[AdapterSpec, torch.Tensor, torch.Tensor]:
+    """One LoRA layer as a spec and its ``A``, ``B``.
+
+    ``init_how`` is PEFT's ``init_lora_weights``; the spec records its law of ``A``:
+    Kaiming-uniform by default, ``N(0, 1/r²)`` for ``"gaussian"``.
+    """
     where = f"adapter {adapter!r}, layer {name!r}"
     if adapter in getattr(mod, "lora_embedding_A", {}):
         raise InputError(f"{where}: LoRA on an embedding is not supported (only linear layers)")
@@ -364,8 +444,9 @@ def _read_layer(
         raise InputError(f"{where}: scaling {scaling} is not a positive number")
     prefix = name + "."
     param = prefix + ("base_layer.weight" if hasattr(mod, "base_layer") else "weight")
+    init, std = ("gaussian", 1.0 / r) if init_how == "gaussian" else ("kaiming_uniform", None)
     spec = AdapterSpec(
-        name, int(m), int(n), r, alpha=scaling * r, init="kaiming_uniform", param=param, transposed=conv
+        name, int(m), int(n), r, alpha=scaling * r, init=init, init_std=std, param=param, transposed=conv
     )
     return spec, A, B
 

@@ -375,6 +375,8 @@ def check_model_dir(model: str | None) -> None:
     """
     if model is not None and not (Path(model) / "config.json").is_file():
         raise InputError(f"--model {model}: not a local Hugging Face model directory (no config.json)")
+    if model is not None and not any(Path(model).glob(p) for p in ("*.safetensors", "*.bin", "*.index.json")):
+        raise InputError(f"--model {model}: no weights (*.safetensors or *.bin) next to config.json")
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
@@ -398,7 +400,11 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implem
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per sweep cell is noise
     try:
         kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kw)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kw)
+        except (OSError, ValueError, KeyError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise InputError(f"--model {path}: cannot be loaded as a causal LM ({first})") from None
     finally:
         if bar:
             hf_logging.enable_progress_bar()

@@ -327,7 +327,7 @@ class LoraProblem:
 
     def loss_w(self, w: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Task loss ``L(w)`` of this process's data (the FFT objective; all of it in one process)."""
-        terms = [self.batch_loss_w(b, w) for b in self._scored()]
+        terms = [f(w) for f in self.loss_terms_w()]
         return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
     def loss_theta(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -342,16 +342,18 @@ class LoraProblem:
 
     def loss_terms_w(self) -> list[Callable[[Mapping[str, torch.Tensor]], torch.Tensor]]:
         """:meth:`loss_w` split into one function of ``w`` per batch (their sum is ``loss_w``)."""
-        return [lambda w, b=b: self.batch_loss_w(b, w) for b in self._scored()]
+        scored = self._scored()
+        if not scored:  # this process holds no scored target: its share is 0, still a function of w
+            return [lambda w: sum((0.0 * v).sum() for v in w.values())]
+        return [lambda w, b=b: self.batch_loss_w(b, w) for b in scored]
 
     def loss_terms_theta(self) -> list[Callable[[Mapping[str, torch.Tensor]], torch.Tensor]]:
         """:meth:`loss_theta` split into one function of ``θ`` per batch."""
-        return [lambda t, b=b: self.batch_loss_w(b, self.weights(t)) for b in self._scored()]
+        return [lambda t, f=f: f(self.weights(t)) for f in self.loss_terms_w()]
 
     def _scored(self) -> tuple[Batch, ...]:
         """The batches that carry part of the normaliser (a batch with no scored target adds 0)."""
-        out = tuple(b for b in self.batches if loss_weight(self.loss_fn, b.targets) > 0)
-        return out or self.batches[:1]
+        return tuple(b for b in self.batches if loss_weight(self.loss_fn, b.targets) > 0)
 
     # -- variations -------------------------------------------------------------------------
     def with_alpha(self, alpha: float | Mapping[str, float]) -> LoraProblem:
@@ -393,7 +395,7 @@ class LoraProblem:
 
     def with_data(self, X: Inputs | Batch | Iterable, y: torch.Tensor | None = None) -> LoraProblem:
         """A copy with other data: ``(X, y)`` or any ``data`` that :func:`as_batches` accepts (validated)."""
-        batches = as_batches((X, y) if y is not None else X)
+        batches = tuple(b.to(self.device) for b in as_batches((X, y) if y is not None else X))
         _check_batches(batches)
         total = _total_weight(self.loss_fn, batches, self.distributed)
         return dataclasses.replace(self, batches=batches, total_weight=total)
@@ -576,6 +578,11 @@ def attach_lora(
         adapters.append(
             AdapterSpec(n, int(m), int(nin), int(r), float(a), float(gamma), init, init_std, transposed=conv)
         )
+    for a in adapters:
+        if a.weight_key not in base:
+            raise InputError(
+                f"targets: {a.name!r} shares its weight with another module (tied); not supported"
+            )
     total = _total_weight(loss_fn, batches, distributed)
     problem = LoraProblem(module, base, tuple(adapters), batches, loss_fn, total, distributed)
     _check_problem(problem)

@@ -264,10 +264,11 @@ def arch_case(request):
     model = arch.build()
     assert model.config._attn_implementation == "sdpa"
     seen = []
+    batches = lm_batches(sequences((7, 5, 6)), batch_size=2)  # ragged, two batches
+    # construction also runs the model's own (sdpa) forward once, to check the problem reproduces it
+    problem = lm_problem(model, batches, targets=arch.targets, rank=RANK, alpha=ALPHA)
     hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(mod.config._attn_implementation))
              for m in model.modules() if type(m).__name__.endswith("Attention")]  # fmt: skip
-    batches = lm_batches(sequences((7, 5, 6)), batch_size=2)  # ragged, two batches
-    problem = lm_problem(model, batches, targets=arch.targets, rank=RANK, alpha=ALPHA)
     theta = off_init(problem)
     c = curvature(problem, theta)
     problem.loss(theta)
@@ -473,8 +474,21 @@ def _training_with_dropout(pm):
     pm.train()
 
 
+def _second_adapter_active(pm):
+    pm.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    pm.base_model.set_adapter(["default", "other"])
+
+
+def _other_adapter_active(pm):
+    pm.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    pm.set_adapter("other")
+
+
 REFUSALS = {
     "dora": (dict(use_dora=True), None, {}, "use_dora"),
+    "activated_lora": (dict(alora_invocation_tokens=[3]), None, {}, "alora"),
+    "two_active_adapters": ({}, _second_adapter_active, {"adapter": "default"}, "active adapters"),
+    "reading_an_inactive_adapter": ({}, _other_adapter_active, {"adapter": "default"}, "active adapters"),
     "lora_bias": (dict(lora_bias=True), None, {}, "lora_bias"),
     "modules_to_save": (dict(modules_to_save=["lm_head"]), None, {}, "modules_to_save"),
     "embedding_only": (dict(target_modules=["embed_tokens"]), None, {}, "embedding"),
@@ -670,6 +684,38 @@ def test_lm_problem_targets_full_names_and_top_level_layers():
     for bad in (("embed_tokens",), ("nope",), ("self_attn",)):
         with pytest.raises(InputError, match="match no linear layer"):
             lm_problem(model, data, targets=bad, rank=2)
+
+
+def test_a_tied_output_layer_is_refused_not_a_key_error():
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=20, n_embd=8, n_layer=1, n_head=2)
+    )
+    with pytest.raises(InputError, match="tied"):
+        lm_problem(model.double(), lm_batches(sequences((5, 4))), targets=("lm_head",), rank=2)
+
+
+def test_families_we_do_not_patch_keep_their_own_forward():
+    """Gemma-2 soft-caps its attention scores: the float64 patches leave it alone, the loss is the model's."""
+    cfg = transformers.Gemma2Config(vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                                    attn_logit_softcapping=0.5, max_position_embeddings=16)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(1))
+    problem = lm_problem(model, ids, targets=("q_proj",), rank=2)  # checks the loss against the model's own
+    with torch.no_grad():
+        ref = float(causal_lm_loss(model(input_ids=ids).logits, ids))
+    assert problem.loss(init_theta(problem, 0)) == pytest.approx(ref, rel=1e-6)
+
+
+def test_with_data_moves_batches_to_the_model_and_a_rank_without_scored_tokens_adds_zero():
+    model = tiny_llama()
+    problem = lm_problem(model, lm_batches(sequences((5, 4))), targets=("q_proj",), rank=2)
+    masked = lm_batches(sequences((5,)), labels=[torch.full((5,), -100)])
+    local = dataclasses.replace(problem, batches=masked)  # as a process holding only prompt tokens
+    theta = init_theta(problem, 0)
+    assert local.loss_theta(theta) == 0  # not NaN: its share of the loss is zero
+    assert problem.with_data(lm_batches(sequences((6,)))).batches[0].targets.device == problem.device
 
 
 def test_lm_problem_keeps_the_user_model_unchanged():

@@ -79,17 +79,65 @@ def test_rescale_alpha_keeps_the_network_and_scales_signal_and_drift_at_init(pro
 
 
 def test_frobenius_ratio_band_covers_the_dense_truth(problem):
-    """20 seeds of the 95 % band of ‖H_drift‖_F / ‖H_signal‖_F at a trained-like point, 6 probes."""
+    """20 seeds of the 95 % band of ‖H_drift‖_F / ‖H_signal‖_F at a trained-like point."""
     th = _point(problem)
     H = fft_hessian(problem, th)
     S, D = SignalOperator(MappingJacobian(problem, th), H), DriftOperator(problem, th, H.gradient)
     truth = float(torch.linalg.matrix_norm(D.to_dense()) / torch.linalg.matrix_norm(S.to_dense()))
-    bands = [frobenius_ratio(D, S, probes=6, seed=s) for s in range(20)]
+    bands = [frobenius_ratio(D, S, matvecs=12, seed=s) for s in range(20)]
     assert sum(b.covers(truth) for b in bands) >= 19, [(b.low, b.high, truth) for b in bands]
-    # many probes: the estimate converges on the truth
-    assert frobenius_ratio(D, S, probes=400, seed=0).estimate == pytest.approx(truth, rel=0.05)
-    with pytest.raises(ValueError, match="probes"):
-        frobenius_ratio(D, S, probes=1)
+    assert frobenius_ratio(D, S, matvecs=300, seed=0).estimate == pytest.approx(truth, rel=0.02)
+    with pytest.raises(ValueError, match="matvecs"):
+        frobenius_ratio(D, S, matvecs=3)
+
+
+def _spiked(P=120, spike=100.0, seed=0):
+    from signal_drift.operators import FunctionOperator
+
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    e = torch.full((P,), 0.01, dtype=torch.float64)
+    e[0] = spike
+    return (Q * e) @ Q.T, lambda M: FunctionOperator(lambda V: M @ V, (P, P), torch.float64, symmetric=True)
+
+
+def test_frobenius_ratio_band_covers_with_one_dominant_direction():
+    """A single dense dominant eigenvalue (LM curvature's usual shape): Hutchinson's E‖Xz‖² band would
+    cover ~89 %; Hutch++ on XᵀX takes the spike in its sketch. 200 seeds, nominal 95 %."""
+    S, op = _spiked()
+    g = torch.Generator().manual_seed(1)
+    Q2, _ = torch.linalg.qr(torch.randn(S.shape[0], S.shape[0], generator=g, dtype=torch.float64))
+    D = (Q2 * torch.linspace(-1, 1, S.shape[0], dtype=torch.float64)) @ Q2.T
+    truth = float(torch.linalg.matrix_norm(D) / torch.linalg.matrix_norm(S))
+    cover = sum(frobenius_ratio(op(D), op(S), 12, seed=2 * s).covers(truth) for s in range(200))
+    assert cover >= 186  # ≥ 93 %: at 95 % coverage, P(fewer) < 5 %; the measured rate is 96–99 %
+
+
+def test_trace_rule_band_covers_with_one_dominant_direction():
+    """Prop. 3 on a layer whose H_ll = 100·uuᵀ + 0.01·I: χ²-like samples; the ratio's band covers 1."""
+    from torch import nn
+
+    from signal_drift.lora import attach_lora
+    from signal_drift.spectra.lm import LMSpectraConfig
+
+    n_in, m = 12, 6
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(m * n_in, generator=g, dtype=torch.float64)
+    u /= u.norm()
+
+    def loss_fn(out, y):  # out = Wᵀ (X = I), so vec W = out.T.reshape(-1)
+        w = out.T.reshape(-1)
+        return 0.5 * 100.0 * (u @ w) ** 2 + 0.5 * 0.01 * (w @ w)
+
+    net = nn.Sequential(nn.Linear(n_in, m, bias=False)).double()
+    X = torch.eye(n_in, dtype=torch.float64)
+    p = attach_lora(net, X, torch.zeros(n_in, m, dtype=torch.float64), rank=2, init="kaiming_uniform",
+                    loss_fn=loss_fn)  # fmt: skip
+    H = fft_hessian(p, init_theta(p, 0))
+    cfg = LMSpectraConfig()
+    bands = [_trace_rule_layer(cfg, p, H, p.adapters[0], s)["trace_rule_ratio"] for s in range(200)]
+    assert all(b is not None for b in bands)
+    assert sum(b["low"] <= 1 <= b["high"] for b in bands) >= 186  # measured 95.7 % over 300 seeds
 
 
 def test_trace_rule_band_covers_one(problem):
@@ -112,7 +160,7 @@ def test_trace_rule_band_covers_one(problem):
 
 
 SMALL = ["--samples", "4", "--batch-size", "1", "--seq-len", "8", "--train-steps", "3", "--lanczos-steps", "12",
-         "--slq-probes", "2", "--slq-steps", "6", "--probes", "3", "--multipliers", "1", "4",
+         "--slq-probes", "2", "--slq-steps", "6", "--probes", "6", "--trace-draws", "4", "--multipliers", "1", "4",
          "--targets", *TARGETS]  # fmt: skip
 
 
@@ -157,7 +205,7 @@ def test_cli_runs_and_torchrun_two_processes_equal_one(model_dir, tmp_path):
     assert [r["k"] for r in init["alphas"]] == [1.0, 4.0]
     # Prop. 1 measured against plain-autograd H_θ at every α, and the 1/α identity at init
     assert max(r["identity_residual"] for p in one["points"].values() for r in p["alphas"]) < 1e-10
-    assert init["drift_over_signal_slope"] == pytest.approx(-1.0, abs=0.5)
+    assert init["drift_over_signal_slope"] == pytest.approx(-1.0, abs=1e-9)  # one sketch for every k: identity
     assert all("trace_rule_ratio" in x for x in init["layers"])
     two = _run(["--model", str(model_dir), *SMALL], tmp_path / "two", nproc=2)
     assert two["config"]["processes"] == 2 and two["tokens"] == one["tokens"]
@@ -184,15 +232,34 @@ def test_cli_reads_a_peft_adapter_and_refuses_bad_input(model_dir, tmp_path):
                                peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))  # fmt: skip
     dora.save_pretrained(tmp_path / "dora")
     (tmp_path / "short.txt").write_text("tiny")
+    # an adapter whose file lacks some of its layers (PEFT would keep those at a fresh random init)
+    from safetensors.torch import load_file, save_file
+
+    (tmp_path / "partial").mkdir()
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    save_file(
+        {k: v for k, v in weights.items() if "v_proj" not in k},
+        tmp_path / "partial" / "adapter_model.safetensors",
+    )
+    (tmp_path / "partial" / "adapter_config.json").write_text(
+        (tmp_path / "adapter" / "adapter_config.json").read_text()
+    )
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "adapter_config.json").write_text("{}")
+    (tmp_path / "configonly").mkdir()
+    (tmp_path / "configonly" / "config.json").write_text((model_dir / "config.json").read_text())
     lm = ["signal_drift.spectra", "lm", "--model", str(model_dir)]
     out = tmp_path / "never"
     for extra, needle in (
         (["--adapter", str(tmp_path / "other")], "--adapter"),
         (["--adapter", str(tmp_path / "dora")], "DoRA"),
         (["--adapter", str(tmp_path)], "--adapter"),
+        (["--adapter", str(tmp_path / "partial")], "another base"),
+        (["--adapter", str(tmp_path / "noweights")], "adapter_model"),
         (["--data", str(tmp_path / "short.txt")], "--data"),
         (["--multipliers", "1"], "--multipliers"),
-        (["--probes", "1"], "--probes"),
+        (["--probes", "5"], "--probes"),
+        (["--trace-draws", "1"], "--trace-draws"),
     ):
         assert_cli_refuses([*lm, *extra, "--out", str(out)], needle, out)
     assert_cli_refuses(
