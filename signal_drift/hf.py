@@ -181,6 +181,8 @@ def lm_batches(
     if short:
         raise InputError(f"ids: sequence {short[0]} is shorter than 2 tokens (nothing to predict)")
     lab = list(labels) if labels is not None else seqs
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"batch_size={batch_size} is invalid: must be >= 1 (or None: one batch)")
     size = batch_size or len(seqs)
     out = []
     for i in range(0, len(seqs), size):

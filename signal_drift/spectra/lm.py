@@ -76,9 +76,10 @@ class LMSpectraConfig:
     (:data:`signal_drift.settings.COMMON_HELP`).
 
     Attributes:
-        adapter: a PEFT adapter directory trained on --model (default: train one here).
+        adapter: a PEFT adapter directory trained on --model; its ranks, layers and α replace
+            --rank and --targets (default: train one here).
         data: .txt or .jsonl corpus (default: offline docstrings).
-        targets: module-name suffixes to adapt when no --adapter is given, as in PEFT.
+        targets: module-name suffixes to adapt, as in PEFT (with --adapter: the adapter's own).
         multipliers: α = k·α_ref for each k (B → B/k: the network is unchanged).
         samples: windows in the curvature data.
         seq_len: tokens per window.
