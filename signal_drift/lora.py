@@ -320,6 +320,40 @@ class LoraProblem:
                 out = functional_call(self.module, params, (X,))
         return model_output(out)
 
+    def output_theta(self, theta: Mapping[str, torch.Tensor], X: Inputs | None = None) -> torch.Tensor:
+        """Network output at ``w(θ)`` as LoRA computes it: ``W0``, plus ``s (x Aᵀ) Bᵀ`` per adapted layer.
+
+        The same function as ``output_w(weights(θ))`` (to round-off), but its derivatives in ``θ``
+        never form an ``m × n`` matrix: a gradient or Hessian-vector product in ``θ`` costs about
+        half the matrix products (the gradient through ``W = W0 + s B A`` would need ``∂L/∂W``).
+        """
+        params = dict(self.base)
+        X = self.X if X is None else X
+        hooks = []
+
+        def low_rank(a: AdapterSpec):
+            A, B = theta[a.key_A], theta[a.key_B]
+            return lambda mod, inp, out: out + a.scale * ((inp[0] @ A.T) @ B.T)
+
+        context = self.forward_context() if self.forward_context is not None else contextlib.nullcontext()
+        try:
+            for a in self.adapters:
+                hooks.append(self.module.get_submodule(a.name).register_forward_hook(low_rank(a)))
+            with _eval_mode(self.module), context:
+                if isinstance(X, Mapping):
+                    out = functional_call(self.module, params, (), dict(X))
+                else:
+                    out = functional_call(self.module, params, (X,))
+        finally:
+            for h in hooks:
+                h.remove()
+        return model_output(out)
+
+    def batch_loss_theta(self, batch: Batch, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One batch's term of :meth:`loss_theta` (through :meth:`output_theta`)."""
+        share = loss_weight(self.loss_fn, batch.targets) / self.total_weight
+        return share * self.loss_fn(self.output_theta(theta, batch.inputs), batch.targets)
+
     def batch_loss_w(self, batch: Batch, w: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One batch's term of :meth:`loss_w`: ``(n_b / N) · loss_fn(f(x_b), y_b)``."""
         share = loss_weight(self.loss_fn, batch.targets) / self.total_weight
@@ -331,8 +365,9 @@ class LoraProblem:
         return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
     def loss_theta(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """LoRA loss ``L(w(θ))`` of this process's data."""
-        return self.loss_w(self.weights(theta))
+        """LoRA loss ``L(w(θ))`` of this process's data (through :meth:`output_theta`)."""
+        terms = [f(theta) for f in self.loss_terms_theta()]
+        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
     def loss(self, theta: Mapping[str, torch.Tensor]) -> float:
         """``L(w(θ))`` over all the data, summed over processes when distributed."""
@@ -349,7 +384,10 @@ class LoraProblem:
 
     def loss_terms_theta(self) -> list[Callable[[Mapping[str, torch.Tensor]], torch.Tensor]]:
         """:meth:`loss_theta` split into one function of ``θ`` per batch."""
-        return [lambda t, f=f: f(self.weights(t)) for f in self.loss_terms_w()]
+        scored = self._scored()
+        if not scored:
+            return [lambda t: sum((0.0 * v).sum() for v in t.values())]
+        return [lambda t, b=b: self.batch_loss_theta(b, t) for b in scored]
 
     def _scored(self) -> tuple[Batch, ...]:
         """The batches that carry part of the normaliser (a batch with no scored target adds 0)."""
