@@ -88,6 +88,25 @@ def rel(a, b):
     return float(torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(b))
 
 
+def summary(rows=ROWS):
+    """The markdown table: every row, with peer / ours against our fastest row of the same task."""
+    ours_best: dict[str, float] = {}
+    for task_, who, s, note in rows:
+        if who.startswith("signal-drift") and s is not None and not note.startswith("WRONG"):
+            ours_best[task_] = min(s, ours_best.get(task_, float("inf")))
+    print("\n| task | tool | time | peer / ours | note |\n|---|---|---|---|---|")
+    for task_, who, s, note in rows:
+        ratio = (
+            ""
+            if who.startswith("signal-drift")
+            or s is None
+            or note.startswith("WRONG")
+            or task_ not in ours_best
+            else f"{s / ours_best[task_]:.1f}×"
+        )
+        print(f"| {task_} | {who} | {'—' if s is None else f'{s * 1e3:.1f} ms'} | {ratio} | {note} |")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--dim", type=int, default=64)
@@ -311,22 +330,7 @@ def main():
                         "--no-plot"], check=True, capture_output=True)  # fmt: skip
         record(f"spectra --dim {d} (whole command)", "signal-drift", time.perf_counter() - t0)
 
-    # ratio peer / ours against our fastest row of the same task (HVPs: the same task and mode)
-    ours_best: dict[str, float] = {}
-    for task_, who, s, note in ROWS:
-        if who.startswith("signal-drift") and s is not None and not note.startswith("WRONG"):
-            ours_best[task_] = min(s, ours_best.get(task_, float("inf")))
-    print("\n| task | tool | time | peer / ours | note |\n|---|---|---|---|---|")
-    for task_, who, s, note in ROWS:
-        ratio = (
-            ""
-            if who.startswith("signal-drift")
-            or s is None
-            or note.startswith("WRONG")
-            or task_ not in ours_best
-            else f"{s / ours_best[task_]:.1f}×"
-        )
-        print(f"| {task_} | {who} | {'—' if s is None else f'{s * 1e3:.1f} ms'} | {ratio} | {note} |")
+    summary()
 
     if WRONG:
         sys.exit("signal-drift gave wrong answers in: " + "; ".join(WRONG))
