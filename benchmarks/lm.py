@@ -305,6 +305,15 @@ def peers(args):
         (one, "signal-drift, amortised", lambda: op.matvec(v), ref),
         (one, "signal-drift, fresh", lambda: lora_hessian(problem, theta).matvec(v), ref),
     ]
+    _, proto_vjp = vjp(grad(factored_loss(problem)), theta)
+    hvps.append(
+        (
+            one,
+            "prototype low-rank forward, amortised",
+            lambda: lay.flatten(proto_vjp(lay.unflatten(v))[0]),
+            ref,
+        )
+    )
     he = ph = cl = None
     try:
         import hessian_eigenthings as he_mod
@@ -458,7 +467,7 @@ def peers(args):
                 "LM spectral density (SLQ)",
                 "PyHessian density",
                 None,
-                f"FAILS: {type(e).__name__}: {str(e)[:70]}",
+                f"FAILS: {type(e).__name__}: {str(e).splitlines()[0][:110]}",
             )
         for p in params:  # PyHessian left graph-carrying .grad on every parameter
             p.grad = None
