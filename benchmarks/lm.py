@@ -21,8 +21,11 @@ with ``signal_drift.hf.from_peft``. The peers see only the LoRA A/B as parameter
 the rest): hessian-eigenthings ``HessianOperator``, PyHessian ``hessian``, curvlinops
 ``HessianLinearOperator``. Tasks: one HVP, the top-4 eigenvalues by magnitude (reference: SciPy
 ARPACK at tol 1e-13 on our operator; every solver given what it needs for 1e-8), the trace
-(reference: exact, the sum of all P diagonal entries; estimators at an equal budget of 300
-products).
+(reference: exact, from all P columns by plain autograd, which also gives ‖H_θ‖_F, the scale of
+an estimator's error; estimators at an equal budget of 300 products).
+
+Run time on the 2-core dev machine: ~10 min quiet, 16.6 min in a busy spell (the exact-trace
+reference ~6 min of it); peak RSS 8.3 GB (part 1's three linearised graphs).
 
     python benchmarks/lm.py [--part all|cost|peers] [--layers 12] [--hidden 768] [--seq 128] ...
 
