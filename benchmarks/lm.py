@@ -24,7 +24,7 @@ ARPACK at tol 1e-13 on our operator; every solver given what it needs for 1e-8),
 (reference: exact, from all P columns by plain autograd, which also gives ‖H_θ‖_F, the scale of
 an estimator's error; estimators at an equal budget of 300 products).
 
-Run time on the 2-core dev machine: ~10 min quiet, 16.6 min in a busy spell (the exact-trace
+Run time on the 2-core dev machine: 16.6 min in a busy spell (GEMM at half speed; the exact-trace
 reference ~6 min of it); peak RSS 8.3 GB (part 1's three linearised graphs).
 
     python benchmarks/lm.py [--part all|cost|peers] [--layers 12] [--hidden 768] [--seq 128] ...
