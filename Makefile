@@ -35,12 +35,13 @@ lint: $(STAMP)
 	$(BIN)/python -m ruff format --check signal_drift tests benchmarks notebooks
 
 # Benchmark peers, installed without their CUDA-pulling dependencies (torch stays 2.13.0 CPU).
-PEERS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 hessian-eigenthings==1.0.0a5 \
+PEERS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 hessian-eigenthings==1.0.0a5 pyhessian==0.1 \
 	einops einconv opt-einsum linear_operator unfoldNd jaxtyping wadler_lindig
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps $(PEERS)
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/lm.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,4 +1,4 @@
-"""Side-by-side benchmark: signal-drift vs curvlinops, hessian-eigenthings and plain torch.func.
+"""Side-by-side benchmark: signal-drift vs curvlinops, hessian-eigenthings, PyHessian and plain torch.func.
 
 One process, one model (5-layer SiLU MLP, width d, N samples, float64), one set of probe
 vectors. Every timed result is checked against a reference (products to 1e-10, eigenvalues to
@@ -11,8 +11,8 @@ such, not hidden. The summary table gives peer / ours for every peer row.
 
 Install the peers without their CUDA-pulling dependencies (what `make bench` does):
     pip install --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 \
-        hessian-eigenthings==1.0.0a5 einops einconv opt-einsum linear_operator unfoldNd \
-        jaxtyping wadler_lindig
+        hessian-eigenthings==1.0.0a5 pyhessian==0.1 einops einconv opt-einsum linear_operator \
+        unfoldNd jaxtyping wadler_lindig
 """
 
 from __future__ import annotations
@@ -86,6 +86,25 @@ def gemm_gflops(dtype, n=2048):
 
 def rel(a, b):
     return float(torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(b))
+
+
+def summary(rows=ROWS):
+    """The markdown table: every row, with peer / ours against our fastest row of the same task."""
+    ours_best: dict[str, float] = {}
+    for task_, who, s, note in rows:
+        if who.startswith("signal-drift") and s is not None and not note.startswith("WRONG"):
+            ours_best[task_] = min(s, ours_best.get(task_, float("inf")))
+    print("\n| task | tool | time | peer / ours | note |\n|---|---|---|---|---|")
+    for task_, who, s, note in rows:
+        ratio = (
+            ""
+            if who.startswith("signal-drift")
+            or s is None
+            or note.startswith("WRONG")
+            or task_ not in ours_best
+            else f"{s / ours_best[task_]:.1f}×"
+        )
+        print(f"| {task_} | {who} | {'—' if s is None else f'{s * 1e3:.1f} ms'} | {ratio} | {note} |")
 
 
 def main():
@@ -169,6 +188,28 @@ def main():
     except ImportError:
         heop = None
         record("HVP H", "hessian-eigenthings", None, "not installed")
+    try:
+        from pyhessian import hessian as PyHessian
+        from pyhessian.utils import hessian_vector_product
+
+        # cuda=False: its default cuda=True fails on a CPU build ("Torch not compiled with CUDA enabled")
+        ph = PyHessian(
+            model, lambda out, y: 0.5 * ((out - y) ** 2).sum(-1).mean(), data=(task.X, task.y), cuda=False
+        )
+        ph_v = [
+            t.reshape(p.shape)
+            for t, p in zip(v1[:, 0].split([p.numel() for p in ph.params]), ph.params, strict=True)
+        ]
+
+        def ph_hvp():
+            return torch.cat([h.reshape(-1) for h in hessian_vector_product(ph.gradsH, ph.params, ph_v)])[
+                :, None
+            ]
+
+        hvps.append((one, "PyHessian 0.1", ph_hvp, 1, ref_k[:, :1]))
+    except ImportError:
+        ph = None
+        record("HVP H", "PyHessian", None, "not installed")
     checked = []
     for task_, who, fn, per, ref in hvps:
         try:
@@ -258,6 +299,28 @@ def main():
                     f"FAILS: {str(err)[:80]}",
                 )
 
+        if ph is not None:
+            # power iteration with deflation (it finds the largest |λ|; here those are the top of H)
+            it, tol = (1000, 1e-10) if k == 1 else (100, 1e-3)
+            try:
+                torch.manual_seed(0)
+                t, (vals, _) = timeit(lambda k=k, it=it, tol=tol: ph.eigenvalues(maxIter=it, tol=tol, top_n=k),
+                                      repeat=1, warmup=0)  # fmt: skip
+                vals = np.sort(np.asarray(vals))[::-1]
+                err = float(np.max(np.abs(vals[:k] - ref_top[:k]) / abs(ref_top[0])))
+                record(
+                    f"top-{k} eigenvalues of H",
+                    f"PyHessian power iteration ({it} it, tol {tol:.0e})",
+                    t,
+                    f"max rel err {err:.1e}",
+                    err,
+                    TOL["eigenvalues"],
+                )
+            except Exception as err:  # noqa: BLE001
+                record(
+                    f"top-{k} eigenvalues of H", "PyHessian power iteration", None, f"FAILS: {str(err)[:80]}"
+                )
+
     # --- trace of H -----------------------------------------------------------------------------
     t, K = timeit(lambda: ours.partial_traces(), repeat=1)
     tr = float(sum(torch.trace(k) for k in K.values()))
@@ -290,6 +353,24 @@ def main():
                 "trace of H", "hessian-eigenthings (Hutch++, 300 matvecs)", None, f"FAILS: {str(err)[:80]}"
             )
 
+    if ph is not None:
+        try:
+            # Hutchinson only (no Hutch++); tol=-inf runs all 300 probes (its stop test divides by the
+            # signed running mean, so a negative trace would stop it after two)
+            torch.manual_seed(0)
+            t, samples = timeit(lambda: ph.trace(maxIter=300, tol=float("-inf")), repeat=1, warmup=0)
+            s = np.asarray(samples)
+            record(
+                "trace of H",
+                "PyHessian (Hutchinson, 300 matvecs)",
+                t,
+                f"rel err {abs(s.mean() - tr) / abs(tr):.1e} (its stderr {s.std(ddof=1) / len(s) ** 0.5 / abs(tr):.1e})",
+            )
+        except Exception as err:  # noqa: BLE001
+            record("trace of H", "PyHessian (Hutchinson, 300 matvecs)", None, f"FAILS: {str(err)[:80]}")
+        for prm in ph.params:  # PyHessian leaves a graph-carrying .grad on every parameter
+            prm.grad = None
+
     # --- dense H_θ and its eigendecomposition --------------------------------------------------
     if not args.skip_dense:
 
@@ -311,22 +392,7 @@ def main():
                         "--no-plot"], check=True, capture_output=True)  # fmt: skip
         record(f"spectra --dim {d} (whole command)", "signal-drift", time.perf_counter() - t0)
 
-    # ratio peer / ours against our fastest row of the same task (HVPs: the same task and mode)
-    ours_best: dict[str, float] = {}
-    for task_, who, s, note in ROWS:
-        if who.startswith("signal-drift") and s is not None and not note.startswith("WRONG"):
-            ours_best[task_] = min(s, ours_best.get(task_, float("inf")))
-    print("\n| task | tool | time | peer / ours | note |\n|---|---|---|---|---|")
-    for task_, who, s, note in ROWS:
-        ratio = (
-            ""
-            if who.startswith("signal-drift")
-            or s is None
-            or note.startswith("WRONG")
-            or task_ not in ours_best
-            else f"{s / ours_best[task_]:.1f}×"
-        )
-        print(f"| {task_} | {who} | {'—' if s is None else f'{s * 1e3:.1f} ms'} | {ratio} | {note} |")
+    summary()
 
     if WRONG:
         sys.exit("signal-drift gave wrong answers in: " + "; ".join(WRONG))
