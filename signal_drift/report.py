@@ -397,8 +397,17 @@ def lm_fig8_table(root: Path) -> str:
             if "negative_mass_falls" not in c:
                 return "not resolved (λ_min not converged)"
             a, b = c["negative_mass_smallest_k"], c["negative_mass_largest_k"]
-            verdict = "✔ falls" if c["negative_mass_falls"] else "✘ bands overlap or rise"
-            return f"{_band(a, '.3f')} → {_band(b, '.3f')} {verdict}"
+            if c["negative_mass_falls"]:
+                return f"{_band(a, '.3f')} → {_band(b, '.3f')} ✔ falls"
+            if b["low"] > a["high"]:
+                return f"{_band(a, '.3f')} → {_band(b, '.3f')} ✘ rises"
+            return (
+                f"not resolved at this budget (bands {_band(a, '.2f')} → {_band(b, '.2f')} overlap); "
+                f"estimates {a['estimate']:.3f} → {b['estimate']:.3f}"
+            )
+        if what == "crossing":
+            above = [r["k"] for r in al if r["H_theta"]["lambda_max"] > p["H_lambda_max"]]
+            return f"from k = {above[0]:g} on" if above else f"never (k ≤ {al[-1]['k']:g})"
         if what == "identity":
             return f"{max(r['identity_residual'] for r in al):.1e}"
         return ""
@@ -407,6 +416,7 @@ def lm_fig8_table(root: Path) -> str:
     rows = [
         ("Trace rule per layer: E_A tr H_signal / α²ρ tr H_ll (95 %)", "trace"),
         (f"λ_max compressed at standard α (k = 1, α = {s['config']['rank']} = r)", "lambda"),
+        ("λ_max(H_θ) above the FFT λ_max(H)", "crossing"),
         (f"‖H_drift‖_F / ‖H_signal‖_F, k = {ks[0]:g} → {ks[-1]:g} (95 %)", "ratio"),
         (f"Larger α purifies H_θ: negative mass, k = {ks[0]:g} → {ks[-1]:g} (95 %)", "purify"),
         ("Prop. 1 measured: ‖(H_signal + H_drift − H_θ)V‖ / ‖H_θ V‖, max over α", "identity"),
@@ -416,8 +426,8 @@ def lm_fig8_table(root: Path) -> str:
     lines.append("")
     lines.append(
         f"{len(s['layers'])} adapted layers, |θ| = {s['params_theta']}, |w| = {s['params_w']}, {s['tokens']} scored"
-        f" tokens; trained point: {s['adapter']}; {len(s['warnings'])} Lanczos values not converged (reported as"
-        f" missing); run time {sum(s['timings'].values()):.0f} s."
+        f" tokens; trained point: {s['adapter']}; Lanczos values not converged (reported as missing):"
+        f" {len(s['warnings'])}; run time {sum(s['timings'].values()):.0f} s."
     )
     return "\n".join(lines) + "\n"
 
