@@ -12,8 +12,8 @@ multiple of one gradient ∇_θ L, *fresh* (linearisation included: ``lora_hessi
 and *amortised* (the operator reused: what every Lanczos step pays), against plain
 reverse-over-reverse ``torch.autograd``; the signal product JᵀHJv and the drift product likewise.
 GFLOP per call are counted (``torch.utils.flop_counter``) to say where the time goes. Rows
-marked *prototype* are not signal-drift code: they measure the change that would reach the
-issue's ≤ 2.5× target (a low-rank forward, see ``factored_loss``).
+marked *prototype* are an independent low-rank forward (``factored_loss``); since
+``LoraProblem.output_theta`` the package computes the same way, and the two agree.
 
 **peers** — a small GPT-2 (2 layers, hidden 64, 4 heads, vocabulary 512, float64, random
 weights), 2 × 64 tokens, a PEFT LoRA adapter (r = 4 on the same layers, B ~ N(0, 0.02²)) read
