@@ -405,6 +405,16 @@ def lm_fig8_table(root: Path) -> str:
                 f"not resolved at this budget (bands {_band(a, '.2f')} → {_band(b, '.2f')} overlap); "
                 f"estimates {a['estimate']:.3f} → {b['estimate']:.3f}"
             )
+        if what == "layers":
+            lam = [x.get("H_theta_lambda_max") for x in p.get("layers") or []]
+            ok = [v for v in lam if v is not None and math.isfinite(v)]
+            if not lam or lam[0] is None:
+                return "not computed"
+            return (
+                f"{min(ok):.3g} – {max(ok):.3g} ({len(ok)} of {len(lam)} converged)"
+                if ok
+                else "none converged"
+            )
         if what == "crossing":
             above = [r["k"] for r in al if r["H_theta"]["lambda_max"] > p["H_lambda_max"]]
             return f"from k = {above[0]:g} on" if above else f"never (k ≤ {al[-1]['k']:g})"
@@ -417,6 +427,7 @@ def lm_fig8_table(root: Path) -> str:
         ("Trace rule per layer: E_A tr H_signal / α²ρ tr H_ll (95 %)", "trace"),
         (f"λ_max compressed at standard α (k = 1, α = {s['config']['rank']} = r)", "lambda"),
         ("λ_max(H_θ) above the FFT λ_max(H)", "crossing"),
+        ("Per layer: λ_max of H_θ's diagonal block at k = 1 (Lanczos)", "layers"),
         (f"‖H_drift‖_F / ‖H_signal‖_F, k = {ks[0]:g} → {ks[-1]:g} (95 %)", "ratio"),
         (f"Larger α purifies H_θ: negative mass, k = {ks[0]:g} → {ks[-1]:g} (95 %)", "purify"),
         ("Prop. 1 measured: ‖(H_signal + H_drift − H_θ)V‖ / ‖H_θ V‖, max over α", "identity"),

@@ -116,7 +116,7 @@ class LMSpectraConfig:
     probes: int = 12
     trace_draws: int = 24
     layers: bool = True
-    layer_lanczos_steps: int = 0
+    layer_lanczos_steps: int = 30
     dtype: Literal["float64", "float32"] = "float64"
     device: str = "cpu"
     pretrain_steps: int = 300
