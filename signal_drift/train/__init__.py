@@ -51,7 +51,15 @@ from ..scaling.peft import (
 from ._dist import setup
 from .monitor import SignalDriftMonitor
 
-__all__ = ["TrainConfig", "train", "calibrated_pattern", "resolve_precision", "PRECISIONS"]
+__all__ = [
+    "TrainConfig",
+    "train",
+    "calibrated_pattern",
+    "resolve_precision",
+    "native_bf16",
+    "base_dtype",
+    "PRECISIONS",
+]
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,8 @@ class TrainConfig:
         eval_every: held-out NLL every N steps.
         checkpoint_every: checkpoint every N steps.
         blowup: divergence: a loss above blowup × its first value (or NaN/Inf) stops training.
-        precision: auto (bf16 on CUDA, else fp32), fp32 or bf16.
+        precision: auto (bf16 on a CUDA GPU with native bf16, compute capability 8.0+, else fp32),
+            fp32 or bf16.
         monitor_every: log per-layer signal/drift every N steps (0: off).
         calibration: calibration.json of ``python -m signal_drift.calibrate``, PATH[:lambda|:trace].
     """
@@ -129,10 +138,33 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``"auto"`` is bf16 on a CUDA device that supports it, fp32 otherwise."""
+    """``"auto"`` is bf16 on a CUDA device with native bf16 (:func:`native_bf16`), fp32 otherwise."""
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True on a GPU with bf16 in hardware (compute capability 8.0+: Ampere and later).
+
+    Pre-Ampere GPUs (V100, T4) only emulate bf16, slower than fp32, so ``"auto"`` keeps fp32 there.
+    """
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8 and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def base_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The frozen base model's dtype: bf16 when training in bf16 on CUDA, fp32 otherwise.
+
+    A bf16 base is not re-cast by autocast on every forward (2 bytes per frozen parameter instead
+    of 4 plus a bf16 copy); the LoRA adapters and their AdamW state stay fp32.
+    """
+    return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
+
+
+def _resume_key(config: dict) -> dict:
+    """The settings a checkpoint must share with the run resuming it (precision: compared resolved)."""
+    return {k: v for k, v in config.items() if k not in ("steps", "precision")}
 
 
 def _autocast(precision: str, device: torch.device):
@@ -159,16 +191,18 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
     if cfg.batch_size % dist.world:
         raise InputError(f"--batch-size={cfg.batch_size} must be a multiple of the {dist.world} processes")
     out = Path(cfg.out)
+    precision = resolve_precision(cfg.precision, dist.device)
     if cfg.model is None:
         if dist.main:
             out.mkdir(parents=True, exist_ok=True)
-            build_base_model(out / "base_model", cfg.pretrain_steps, cfg.seq_len, cfg.seed, progress)
+            build_base_model(out / "base_model", cfg.pretrain_steps, cfg.seq_len, cfg.seed, progress,
+                             device=dist.device)  # fmt: skip
         dist.barrier()
         model_dir = out / "base_model"
     else:
         model_dir = Path(cfg.model)
-    model = load_model(model_dir)
-    train_ids, val_ids = corpus_ids(model, model_dir, cfg.data)
+    model = load_model(model_dir, dtype=base_dtype(precision, dist.device), device=dist.device)
+    train_ids, val_ids = dist.from_main(lambda: corpus_ids(model, model_dir, cfg.data))
     targets = present_targets(model, LLAMA_TARGETS)
     if not targets:
         raise InputError(
@@ -187,24 +221,35 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
         }
     model = get_peft_model(model, lcfg)
     model.to(dist.device)
-    precision = resolve_precision(cfg.precision, dist.device)
-    scales = effective_scales(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # the adapters and their AdamW state stay fp32 whatever the base's dtype
+        p.data = p.data.float()
+    scales = effective_scales(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    # this run's device, processes and precision, never a checkpoint's
+    run = {"device": str(dist.device), "processes": dist.world, "precision": precision}
     metrics = {"config": asdict(cfg) | {"model_dir": str(model_dir)}, "scales": scales, "train_loss": [],
-               "heldout_nll": [], "diverged_step": None, "device": str(dist.device), "processes": dist.world,
-               "precision": precision, "update_norms": {}}  # fmt: skip
+               "heldout_nll": [], "diverged_step": None, **run, "update_norms": {}}  # fmt: skip
     ckpt = out / "checkpoint.pt"
     start = 0
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False, map_location=dist.device)
-        if {**state["config"], "steps": None} != {**metrics["config"], "steps": None}:
+        # to the CPU: load_state_dict moves AdamW's moments to the parameters, each `step` stays a CPU scalar
+        state = torch.load(ckpt, weights_only=False, map_location="cpu")
+        if _resume_key(state["config"]) != _resume_key(metrics["config"]):
             raise InputError(f"{ckpt} was written with other settings; use another --out or delete it")
+        was = state["metrics"].get("precision", precision)
+        if was != precision:
+            raise InputError(
+                f"{ckpt} was trained in {was} but --precision {cfg.precision} is {precision} on "
+                f"{dist.device.type}: pass --precision {was} to resume it, or use another --out"
+            )
         for p, saved in zip(params, state["params"], strict=True):
             p.data.copy_(saved)
         opt.load_state_dict(state["optimizer"])
-        metrics, start = metrics | state["metrics"] | {"config": metrics["config"]}, state["step"]
-        log(f"resuming from step {start} ({ckpt})")
+        metrics, start = metrics | state["metrics"] | {"config": metrics["config"], **run}, state["step"]
+        del state
+        if dist.main:
+            log(f"resuming from step {start} ({ckpt})")
     monitor = None
     if cfg.monitor_every and dist.main:
         monitor = SignalDriftMonitor(model, history=metrics["update_norms"])
