@@ -96,6 +96,12 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, base):
                                rtol=1e-4, atol=1e-9)  # fmt: skip
 
 
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """Train on the CPU even where a GPU is visible (these tests check CPU logic)."""
+    monkeypatch.setattr("signal_drift.train.setup", lambda: Dist())
+
+
 def _capture_peft_model(monkeypatch) -> list:
     """The PEFT models ``train`` builds, appended to the returned list."""
     import peft
@@ -105,7 +111,7 @@ def _capture_peft_model(monkeypatch) -> list:
     return made
 
 
-def test_a_resumed_run_reports_itself_not_the_checkpoint(tmp_path, base, monkeypatch):
+def test_a_resumed_run_reports_itself_not_the_checkpoint(tmp_path, base, monkeypatch, on_cpu):
     cfg = dict(model=str(base), lr=1e-3, out=str(tmp_path), **SMALL)
     train(TrainConfig(steps=3, **cfg), log=quiet)
     ckpt = tmp_path / "checkpoint.pt"
@@ -116,14 +122,14 @@ def test_a_resumed_run_reports_itself_not_the_checkpoint(tmp_path, base, monkeyp
     monkeypatch.setattr("signal_drift.train.setup", lambda: Dist(rank=1))  # a non-zero rank: silent
     train(TrainConfig(steps=4, **cfg), log=notes.append)
     assert not any("resuming" in n for n in notes)
-    monkeypatch.undo()
+    monkeypatch.setattr("signal_drift.train.setup", lambda: Dist())
     m = train(TrainConfig(steps=4, **cfg), log=notes.append)
     assert f"resuming from step 3 ({ckpt})" in notes
     assert (m["device"], m["processes"], m["precision"]) == ("cpu", 1, "fp32")
     assert json.loads((tmp_path / "metrics.json").read_text())["processes"] == 1
 
 
-def test_a_resume_in_another_resolved_precision_is_refused(tmp_path, base, monkeypatch):
+def test_a_resume_in_another_resolved_precision_is_refused(tmp_path, base, monkeypatch, on_cpu):
     """A CPU fp32 run resumed where "auto" means bf16 (a GPU) stops; --precision fp32 resumes it."""
     cfg = dict(model=str(base), lr=1e-3, out=str(tmp_path), **SMALL)
     train(TrainConfig(steps=3, **cfg), log=quiet)  # auto: fp32 on the CPU
@@ -136,7 +142,7 @@ def test_a_resume_in_another_resolved_precision_is_refused(tmp_path, base, monke
     assert [s for s, _ in m["train_loss"]] == list(range(1, 7))
 
 
-def test_a_bf16_base_trains_fp32_adapters(tmp_path, base, monkeypatch):
+def test_a_bf16_base_trains_fp32_adapters(tmp_path, base, monkeypatch, on_cpu):
     """The frozen base in bf16 (as on a bf16 GPU), the adapters and their AdamW state in fp32."""
     monkeypatch.setattr(
         "signal_drift.train.base_dtype", lambda p, d: torch.bfloat16 if p == "bf16" else torch.float32
