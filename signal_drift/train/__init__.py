@@ -12,8 +12,9 @@ Checkpoints (adapter + optimizer + step + metrics) are written atomically every
 ``checkpoint_every`` steps; rerunning the same command resumes from the last one. Divergence
 (NaN/Inf or loss > ``blowup ×`` its first value) stops training, names the step and keeps
 everything written so far. Every optimizer step is split into per-layer signal and drift
-(:mod:`.monitor`). On CUDA the forward runs in bf16 autocast (``precision="auto"``) and
-``torchrun --nproc_per_node K -m signal_drift.train ...`` trains data-parallel (:mod:`._dist`).
+(:mod:`.monitor`). On a GPU with native bf16 the forward runs in bf16 autocast over a bf16 frozen
+base (``precision="auto"``), and ``torchrun --nproc_per_node K -m signal_drift.train ...`` trains
+data-parallel, one process per GPU (:mod:`._dist`).
 """
 
 from __future__ import annotations
