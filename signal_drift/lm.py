@@ -419,7 +419,10 @@ def load_model(
     try:
         kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
         if device is not None and torch.device(device).type != "cpu":
-            kw["device_map"] = {"": torch.device(device)}
+            dev = torch.device(device)
+            if dev.type == "cuda":  # a GPU index, the form every transformers version takes
+                dev = torch.cuda.current_device() if dev.index is None else dev.index
+            kw["device_map"] = {"": dev if isinstance(dev, int) else str(dev)}
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kw)
         except (OSError, ValueError, KeyError) as err:

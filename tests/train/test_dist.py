@@ -1,10 +1,16 @@
 """Process placement, precision choice and process-group teardown, with CUDA mocked (no GPU needed)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
+
+from cases import free_port  # noqa: E402
 
 from signal_drift import InputError  # noqa: E402
 from signal_drift._errors import run_cli  # noqa: E402
@@ -74,3 +80,37 @@ def test_teardown_leaves_the_process_group(tmp_path):
 
 def test_a_single_process_runs_main_only_work_itself():
     assert _dist.Dist().from_main(lambda: 42) == 42
+
+
+_FROM_MAIN = """
+import torch, torch.distributed as td
+from signal_drift import InputError
+from signal_drift.train._dist import Dist
+
+td.init_process_group("gloo")
+d = Dist(rank=td.get_rank(), world=2, device=torch.device("cuda"))  # the GPU route: over a gloo subgroup
+calls = []
+ids = d.from_main(lambda: calls.append(1) or torch.arange(5))
+assert ids.tolist() == [0, 1, 2, 3, 4] and len(calls) == (d.rank == 0)
+
+
+def bad():
+    raise InputError("no usable corpus")
+
+
+try:
+    d.from_main(bad)
+except InputError as err:
+    print(f"rank {d.rank}: {err}")
+td.destroy_process_group()
+"""
+
+
+def test_rank_0_works_alone_and_hands_its_result_or_error_to_every_rank(tmp_path):
+    script = tmp_path / "from_main.py"
+    script.write_text(_FROM_MAIN)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(script)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "rank 0: no usable corpus" in r.stdout and "rank 1: no usable corpus" in r.stdout
