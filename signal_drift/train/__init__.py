@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .._errors import DivergenceError, InputError, check_positive_float, check_positive_int
@@ -77,6 +78,9 @@ class TrainConfig:
         alpha: α of 'fixed' and 'rslora'.
         steps: optimizer steps.
         batch_size: sequences per step (a multiple of the torchrun processes).
+        micro_batch: sequences per forward/backward on each process, the gradients accumulated
+            over the process's share of the batch (default: all of it at once); the step is the
+            same up to round-off, the activation memory that of ``micro_batch`` sequences.
         eval_every: held-out NLL every N steps.
         checkpoint_every: checkpoint every N steps.
         blowup: divergence: a loss above blowup × its first value (or NaN/Inf) stops training.
@@ -95,6 +99,7 @@ class TrainConfig:
     alpha: float = 16.0
     steps: int = 200
     batch_size: int = 16
+    micro_batch: int | None = None
     seq_len: int = 128
     eval_every: int = 25
     checkpoint_every: int = 50
@@ -124,6 +129,8 @@ class TrainConfig:
             check_positive_int(name, getattr(self, name))
         for name in ("lr", "gamma", "alpha", "blowup"):
             check_positive_float(name, getattr(self, name))
+        if self.micro_batch is not None:
+            check_positive_int("micro_batch", self.micro_batch)
         if self.pretrain_steps < 0:
             raise InputError("pretrain_steps must be >= 0", fields=["pretrain_steps"])
         if self.monitor_every < 0:
@@ -165,7 +172,27 @@ def base_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 def _resume_key(config: dict) -> dict:
     """The settings a checkpoint must share with the run resuming it (precision: compared resolved)."""
-    return {k: v for k, v in config.items() if k not in ("steps", "precision")}
+    return {k: v for k, v in config.items() if k not in ("steps", "precision", "micro_batch")}
+
+
+def _accumulate(ddp, batch: torch.Tensor, micro: int | None, precision: str, device) -> torch.Tensor:
+    """The process's mean loss over ``batch``, its gradient accumulated over ``micro``-window slices.
+
+    Under DDP the gradients are averaged over the processes once, in the last slice's backward
+    (``no_sync`` before it). Returns the loss, detached.
+    """
+    chunks = batch.split(micro or len(batch))
+    total = None
+    for i, chunk in enumerate(chunks):
+        defer = i < len(chunks) - 1 and isinstance(ddp, DistributedDataParallel)
+        with ddp.no_sync() if defer else contextlib.nullcontext():
+            with _autocast(precision, device):
+                loss = next_token_nll(ddp, chunk)
+            if len(chunks) > 1:
+                loss = loss * (len(chunk) / len(batch))
+            loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
 
 
 def _autocast(precision: str, device: torch.device):
@@ -285,9 +312,8 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
                      initial=start, total=cfg.steps):  # fmt: skip
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # batch depends only on the step
         batch = dist.shard(sample_windows(train_ids, cfg.batch_size, cfg.seq_len, gen)).to(dist.device)
-        with _autocast(precision, dist.device):
-            loss = next_token_nll(ddp, batch)
-        value = dist.mean(loss)
+        opt.zero_grad()
+        value = dist.mean(_accumulate(ddp, batch, cfg.micro_batch, precision, dist.device))
         first = value if first is None else first
         if not math.isfinite(value) or value > cfg.blowup * first:
             metrics["diverged_step"] = step + 1
@@ -295,8 +321,6 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
             raise DivergenceError(
                 f"training diverged at step {step + 1} (loss {value:.4g}); metrics kept in {out}", step + 1
             )
-        opt.zero_grad()
-        loss.backward()
         watch = monitor is not None and (step == 0 or (step + 1) % cfg.monitor_every == 0)
         if watch:
             monitor.before_step()

@@ -57,7 +57,10 @@ def test_bf16_autocast_trains(tmp_path, base):
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, base):
-    """Data-parallel over 2 gloo ranks = the single-process run with the same global batch."""
+    """Data-parallel over 2 gloo ranks = the single-process run with the same global batch.
+
+    The 2-process run also accumulates each rank's 4 windows over 2 micro-batches (DDP ``no_sync``).
+    """
     flags = ["--model", str(base), "--steps", "4", "--lr", "1e-3", "--batch-size", "8", "--seq-len", "32",
              "--eval-every", "2", "--checkpoint-every", "2", "--rank", "4", "--monitor-every", "0"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # the CPU (gloo, fp32) twin
@@ -65,7 +68,8 @@ def test_torchrun_two_processes_equal_one(tmp_path, base):
                        capture_output=True, text=True, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(free_port()), "-m", "signal_drift.train", *flags, "--out", str(tmp_path / "two")],
+                        str(free_port()), "-m", "signal_drift.train", *flags, "--micro-batch", "2",
+                        "--out", str(tmp_path / "two")],
                        capture_output=True, text=True, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
@@ -208,3 +212,14 @@ def test_a_model_without_llama_linears_is_refused_before_anything_is_written(tmp
         "Conv1D",
         out,
     )
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path, base):
+    """--micro-batch 3 (slices of 3, 3, 2 windows) takes the same steps as 8 windows at once."""
+    cfg = dict(model=str(base), steps=4, lr=1e-3, monitor_every=0, **SMALL)
+    whole = train(TrainConfig(out=str(tmp_path / "whole"), **cfg), log=quiet)
+    sliced = train(TrainConfig(micro_batch=3, out=str(tmp_path / "sliced"), **cfg), log=quiet)
+    for key in ("train_loss", "heldout_nll"):
+        torch.testing.assert_close(torch.tensor(sliced[key]), torch.tensor(whole[key]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="micro_batch"):
+        TrainConfig(micro_batch=0).validate()
