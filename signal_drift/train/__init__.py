@@ -81,6 +81,8 @@ class TrainConfig:
         micro_batch: sequences per forward/backward on each process, the gradients accumulated
             over the process's share of the batch (default: all of it at once); the step is the
             same up to round-off, the activation memory that of ``micro_batch`` sequences.
+        grad_checkpointing: recompute each decoder layer's activations in the backward pass
+            (less activation memory for about one more forward per step).
         eval_every: held-out NLL every N steps.
         checkpoint_every: checkpoint every N steps.
         blowup: divergence: a loss above blowup × its first value (or NaN/Inf) stops training.
@@ -100,6 +102,7 @@ class TrainConfig:
     steps: int = 200
     batch_size: int = 16
     micro_batch: int | None = None
+    grad_checkpointing: bool = False
     seq_len: int = 128
     eval_every: int = 25
     checkpoint_every: int = 50
@@ -172,7 +175,8 @@ def base_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 def _resume_key(config: dict) -> dict:
     """The settings a checkpoint must share with the run resuming it (precision: compared resolved)."""
-    return {k: v for k, v in config.items() if k not in ("steps", "precision", "micro_batch")}
+    free = ("steps", "precision", "micro_batch", "grad_checkpointing")  # a resume may change these
+    return {k: v for k, v in config.items() if k not in free}
 
 
 def _accumulate(ddp, batch: torch.Tensor, micro: int | None, precision: str, device) -> torch.Tensor:
@@ -247,8 +251,11 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
         lcfg.alpha_pattern = {
             n: cfg.gamma * a for n, a in calibrated_pattern(cfg.calibration, cfg.rank, wrapped).items()
         }
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lcfg)
     model.to(dist.device)
+    model.train()  # on every rank (from_pretrained gives eval mode; checkpointing needs train mode)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # the adapters and their AdamW state stay fp32 whatever the base's dtype
         p.data = p.data.float()

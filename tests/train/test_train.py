@@ -223,3 +223,16 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path, base):
         torch.testing.assert_close(torch.tensor(sliced[key]), torch.tensor(whole[key]), rtol=1e-5, atol=1e-6)
     with pytest.raises(InputError, match="micro_batch"):
         TrainConfig(micro_batch=0).validate()
+
+
+def test_gradient_checkpointing_takes_the_same_steps(tmp_path, base, monkeypatch):
+    made = _capture_peft_model(monkeypatch)
+    cfg = dict(model=str(base), steps=3, lr=1e-3, monitor_every=0, **SMALL)
+    plain = train(TrainConfig(out=str(tmp_path / "plain"), **cfg), log=quiet)
+    recomputed = train(TrainConfig(grad_checkpointing=True, out=str(tmp_path / "ckpt"), **cfg), log=quiet)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in made[1].modules())
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in made[0].modules())
+    for key in ("train_loss", "heldout_nll"):
+        torch.testing.assert_close(
+            torch.tensor(recomputed[key]), torch.tensor(plain[key]), rtol=1e-5, atol=1e-6
+        )
