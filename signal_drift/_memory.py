@@ -1,4 +1,4 @@
-"""Memory guard for dense materialisations."""
+"""Memory guard for dense materialisations: host RAM for CPU tensors, the GPU's free memory for CUDA ones."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import torch
 
 from ._errors import DenseTooLargeError
 
-__all__ = ["available_memory_bytes", "dense_budget_bytes", "check_dense", "format_bytes"]
+__all__ = [
+    "available_memory_bytes",
+    "available_device_memory_bytes",
+    "dense_budget_bytes",
+    "check_dense",
+    "format_bytes",
+]
 
 _BUDGET_FRACTION = 0.5
 
@@ -25,12 +31,28 @@ def available_memory_bytes() -> int:
     return 8 * 2**30
 
 
-def dense_budget_bytes() -> int:
-    """The dense-matrix budget: ``$SIGNAL_DRIFT_MAX_DENSE_BYTES`` or half the available RAM."""
+def available_device_memory_bytes(device: str | torch.device) -> int:
+    """Bytes free on a CUDA ``device``: the driver's free memory plus PyTorch's cached, unused blocks."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def _on_gpu(device: str | torch.device | None) -> bool:
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def dense_budget_bytes(device: str | torch.device | None = None) -> int:
+    """The dense-matrix budget: ``$SIGNAL_DRIFT_MAX_DENSE_BYTES``, else half the memory free where it lives.
+
+    Args:
+        device: where the matrix will be; a CUDA device is budgeted against its own free memory
+            (:func:`available_device_memory_bytes`), anything else against host RAM.
+    """
     env = os.environ.get("SIGNAL_DRIFT_MAX_DENSE_BYTES")
     if env:
         return int(float(env))
-    return int(_BUDGET_FRACTION * available_memory_bytes())
+    free = available_device_memory_bytes(device) if _on_gpu(device) else available_memory_bytes()
+    return int(_BUDGET_FRACTION * free)
 
 
 def format_bytes(n: float) -> str:
@@ -49,8 +71,10 @@ def check_dense(
     dtype: torch.dtype,
     alternative: str,
     budget: int | None = None,
+    device: str | torch.device | None = None,
+    copies: int = 1,
 ) -> int:
-    """Refuse a dense ``rows x cols`` matrix above the memory budget.
+    """Refuse a dense ``rows x cols`` matrix (``copies`` of it alive at once) above the memory budget.
 
     Args:
         what: name of the matrix, used in the message.
@@ -58,22 +82,27 @@ def check_dense(
         cols: number of columns.
         dtype: element type.
         alternative: what to use instead (the matrix-free operator), named in the message.
-        budget: byte budget; defaults to :func:`dense_budget_bytes`.
+        budget: byte budget; defaults to :func:`dense_budget_bytes` of ``device``.
+        device: where the matrix will live (a CUDA device is budgeted against its free memory,
+            not host RAM).
+        copies: how many such matrices the computation keeps alive at once.
 
     Returns:
-        The number of bytes the matrix needs.
+        The number of bytes the ``copies`` matrices need.
 
     Raises:
         DenseTooLargeError: if the matrix needs more than ``budget`` bytes.
 
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
-    need = rows * cols * itemsize
-    budget = dense_budget_bytes() if budget is None else budget
+    need = rows * cols * itemsize * copies
+    budget = dense_budget_bytes(device) if budget is None else budget
     if need > budget:
+        times = f"{copies} x " if copies > 1 else ""
+        where = f" on {torch.device(device)}" if _on_gpu(device) else ""
         raise DenseTooLargeError(
-            f"dense {what} ({rows} x {cols}, {dtype}) needs {format_bytes(need)}, above the "
-            f"budget of {format_bytes(budget)} (set SIGNAL_DRIFT_MAX_DENSE_BYTES to change it); "
+            f"dense {what} ({times}{rows} x {cols}, {dtype}) needs {format_bytes(need)}, above the "
+            f"budget{where} of {format_bytes(budget)} (set SIGNAL_DRIFT_MAX_DENSE_BYTES to change it); "
             f"use {alternative} instead"
         )
     return need

@@ -146,7 +146,15 @@ class DriftOperator(LinearOperator):
         No products through the model: ``O(|θ|²)`` writes, the rest of the matrix zero.
         """
         P = self.shape[0]
-        check_dense("H_drift", P, P, self.dtype, alternative="the matrix-free DriftOperator", budget=budget)
+        check_dense(
+            "H_drift",
+            P,
+            P,
+            self.dtype,
+            alternative="the matrix-free DriftOperator",
+            budget=budget,
+            device=self.device,
+        )
         out = torch.zeros(P, P, dtype=self.dtype, device=self.device)
         for a in self.problem.adapters:
             rows, cols = self.in_layout.slice(a.key_A), self.in_layout.slice(a.key_B)
@@ -182,7 +190,15 @@ class SignalOperator(LinearOperator):
         :meth:`~signal_drift.mlp_hessian.MLPHessianOperator.signal_at_init`).
         """
         P = self.shape[0]
-        check_dense("H_signal", P, P, self.dtype, alternative="the matrix-free SignalOperator", budget=budget)
+        check_dense(
+            "H_signal",
+            P,
+            P,
+            self.dtype,
+            alternative="the matrix-free SignalOperator",
+            budget=budget,
+            device=self.device,
+        )
         out = torch.zeros(P, P, dtype=self.dtype, device=self.device)
         problem, theta = self.J.problem, self.J.theta
         if self.H.supports_signal_at_init and not any(theta[a.key_B].any() for a in problem.adapters):

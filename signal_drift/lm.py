@@ -330,12 +330,18 @@ def tiny_llama_config(seq_len: int = 128):
 
 
 def build_base_model(
-    cache: Path, steps: int, seq_len: int = 128, seed: int = 0, progress: bool = False
+    cache: Path,
+    steps: int,
+    seq_len: int = 128,
+    seed: int = 0,
+    progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> Path:
     """Build a small Llama locally and pre-train it on the offline ``pydoc`` domain; cached.
 
     AdamW (lr 3e-3), batches of 16 windows; the directory is written atomically, and an
-    existing one is returned as it is.
+    existing one is returned as it is. The weights are initialised on the CPU (the same on any
+    device), pre-trained on ``device`` and moved back to the CPU to be saved.
 
     Args:
         cache: the model directory to create (or reuse).
@@ -343,6 +349,8 @@ def build_base_model(
         seq_len: window length (:func:`tiny_llama_config`).
         seed: seed of the initial weights and of the batches.
         progress: show a tqdm bar.
+        device: where to pre-train (default: the CPU); under ``torchrun``, the rank's GPU, so
+            that the other ranks do not wait past NCCL's timeout.
 
     Returns:
         The local Hugging Face directory of the pre-trained model (``cache``).
@@ -352,15 +360,18 @@ def build_base_model(
     if (cache / "config.json").is_file():
         return cache
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(seq_len))
+    device = torch.device("cpu" if device is None else device)
+    model = LlamaForCausalLM(tiny_llama_config(seq_len)).to(device)
     ids, _ = split_ids(ByteTokenizer().encode(offline_text("pydoc")))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(steps), desc="pre-train base model", disable=not progress):
-        loss = next_token_nll(model, sample_windows(ids, 16, seq_len, gen))
+        loss = next_token_nll(model, sample_windows(ids, 16, seq_len, gen).to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
+    del opt
+    model.to("cpu")
     tmp = cache.with_name(cache.name + ".tmp")
     model.save_pretrained(tmp)
     os.replace(tmp, cache)
@@ -379,13 +390,20 @@ def check_model_dir(model: str | None) -> None:
         raise InputError(f"--model {model}: no weights (*.safetensors or *.bin) next to config.json")
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    device: str | torch.device | None = None,
+):
     """Load a local Hugging Face causal LM (no network) and check its weights are finite.
 
     Args:
         path: a local directory in Hugging Face format (``config.json`` + weights).
         dtype: parameter dtype.
         attn_implementation: e.g. ``"eager"`` where second derivatives are needed (HVPs).
+        device: a GPU to load the weights straight onto (``device_map``), without a full copy in
+            host memory first; ``None`` or a CPU device loads on the CPU.
 
     Returns:
         The ``transformers`` causal LM.
@@ -400,6 +418,11 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implem
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per sweep cell is noise
     try:
         kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        if device is not None and torch.device(device).type != "cpu":
+            dev = torch.device(device)
+            if dev.type == "cuda":  # a GPU index, the form every transformers version takes
+                dev = torch.cuda.current_device() if dev.index is None else dev.index
+            kw["device_map"] = {"": dev if isinstance(dev, int) else str(dev)}
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kw)
         except (OSError, ValueError, KeyError) as err:

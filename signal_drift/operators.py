@@ -240,6 +240,7 @@ class LinearOperator:
             alternative="the matrix-free operator (.matmat / .to_scipy() with eigsh, "
             "signal_drift.spectra's Lanczos or Hutch++)",
             budget=budget,
+            device=getattr(self, "device", None),
         )
         P = self.shape[1]
         cols = [self._matmat(self._basis_block(i)) for i in range(0, P, self.chunk_size)]

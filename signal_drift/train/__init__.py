@@ -12,8 +12,9 @@ Checkpoints (adapter + optimizer + step + metrics) are written atomically every
 ``checkpoint_every`` steps; rerunning the same command resumes from the last one. Divergence
 (NaN/Inf or loss > ``blowup ×`` its first value) stops training, names the step and keeps
 everything written so far. Every optimizer step is split into per-layer signal and drift
-(:mod:`.monitor`). On CUDA the forward runs in bf16 autocast (``precision="auto"``) and
-``torchrun --nproc_per_node K -m signal_drift.train ...`` trains data-parallel (:mod:`._dist`).
+(:mod:`.monitor`). On a GPU with native bf16 the forward runs in bf16 autocast over a bf16 frozen
+base (``precision="auto"``), and ``torchrun --nproc_per_node K -m signal_drift.train ...`` trains
+data-parallel, one process per GPU (:mod:`._dist`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .._errors import DivergenceError, InputError, check_positive_float, check_positive_int
@@ -51,7 +53,15 @@ from ..scaling.peft import (
 from ._dist import setup
 from .monitor import SignalDriftMonitor
 
-__all__ = ["TrainConfig", "train", "calibrated_pattern", "resolve_precision", "PRECISIONS"]
+__all__ = [
+    "TrainConfig",
+    "train",
+    "calibrated_pattern",
+    "resolve_precision",
+    "native_bf16",
+    "base_dtype",
+    "PRECISIONS",
+]
 
 
 @dataclass(frozen=True)
@@ -68,10 +78,16 @@ class TrainConfig:
         alpha: α of 'fixed' and 'rslora'.
         steps: optimizer steps.
         batch_size: sequences per step (a multiple of the torchrun processes).
+        micro_batch: sequences per forward/backward on each process, the gradients accumulated
+            over the process's share of the batch (default: all of it at once); the step is the
+            same up to round-off, the activation memory that of ``micro_batch`` sequences.
+        grad_checkpointing: recompute each decoder layer's activations in the backward pass
+            (less activation memory for about one more forward per step).
         eval_every: held-out NLL every N steps.
         checkpoint_every: checkpoint every N steps.
         blowup: divergence: a loss above blowup × its first value (or NaN/Inf) stops training.
-        precision: auto (bf16 on CUDA, else fp32), fp32 or bf16.
+        precision: auto (bf16 on a CUDA GPU with native bf16, compute capability 8.0+, else fp32),
+            fp32 or bf16.
         monitor_every: log per-layer signal/drift every N steps (0: off).
         calibration: calibration.json of ``python -m signal_drift.calibrate``, PATH[:lambda|:trace].
     """
@@ -85,6 +101,8 @@ class TrainConfig:
     alpha: float = 16.0
     steps: int = 200
     batch_size: int = 16
+    micro_batch: int | None = None
+    grad_checkpointing: bool = False
     seq_len: int = 128
     eval_every: int = 25
     checkpoint_every: int = 50
@@ -114,6 +132,8 @@ class TrainConfig:
             check_positive_int(name, getattr(self, name))
         for name in ("lr", "gamma", "alpha", "blowup"):
             check_positive_float(name, getattr(self, name))
+        if self.micro_batch is not None:
+            check_positive_int("micro_batch", self.micro_batch)
         if self.pretrain_steps < 0:
             raise InputError("pretrain_steps must be >= 0", fields=["pretrain_steps"])
         if self.monitor_every < 0:
@@ -129,10 +149,54 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``"auto"`` is bf16 on a CUDA device that supports it, fp32 otherwise."""
+    """``"auto"`` is bf16 on a CUDA device with native bf16 (:func:`native_bf16`), fp32 otherwise."""
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True on a GPU with bf16 in hardware (compute capability 8.0+: Ampere and later).
+
+    Pre-Ampere GPUs (V100, T4) only emulate bf16, slower than fp32, so ``"auto"`` keeps fp32 there.
+    """
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8 and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def base_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The frozen base model's dtype: bf16 when training in bf16 on CUDA, fp32 otherwise.
+
+    A bf16 base is not re-cast by autocast on every forward (2 bytes per frozen parameter instead
+    of 4 plus a bf16 copy); the LoRA adapters and their AdamW state stay fp32.
+    """
+    return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
+
+
+def _resume_key(config: dict) -> dict:
+    """The settings a checkpoint must share with the run resuming it (precision: compared resolved)."""
+    free = ("steps", "precision", "micro_batch", "grad_checkpointing")  # a resume may change these
+    return {k: v for k, v in config.items() if k not in free}
+
+
+def _accumulate(ddp, batch: torch.Tensor, micro: int | None, precision: str, device) -> torch.Tensor:
+    """The process's mean loss over ``batch``, its gradient accumulated over ``micro``-window slices.
+
+    Under DDP the gradients are averaged over the processes once, in the last slice's backward
+    (``no_sync`` before it). Returns the loss, detached.
+    """
+    chunks = batch.split(micro or len(batch))
+    total = None
+    for i, chunk in enumerate(chunks):
+        defer = i < len(chunks) - 1 and isinstance(ddp, DistributedDataParallel)
+        with ddp.no_sync() if defer else contextlib.nullcontext():
+            with _autocast(precision, device):
+                loss = next_token_nll(ddp, chunk)
+            if len(chunks) > 1:
+                loss = loss * (len(chunk) / len(batch))
+            loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
 
 
 def _autocast(precision: str, device: torch.device):
@@ -159,16 +223,18 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
     if cfg.batch_size % dist.world:
         raise InputError(f"--batch-size={cfg.batch_size} must be a multiple of the {dist.world} processes")
     out = Path(cfg.out)
+    precision = resolve_precision(cfg.precision, dist.device)
     if cfg.model is None:
         if dist.main:
             out.mkdir(parents=True, exist_ok=True)
-            build_base_model(out / "base_model", cfg.pretrain_steps, cfg.seq_len, cfg.seed, progress)
+            build_base_model(out / "base_model", cfg.pretrain_steps, cfg.seq_len, cfg.seed, progress,
+                             device=dist.device)  # fmt: skip
         dist.barrier()
         model_dir = out / "base_model"
     else:
         model_dir = Path(cfg.model)
-    model = load_model(model_dir)
-    train_ids, val_ids = corpus_ids(model, model_dir, cfg.data)
+    model = load_model(model_dir, dtype=base_dtype(precision, dist.device), device=dist.device)
+    train_ids, val_ids = dist.from_main(lambda: corpus_ids(model, model_dir, cfg.data))
     targets = present_targets(model, LLAMA_TARGETS)
     if not targets:
         raise InputError(
@@ -185,26 +251,40 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
         lcfg.alpha_pattern = {
             n: cfg.gamma * a for n, a in calibrated_pattern(cfg.calibration, cfg.rank, wrapped).items()
         }
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lcfg)
     model.to(dist.device)
-    precision = resolve_precision(cfg.precision, dist.device)
-    scales = effective_scales(model)
+    model.train()  # on every rank (from_pretrained gives eval mode; checkpointing needs train mode)
     params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # the adapters and their AdamW state stay fp32 whatever the base's dtype
+        p.data = p.data.float()
+    scales = effective_scales(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    # this run's device, processes and precision, never a checkpoint's
+    run = {"device": str(dist.device), "processes": dist.world, "precision": precision}
     metrics = {"config": asdict(cfg) | {"model_dir": str(model_dir)}, "scales": scales, "train_loss": [],
-               "heldout_nll": [], "diverged_step": None, "device": str(dist.device), "processes": dist.world,
-               "precision": precision, "update_norms": {}}  # fmt: skip
+               "heldout_nll": [], "diverged_step": None, **run, "update_norms": {}}  # fmt: skip
     ckpt = out / "checkpoint.pt"
     start = 0
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False, map_location=dist.device)
-        if {**state["config"], "steps": None} != {**metrics["config"], "steps": None}:
+        # to the CPU: load_state_dict moves AdamW's moments to the parameters, each `step` stays a CPU scalar
+        state = torch.load(ckpt, weights_only=False, map_location="cpu")
+        if _resume_key(state["config"]) != _resume_key(metrics["config"]):
             raise InputError(f"{ckpt} was written with other settings; use another --out or delete it")
+        was = state["metrics"].get("precision", precision)
+        if was != precision:
+            raise InputError(
+                f"{ckpt} was trained in {was} but --precision {cfg.precision} is {precision} on "
+                f"{dist.device.type}: pass --precision {was} to resume it, or use another --out"
+            )
         for p, saved in zip(params, state["params"], strict=True):
             p.data.copy_(saved)
         opt.load_state_dict(state["optimizer"])
-        metrics, start = metrics | state["metrics"] | {"config": metrics["config"]}, state["step"]
-        log(f"resuming from step {start} ({ckpt})")
+        metrics, start = metrics | state["metrics"] | {"config": metrics["config"], **run}, state["step"]
+        del state
+        if dist.main:
+            log(f"resuming from step {start} ({ckpt})")
     monitor = None
     if cfg.monitor_every and dist.main:
         monitor = SignalDriftMonitor(model, history=metrics["update_norms"])
@@ -239,9 +319,8 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
                      initial=start, total=cfg.steps):  # fmt: skip
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # batch depends only on the step
         batch = dist.shard(sample_windows(train_ids, cfg.batch_size, cfg.seq_len, gen)).to(dist.device)
-        with _autocast(precision, dist.device):
-            loss = next_token_nll(ddp, batch)
-        value = dist.mean(loss)
+        opt.zero_grad()
+        value = dist.mean(_accumulate(ddp, batch, cfg.micro_batch, precision, dist.device))
         first = value if first is None else first
         if not math.isfinite(value) or value > cfg.blowup * first:
             metrics["diverged_step"] = step + 1
@@ -249,8 +328,6 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
             raise DivergenceError(
                 f"training diverged at step {step + 1} (loss {value:.4g}); metrics kept in {out}", step + 1
             )
-        opt.zero_grad()
-        loss.backward()
         watch = monitor is not None and (step == 0 or (step + 1) % cfg.monitor_every == 0)
         if watch:
             monitor.before_step()

@@ -15,14 +15,21 @@ from .._errors import DivergenceError, run_cli
 from ..settings import ConfigParser
 from ..sweep import describe_alpha_star
 from . import TrainConfig, train
+from ._dist import teardown
 from .sweep import TrainSweepConfig, run_train_sweep
 
 PROG = "python -m signal_drift.train"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: ``train [flags]`` or ``train sweep [flags]``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """CLI entry point: ``train [flags]`` or ``train sweep [flags]``; leaves the process group at the end."""
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        teardown()
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["sweep"]:
         return sweep_main(argv[1:])
     p = ConfigParser(TrainConfig, prog=PROG, description=__doc__, epilog=f"see also: {PROG} sweep --help")

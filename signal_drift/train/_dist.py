@@ -7,13 +7,16 @@ with the same ``--batch-size`` (up to float round-off). Only rank 0 writes files
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["Dist", "setup"]
+from .._errors import InputError
+
+__all__ = ["Dist", "setup", "teardown"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,32 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def from_main(self, fn):
+        """``fn()`` run on rank 0 alone, its result (or its :class:`InputError`) handed to every rank.
+
+        On GPUs the result travels over a gloo group: through host memory, not the GPU's, and
+        with a one-hour timeout instead of NCCL's ten minutes while rank 0 works (e.g. tokenizes).
+        """
+        if self.world == 1:
+            return fn()
+        group = None
+        if self.device.type == "cuda":
+            group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=1))
+        try:
+            box = [None]
+            if self.main:
+                try:
+                    box[0] = fn()
+                except InputError as err:
+                    box[0] = err
+            torch.distributed.broadcast_object_list(box, src=0, group=group)
+        finally:
+            if group is not None:
+                torch.distributed.destroy_process_group(group)
+        if isinstance(box[0], InputError):
+            raise box[0]
+        return box[0]
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """``DistributedDataParallel`` around ``model`` when there is more than one rank."""
         if self.world == 1:
@@ -64,9 +93,28 @@ def setup() -> Dist:
     if world == 1:
         return Dist(device=torch.device("cuda" if cuda else "cpu"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        _check_devices(local, int(os.environ.get("LOCAL_WORLD_SIZE", str(local + 1))))
     device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
     return Dist(rank=torch.distributed.get_rank(), world=world, device=device)
+
+
+def _check_devices(local_rank: int, local_world: int) -> None:
+    """Refuse more processes on this node than visible GPUs (instead of "invalid device ordinal")."""
+    n = torch.cuda.device_count()
+    if max(local_rank + 1, local_world) > n:
+        raise InputError(
+            f"torchrun started {max(local_rank + 1, local_world)} processes on this node but {n} GPU(s) "
+            f'are visible: use --nproc_per_node {n} or fewer, or CUDA_VISIBLE_DEVICES="" for CPU (gloo) '
+            "processes"
+        )
+
+
+def teardown() -> None:
+    """Leave the process group (``destroy_process_group``) if this process joined one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

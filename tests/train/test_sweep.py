@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 
@@ -105,8 +106,32 @@ def test_torchrun_sweep_writes_each_cell_once(tmp_path, sweep):
             "--batch-size", "4", "--seq-len", "32", "--out", str(tmp_path)]  # fmt: skip
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                         str(free_port()), "-m", "signal_drift.train", "sweep", *args],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                       capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     lines = (tmp_path / "sweep.jsonl").read_text().splitlines()
     assert len(lines) == 3 and r.stdout.count("signal-drift train sweep: 3 runs") == 1
     assert all(math.isfinite(json.loads(line)["heldout_nll"]) for line in lines)
+
+
+def test_a_cell_frees_its_model_before_the_next_loads(tmp_path, sweep, monkeypatch):
+    """No reference to a finished cell's model survives (figures, cycles, a divergence's traceback)."""
+    import peft
+
+    from signal_drift.train.sweep import _run_cell
+
+    made, real = [], peft.get_peft_model
+
+    def get_peft_model(*args, **kwargs):
+        model = real(*args, **kwargs)
+        made.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(peft, "get_peft_model", get_peft_model)
+    cfg = TrainSweepConfig(
+        model=sweep[0].model, ranks=(2,), multipliers=(1,), steps=2, batch_size=4, seq_len=32
+    )
+    cell = path_cells(cfg, cfg.model)[0]
+    assert math.isfinite(_run_cell(cell, tmp_path)["heldout_nll"])
+    assert math.isnan(_run_cell(cell | {"lr": 1e3, "steps": 30}, tmp_path)["heldout_nll"])  # diverges
+    assert len(made) == 2 and all(ref() is None for ref in made)

@@ -1,6 +1,7 @@
 """The training path on a tiny Llama built locally (CPU, offline)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from cases import assert_cli_refuses, free_port  # noqa: E402
 
 from signal_drift import DivergenceError, InputError  # noqa: E402
 from signal_drift.lm import build_base_model  # noqa: E402
-from signal_drift.train import TrainConfig, train  # noqa: E402
+from signal_drift.train import TrainConfig, resolve_precision, train  # noqa: E402
+from signal_drift.train._dist import Dist  # noqa: E402
 
 SMALL = dict(batch_size=8, seq_len=32, eval_every=5, checkpoint_every=3, pretrain_steps=30, rank=4)
 
@@ -35,7 +37,8 @@ def test_a_few_steps_lower_the_heldout_nll(tmp_path, base):
     assert len(m["scales"]) == 14 and len(set(m["scales"].values())) == 1  # Variant I: one scale, 256/√r
     assert abs(next(iter(m["scales"].values())) - 128.0) < 1e-9
     assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "adapter").is_dir()
-    assert m["precision"] == "fp32" and m["processes"] == 1  # "auto" on a CPU
+    assert m["processes"] == 1 and m["precision"] == resolve_precision("auto", torch.device(m["device"]))
+    assert m["device"] != "cpu" or m["precision"] == "fp32"  # "auto" on a CPU
 
 
 def test_every_step_is_split_into_signal_and_drift_per_layer(tmp_path, base):
@@ -54,15 +57,19 @@ def test_bf16_autocast_trains(tmp_path, base):
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, base):
-    """Data-parallel over 2 gloo ranks = the single-process run with the same global batch."""
+    """Data-parallel over 2 gloo ranks = the single-process run with the same global batch.
+
+    The 2-process run also accumulates each rank's 4 windows over 2 micro-batches (DDP ``no_sync``).
+    """
     flags = ["--model", str(base), "--steps", "4", "--lr", "1e-3", "--batch-size", "8", "--seq-len", "32",
              "--eval-every", "2", "--checkpoint-every", "2", "--rank", "4", "--monitor-every", "0"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # the CPU (gloo, fp32) twin
     r = subprocess.run([sys.executable, "-m", "signal_drift.train", *flags, "--out", str(tmp_path / "one")],
                        capture_output=True, text=True, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(free_port()), "-m", "signal_drift.train", *flags, "--out", str(tmp_path / "two")],
+                        str(free_port()), "-m", "signal_drift.train", *flags, "--micro-batch", "2",
+                        "--out", str(tmp_path / "two")],
                        capture_output=True, text=True, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
@@ -91,6 +98,71 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, base):
     name = "model.layers.1.mlp.down_proj"
     torch.testing.assert_close(torch.tensor(resumed["update_norms"][name]), torch.tensor(full["update_norms"][name]),
                                rtol=1e-4, atol=1e-9)  # fmt: skip
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """Train on the CPU even where a GPU is visible (these tests check CPU logic)."""
+    monkeypatch.setattr("signal_drift.train.setup", lambda: Dist())
+
+
+def _capture_peft_model(monkeypatch) -> list:
+    """The PEFT models ``train`` builds, appended to the returned list."""
+    import peft
+
+    made, real = [], peft.get_peft_model
+    monkeypatch.setattr(peft, "get_peft_model", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    return made
+
+
+def test_a_resumed_run_reports_itself_not_the_checkpoint(tmp_path, base, monkeypatch, on_cpu):
+    cfg = dict(model=str(base), lr=1e-3, out=str(tmp_path), **SMALL)
+    train(TrainConfig(steps=3, **cfg), log=quiet)
+    ckpt = tmp_path / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    state["metrics"] |= {"device": "cuda:3", "processes": 8}  # as if written under torchrun on GPUs
+    torch.save(state, ckpt)
+    notes = []
+    monkeypatch.setattr("signal_drift.train.setup", lambda: Dist(rank=1))  # a non-zero rank: silent
+    train(TrainConfig(steps=4, **cfg), log=notes.append)
+    assert not any("resuming" in n for n in notes)
+    monkeypatch.setattr("signal_drift.train.setup", lambda: Dist())
+    m = train(TrainConfig(steps=4, **cfg), log=notes.append)
+    assert f"resuming from step 3 ({ckpt})" in notes
+    assert (m["device"], m["processes"], m["precision"]) == ("cpu", 1, "fp32")
+    assert json.loads((tmp_path / "metrics.json").read_text())["processes"] == 1
+
+
+def test_a_resume_in_another_resolved_precision_is_refused(tmp_path, base, monkeypatch, on_cpu):
+    """A CPU fp32 run resumed where "auto" means bf16 (a GPU) stops; --precision fp32 resumes it."""
+    cfg = dict(model=str(base), lr=1e-3, out=str(tmp_path), **SMALL)
+    train(TrainConfig(steps=3, **cfg), log=quiet)  # auto: fp32 on the CPU
+    monkeypatch.setattr("signal_drift.train.resolve_precision", lambda p, d: "bf16" if p == "auto" else p)
+    with pytest.raises(InputError, match="trained in fp32 but --precision auto is bf16.*--precision fp32"):
+        train(TrainConfig(steps=6, **cfg), log=quiet)
+    notes = []
+    m = train(TrainConfig(steps=6, **(cfg | {"precision": "fp32"})), log=notes.append)
+    assert any("resuming from step 3" in n for n in notes) and m["precision"] == "fp32"
+    assert [s for s, _ in m["train_loss"]] == list(range(1, 7))
+
+
+def test_a_bf16_base_trains_fp32_adapters(tmp_path, base, monkeypatch, on_cpu):
+    """The frozen base in bf16 (as on a bf16 GPU), the adapters and their AdamW state in fp32."""
+    monkeypatch.setattr(
+        "signal_drift.train.base_dtype", lambda p, d: torch.bfloat16 if p == "bf16" else torch.float32
+    )
+    made = _capture_peft_model(monkeypatch)
+    m = train(
+        TrainConfig(model=str(base), steps=3, lr=1e-3, precision="bf16", out=str(tmp_path), **SMALL),
+        log=quiet,
+    )
+    frozen = {p.dtype for p in made[0].parameters() if not p.requires_grad}
+    trained = {p.dtype for p in made[0].parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    assert all(
+        p.dtype == torch.float32 for p in torch.load(tmp_path / "checkpoint.pt", weights_only=False)["params"]
+    )
+    assert m["precision"] == "bf16" and all(math.isfinite(v) for _, v in m["train_loss"])
 
 
 def test_divergence_stops_names_the_step_and_keeps_metrics(tmp_path, base):
@@ -140,3 +212,27 @@ def test_a_model_without_llama_linears_is_refused_before_anything_is_written(tmp
         "Conv1D",
         out,
     )
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path, base):
+    """--micro-batch 3 (slices of 3, 3, 2 windows) takes the same steps as 8 windows at once."""
+    cfg = dict(model=str(base), steps=4, lr=1e-3, monitor_every=0, **SMALL)
+    whole = train(TrainConfig(out=str(tmp_path / "whole"), **cfg), log=quiet)
+    sliced = train(TrainConfig(micro_batch=3, out=str(tmp_path / "sliced"), **cfg), log=quiet)
+    for key in ("train_loss", "heldout_nll"):
+        torch.testing.assert_close(torch.tensor(sliced[key]), torch.tensor(whole[key]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="micro_batch"):
+        TrainConfig(micro_batch=0).validate()
+
+
+def test_gradient_checkpointing_takes_the_same_steps(tmp_path, base, monkeypatch):
+    made = _capture_peft_model(monkeypatch)
+    cfg = dict(model=str(base), steps=3, lr=1e-3, monitor_every=0, **SMALL)
+    plain = train(TrainConfig(out=str(tmp_path / "plain"), **cfg), log=quiet)
+    recomputed = train(TrainConfig(grad_checkpointing=True, out=str(tmp_path / "ckpt"), **cfg), log=quiet)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in made[1].modules())
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in made[0].modules())
+    for key in ("train_loss", "heldout_nll"):
+        torch.testing.assert_close(
+            torch.tensor(recomputed[key]), torch.tensor(plain[key]), rtol=1e-5, atol=1e-6
+        )
