@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -161,6 +162,13 @@ class LMSpectraConfig:
                 f"device={self.device}: CUDA is not available on this machine", fields=["device"]
             )
         check_model_dir(self.model)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        batches = -(-self.samples // self.batch_size)
+        if world > batches:
+            raise InputError(
+                f"batch_size={self.batch_size}: {batches} batches for {world} processes (each needs one)",
+                fields=["batch_size"],
+            )
         if self.adapter is not None:
             _check_adapter_dir(self.adapter)
         if self.data is not None and not Path(self.data).is_file():
