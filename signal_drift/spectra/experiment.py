@@ -266,7 +266,7 @@ def run_spectra(
     theta0 = init_theta(problem, cfg.seed)
     P_w, P_t = problem.weight_layout.numel, problem.theta_layout.numel
     run.lap("build")
-    _refuse_dense_beyond_budget(P_w, P_t, dtype, cfg.exact_fft, log)
+    _refuse_dense_beyond_budget(P_w, P_t, dtype, cfg.exact_fft, log, cfg.device)
     run.summary.update({
         "dim": cfg.dim, "rank": cfg.rank, "depth": cfg.depth, "samples": cfg.samples,
         "alphas": list(run.alphas), "alpha_star_variant_ii": variant_ii_alpha(cfg.rank, sigma2),
@@ -318,12 +318,18 @@ def _build(cfg: SpectraConfig, dtype: torch.dtype, progress: bool) -> LoraProble
 
 
 def _refuse_dense_beyond_budget(
-    P_w: int, P_t: int, dtype: torch.dtype, exact_fft: bool, log: Callable[[str], None]
+    P_w: int, P_t: int, dtype: torch.dtype, exact_fft: bool, log: Callable[[str], None], device: str = "cpu"
 ) -> None:
-    """Refuse what will not fit before any work: the dense H_θ blocks (and H for ``exact_fft``)."""
-    check_dense("H_signal", P_t, P_t, dtype, alternative="the matrix-free SignalOperator")
+    """Refuse what will not fit before any work: the dense H_θ blocks (and H for ``exact_fft``).
+
+    Up to four ``P_θ × P_θ`` matrices are alive at once (``S₁``, ``D₁``, an assembled ``H_θ(α)``
+    and ``eigvalsh``'s copy), on ``device`` (a GPU is budgeted against its own free memory).
+    """
+    free = "the matrix-free SignalOperator"
+    check_dense("H_signal", P_t, P_t, dtype, alternative=free, device=device, copies=4)
     if exact_fft:
-        check_dense("H (--exact-fft)", P_w, P_w, dtype, alternative="the default run without --exact-fft")
+        check_dense("H (--exact-fft)", P_w, P_w, dtype, alternative="the default run without --exact-fft",
+                    device=device, copies=2)  # fmt: skip
         need = P_w * P_w * torch.empty((), dtype=dtype).element_size()
         log(f"--exact-fft: dense H is {P_w} x {P_w} ({format_bytes(need)}); eigvalsh takes roughly "
             f"{P_w**3 * 9 / 3e10 / 60:.0f} min on 2 cores")  # fmt: skip
