@@ -104,6 +104,16 @@ def check_positive_float(name: str, value: float) -> float:
     return v
 
 
+def check_device(device: str) -> None:
+    """Raise :class:`InputError` (field ``device``) unless ``device`` is cpu or cuda[:K] with CUDA present."""
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"device={device!r} is invalid: use cpu or cuda", fields=["device"])
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(
+            f"device={device}: CUDA is not available on this machine; use device cpu", fields=["device"]
+        )
+
+
 def check_choice(name: str, value: object, choices: Sequence) -> None:
     """Raise :class:`InputError` unless ``value`` is one of ``choices``.
 

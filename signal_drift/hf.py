@@ -38,7 +38,9 @@ from .lora import (
     Batch,
     LoraProblem,
     _check_problem,
+    _eval_mode,
     _is_conv1d,
+    _is_linear_layer,
     _total_weight,
     as_batches,
     loss_weight,
@@ -245,8 +247,8 @@ def lm_problem(
     Raises:
         InputError: no linear layer matches ``targets``, or bad data (see ``attach_lora``).
     """
-    names = [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or _is_conv1d(m))
-             and any(n == t or n.endswith("." + t) for t in targets)]  # fmt: skip
+    names = [n for n, m in model.named_modules()
+             if _is_linear_layer(m) and any(n == t or n.endswith("." + t) for t in targets)]  # fmt: skip
     if not names:
         raise InputError(f"targets: {list(targets)} match no linear layer of the model")
     batches = tuple(b.to(_device_of(model)) for b in lm_data(data))
@@ -372,7 +374,7 @@ def _check_same_loss(
     b = problem.batches[0]
     if not loss_weight(problem.loss_fn, b.targets) > 0:
         return
-    with torch.no_grad(), _eval(model):
+    with torch.no_grad(), _eval_mode(model):
         out = model(**b.inputs) if isinstance(b.inputs, Mapping) else model(b.inputs)
         ref = float(problem.loss_fn(model_output(out), b.targets))
         ours = float(problem.loss_fn(problem.output_w(w, b.inputs), b.targets))
@@ -383,17 +385,6 @@ def _check_same_loss(
         )
 
 
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in modes:
-            m.training = t
-
-
 def _read_layer(
     name: str, mod: nn.Module, adapter: str, base: nn.Module, init_how: object = True
 ) -> tuple[AdapterSpec, torch.Tensor, torch.Tensor]:
@@ -402,9 +393,7 @@ def _read_layer(
     ``init_how`` is PEFT's ``init_lora_weights``; the spec records its law of ``A``:
     Kaiming-uniform by default, ``N(0, 1/r²)`` for ``"gaussian"``.
     """
-    where = f"adapter {adapter!r}, layer {name!r}"
-    if adapter in getattr(mod, "lora_embedding_A", {}):
-        raise InputError(f"{where}: LoRA on an embedding is not supported (only linear layers)")
+    where = f"adapter {adapter!r}, layer {name!r}"  # embedding layers were refused by from_peft
     if getattr(mod, "merged", False) or getattr(mod, "merged_adapters", None):
         raise InputError(f"{where}: the adapter is merged into the base weight; call unmerge_adapter() first")
     if getattr(mod, "use_dora", {}).get(adapter, False):

@@ -311,6 +311,31 @@ class LoraProblem:
         params = dict(self.base)
         for a in self.adapters:
             params[a.weight_key] = _oriented(a, w[a.name])
+        return self._forward(params, X)
+
+    def output_theta(self, theta: Mapping[str, torch.Tensor], X: Inputs | None = None) -> torch.Tensor:
+        """Network output at ``w(θ)`` as LoRA computes it: ``W0``, plus ``s (x Aᵀ) Bᵀ`` per adapted layer.
+
+        The same function as ``output_w(weights(θ))`` (to round-off), but its derivatives in ``θ``
+        never form an ``m × n`` matrix: a gradient or Hessian-vector product in ``θ`` costs about
+        half the matrix products (the gradient through ``W = W0 + s B A`` would need ``∂L/∂W``).
+        """
+
+        def low_rank(a: AdapterSpec):
+            A, B = theta[a.key_A], theta[a.key_B]
+            return lambda mod, inp, out: out + a.scale * ((inp[0] @ A.T) @ B.T)
+
+        hooks = []
+        try:
+            for a in self.adapters:
+                hooks.append(self.module.get_submodule(a.name).register_forward_hook(low_rank(a)))
+            return self._forward(dict(self.base), X)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _forward(self, params: dict[str, torch.Tensor], X: Inputs | None) -> torch.Tensor:
+        """``module`` with ``params`` on ``X`` (tensor or keyword dict), eval mode, ``forward_context``."""
         X = self.X if X is None else X
         context = self.forward_context() if self.forward_context is not None else contextlib.nullcontext()
         with _eval_mode(self.module), context:
@@ -320,54 +345,25 @@ class LoraProblem:
                 out = functional_call(self.module, params, (X,))
         return model_output(out)
 
-    def output_theta(self, theta: Mapping[str, torch.Tensor], X: Inputs | None = None) -> torch.Tensor:
-        """Network output at ``w(θ)`` as LoRA computes it: ``W0``, plus ``s (x Aᵀ) Bᵀ`` per adapted layer.
-
-        The same function as ``output_w(weights(θ))`` (to round-off), but its derivatives in ``θ``
-        never form an ``m × n`` matrix: a gradient or Hessian-vector product in ``θ`` costs about
-        half the matrix products (the gradient through ``W = W0 + s B A`` would need ``∂L/∂W``).
-        """
-        params = dict(self.base)
-        X = self.X if X is None else X
-        hooks = []
-
-        def low_rank(a: AdapterSpec):
-            A, B = theta[a.key_A], theta[a.key_B]
-            return lambda mod, inp, out: out + a.scale * ((inp[0] @ A.T) @ B.T)
-
-        context = self.forward_context() if self.forward_context is not None else contextlib.nullcontext()
-        try:
-            for a in self.adapters:
-                hooks.append(self.module.get_submodule(a.name).register_forward_hook(low_rank(a)))
-            with _eval_mode(self.module), context:
-                if isinstance(X, Mapping):
-                    out = functional_call(self.module, params, (), dict(X))
-                else:
-                    out = functional_call(self.module, params, (X,))
-        finally:
-            for h in hooks:
-                h.remove()
-        return model_output(out)
-
     def batch_loss_theta(self, batch: Batch, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One batch's term of :meth:`loss_theta` (through :meth:`output_theta`)."""
-        share = loss_weight(self.loss_fn, batch.targets) / self.total_weight
-        return share * self.loss_fn(self.output_theta(theta, batch.inputs), batch.targets)
+        return self._share(batch) * self.loss_fn(self.output_theta(theta, batch.inputs), batch.targets)
 
     def batch_loss_w(self, batch: Batch, w: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One batch's term of :meth:`loss_w`: ``(n_b / N) · loss_fn(f(x_b), y_b)``."""
-        share = loss_weight(self.loss_fn, batch.targets) / self.total_weight
-        return share * self.loss_fn(self.output_w(w, batch.inputs), batch.targets)
+        return self._share(batch) * self.loss_fn(self.output_w(w, batch.inputs), batch.targets)
+
+    def _share(self, batch: Batch) -> float:
+        """``n_b / N``: the batch's share of the loss's normaliser."""
+        return loss_weight(self.loss_fn, batch.targets) / self.total_weight
 
     def loss_w(self, w: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Task loss ``L(w)`` of this process's data (the FFT objective; all of it in one process)."""
-        terms = [f(w) for f in self.loss_terms_w()]
-        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+        return _sum_terms(self.loss_terms_w(), w)
 
     def loss_theta(self, theta: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """LoRA loss ``L(w(θ))`` of this process's data (through :meth:`output_theta`)."""
-        terms = [f(theta) for f in self.loss_terms_theta()]
-        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+        return _sum_terms(self.loss_terms_theta(), theta)
 
     def loss(self, theta: Mapping[str, torch.Tensor]) -> float:
         """``L(w(θ))`` over all the data, summed over processes when distributed."""
@@ -377,17 +373,17 @@ class LoraProblem:
 
     def loss_terms_w(self) -> list[Callable[[Mapping[str, torch.Tensor]], torch.Tensor]]:
         """:meth:`loss_w` split into one function of ``w`` per batch (their sum is ``loss_w``)."""
-        scored = self._scored()
-        if not scored:  # this process holds no scored target: its share is 0, still a function of w
-            return [lambda w: sum((0.0 * v).sum() for v in w.values())]
-        return [lambda w, b=b: self.batch_loss_w(b, w) for b in scored]
+        return self._terms(self.batch_loss_w)
 
     def loss_terms_theta(self) -> list[Callable[[Mapping[str, torch.Tensor]], torch.Tensor]]:
         """:meth:`loss_theta` split into one function of ``θ`` per batch."""
+        return self._terms(self.batch_loss_theta)
+
+    def _terms(self, batch_loss: Callable) -> list[Callable[[Mapping[str, torch.Tensor]], torch.Tensor]]:
         scored = self._scored()
-        if not scored:
-            return [lambda t: sum((0.0 * v).sum() for v in t.values())]
-        return [lambda t, b=b: self.batch_loss_theta(b, t) for b in scored]
+        if not scored:  # this process holds no scored target: its share is 0, still a function of p
+            return [lambda p: sum((0.0 * v).sum() for v in p.values())]
+        return [lambda p, b=b: batch_loss(b, p) for b in scored]
 
     def _scored(self) -> tuple[Batch, ...]:
         """The batches that carry part of the normaliser (a batch with no scored target adds 0)."""
@@ -449,6 +445,11 @@ class LoraProblem:
     def check_weights(self, w: Mapping[str, torch.Tensor], name: str = "w") -> None:
         """Validate a weight-space dict (``w``, ``g``, ``Δw``: ``{layer: [m, n]}``) likewise."""
         _check_blocks(self.weight_layout, w, name)
+
+
+def _sum_terms(terms: list[Callable], p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    values = [f(p) for f in terms]
+    return values[0] if len(values) == 1 else torch.stack(values).sum()
 
 
 def _oriented(a: AdapterSpec, W: torch.Tensor) -> torch.Tensor:

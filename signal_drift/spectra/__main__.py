@@ -6,6 +6,7 @@ a causal LM's LoRA adapter (:mod:`signal_drift.spectra.lm`), ``lm.json`` and ``l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -63,16 +64,12 @@ def lm_main(argv: Sequence[str]) -> int:
     p = ConfigParser(LMSpectraConfig, prog=PROG + " lm", description=lm_main.__doc__)
     p.add_output("out/spectra_lm", figures="lm_fig8.png")
     cfg, args = p.parse_config(argv)
-    import os
+    from ..train._dist import setup, teardown
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-    rank = torch.distributed.get_rank() if world > 1 else 0
-    if world > 1 and cfg.device.startswith("cuda"):
-        cfg = type(cfg)(**{**cfg.__dict__, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"})
-        torch.cuda.set_device(cfg.device)
+    dist = setup(cuda=cfg.device.startswith("cuda"))  # torchrun: join the group, one GPU per process
+    rank, world = dist.rank, dist.world
+    if world > 1 and dist.device.type == "cuda":
+        cfg = dataclasses.replace(cfg, device=str(dist.device))
     progress = sys.stderr.isatty() and rank == 0
     out = Path(args.out)
 
@@ -90,8 +87,7 @@ def lm_main(argv: Sequence[str]) -> int:
 
             plot_lm_fig8(res.summary, out / "lm_fig8.png")
     finally:
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        teardown()
     if rank == 0:
         s = res.summary
         print(f"signal-drift spectra lm: {len(s['layers'])} layers, |θ| = {s['params_theta']} -> {out}/")

@@ -33,7 +33,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._errors import DivergenceError, InputError, check_choice, check_positive_float, check_positive_int
+from .._errors import (
+    DivergenceError,
+    InputError,
+    check_choice,
+    check_device,
+    check_positive_float,
+    check_positive_int,
+)
 from .._memory import check_dense, format_bytes
 from ..decomposition import curvature
 from ..hessian import fft_hessian
@@ -128,13 +135,7 @@ class SpectraConfig:
         check_choice("lora_spectra", self.lora_spectra, ("auto", "dense", "lanczos"))
         check_choice("dtype", self.dtype, ("float64", "float32"))
         check_choice("init", self.init, get_args(InitKind))
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise InputError(f"device={self.device!r} is invalid: use cpu or cuda", fields=["device"])
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise InputError(
-                f"device={self.device}: CUDA is not available on this machine; use device cpu",
-                fields=["device"],
-            )
+        check_device(self.device)
 
 
 def default_alphas(rank: int, sigma2: float, n: int = 8) -> tuple[float, ...]:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._errors import InputError, check_choice, check_positive_float, check_positive_int
+from .._errors import InputError, check_choice, check_device, check_positive_float, check_positive_int
 from ..decomposition import DriftOperator, MappingJacobian, SignalOperator, block_indices
 from ..hessian import fft_hessian, lora_hessian
 from ..intervals import Interval, mean_interval
@@ -155,12 +155,7 @@ class LMSpectraConfig:
                 raise InputError(f"{name}={getattr(self, name)} is invalid: must be >= 0", fields=[name])
         check_positive_float("lr", self.lr)
         check_choice("dtype", self.dtype, ("float64", "float32"))
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise InputError(f"device={self.device!r} is invalid: use cpu or cuda", fields=["device"])
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise InputError(
-                f"device={self.device}: CUDA is not available on this machine", fields=["device"]
-            )
+        check_device(self.device)
         check_model_dir(self.model)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         batches = -(-self.samples // self.batch_size)

@@ -86,10 +86,14 @@ class Dist:
         return DistributedDataParallel(model, device_ids=ids)
 
 
-def setup() -> Dist:
-    """Join the ``torchrun`` process group if ``WORLD_SIZE > 1``; pick this rank's device."""
+def setup(cuda: bool | None = None) -> Dist:
+    """Join the ``torchrun`` process group if ``WORLD_SIZE > 1``; pick this rank's device.
+
+    Args:
+        cuda: one GPU per process (NCCL) or CPU processes (gloo); default: CUDA when available.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     if world == 1:
         return Dist(device=torch.device("cuda" if cuda else "cpu"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
