@@ -221,20 +221,25 @@ def dense_reference(problem, theta, name="") -> DenseReference:
         return flat(weights(unflat(tflat, t_shapes)), w_shapes)
 
     t0 = flat({k: v.detach() for k, v in theta.items()}, t_shapes)
+    return DenseReference(name=name, problem=problem, theta=theta, **dense_curvature(loss_w, w_of, t0))
+
+
+def dense_curvature(loss_w, w_of, t0: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every curvature object by plain ``torch.func`` from a flat loss ``loss_w(w)`` and map ``w_of(θ)``.
+
+    Returns ``H``, ``g``, ``H_theta``, ``J``, ``signal = JᵀHJ`` and ``drift`` (the Hessian of
+    ``θ ↦ ⟨g, w(θ)⟩`` with ``g`` fixed), all at ``θ = t0``.
+    """
     w0 = w_of(t0).detach()
-    H, g = hessian(loss_w)(w0), jacrev(loss_w)(w0)
-    J = jacrev(w_of)(t0)
-    return DenseReference(
-        name=name,
-        problem=problem,
-        theta=theta,
-        H=H,
-        g=g,
-        H_theta=hessian(lambda t: loss_w(w_of(t)))(t0),
-        J=J,
-        signal=J.T @ H @ J,
-        drift=hessian(lambda t: g @ w_of(t))(t0),
-    )
+    H, g, J = hessian(loss_w)(w0), jacrev(loss_w)(w0), jacrev(w_of)(t0)
+    return {
+        "H": H,
+        "g": g,
+        "H_theta": hessian(lambda t: loss_w(w_of(t)))(t0),
+        "J": J,
+        "signal": J.T @ H @ J,
+        "drift": hessian(lambda t: g @ w_of(t))(t0),
+    }
 
 
 @pytest.fixture(scope="session", params=["square-init", "square-trained", "rect-init", "rect-trained"])

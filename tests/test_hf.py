@@ -17,9 +17,9 @@ from unittest import mock
 
 import pytest
 import torch
-from cases import assert_close, compare_matmat
+from cases import assert_close, compare_matmat, dense_curvature
 from torch import nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import functional_call, hessian
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -41,30 +41,20 @@ VOCAB = 20
 
 
 # -- tiny models (built locally, float64, default attention: sdpa) ----------------------------------
+def _tiny_gqa(config_cls, model_cls, seed):
+    """1 layer, hidden 8, 4 query heads sharing 2 kv heads (GQA), float64."""
+    torch.manual_seed(seed)
+    cfg = config_cls(vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    return model_cls(cfg).double()
+
+
 def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )  # GQA: 2 query heads per kv head
-    return transformers.LlamaForCausalLM(cfg).double()
+    return _tiny_gqa(transformers.LlamaConfig, transformers.LlamaForCausalLM, seed)
 
 
-def tiny_qwen2(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )  # GQA; q, k, v with biases
-    return transformers.Qwen2ForCausalLM(cfg).double()
+def tiny_qwen2(seed=0):  # q, k, v with biases
+    return _tiny_gqa(transformers.Qwen2Config, transformers.Qwen2ForCausalLM, seed)
 
 
 def tiny_gpt2(seed=0):
@@ -223,18 +213,7 @@ def dense_lm_reference(model, arch, batches, layers, scale, theta) -> DenseLM:
         return reference_loss(model, batches, params, arch)
 
     t0 = torch.cat([theta[f"{n}.lora_{x}"].detach().reshape(-1) for n in layers for x in "AB"])
-    w0 = w_of(t0).detach()
-    H, g, J = hessian(loss_w)(w0), jacrev(loss_w)(w0), jacrev(w_of)(t0)
-    return DenseLM(
-        H=H,
-        g=g,
-        H_theta=hessian(lambda t: loss_w(w_of(t)))(t0),
-        J=J,
-        signal=J.T @ H @ J,
-        drift=hessian(lambda t: g @ w_of(t))(t0),
-        loss=float(loss_w(w0)),
-        slices=slices,
-    )
+    return DenseLM(**dense_curvature(loss_w, w_of, t0), loss=float(loss_w(w_of(t0))), slices=slices)
 
 
 def off_init(problem, seed=1, b_scale=0.4):
