@@ -1,0 +1,413 @@
+r"""Stability edges of GD and Adam on the LoRA Hessian, and what signal and drift contribute.
+
+Lemma 1's edge is for gradient descent: on a quadratic with Hessian ``H_θ`` the iteration is
+stable while ``η · λ_max(H_θ) < 2``. Adam with a frozen diagonal preconditioner
+``P = diag(√v̂) + ε`` and first-moment EMA ``β₁`` is heavy-ball on ``P^{-1/2} H_θ P^{-1/2}``
+with step ``η(1 − β₁)`` and momentum ``β₁``, stable while
+
+.. math::
+
+    η · λ_max(P^{-1} H_θ) < \frac{2 + 2β₁}{1 - β₁}\qquad(= 38 \text{ for } β₁ = 0.9)
+
+(Cohen et al., "Adaptive Gradient Methods at the Edge of Stability", 2022);
+``λ_max(P^{-1}H_θ)`` is the top eigenvalue of the symmetric ``P^{-1/2} H_θ P^{-1/2}``
+(:class:`PreconditionedOperator`). Both edges are tested on quadratics against the iterations
+themselves (``tests/test_edge.py``).
+
+With ``H_θ = H_signal + H_drift`` (Prop. 1) the preconditioned sharpness splits at its top
+eigenvector ``u``: ``λ = uᵀ P^{-1/2} H_signal P^{-1/2} u + uᵀ P^{-1/2} H_drift P^{-1/2} u``
+(:class:`Sharpness` ``signal_share`` and ``drift_share``). The hypothesis this module lets one
+test (docs/theory.md#adam-edge): at ``B = 0`` raising ``α`` by ``k`` scales the gradient and so
+``P`` by ``k``, ``H_signal`` by ``k²`` and ``H_drift`` by ``k``, so the preconditioned signal grows
+as ``k`` and the preconditioned drift not at all, while raising ``η`` by ``k`` multiplies both by
+``k``; :func:`predict_breakdown` turns the base run's shares into the multiplier at which each
+path is predicted to cross the edge.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ._errors import InputError
+from .operators import LinearOperator, ParamLayout
+from .spectra.lanczos import ACCEPT, EigResult, lanczos_eigs
+
+__all__ = [
+    "GD_EDGE",
+    "adam_edge",
+    "PreconditionedOperator",
+    "adam_preconditioner",
+    "torch_adam_state",
+    "Sharpness",
+    "sharpness",
+    "Breakdown",
+    "predict_breakdown",
+    "observed_breakdown",
+]
+
+#: GD on a quadratic is stable while ``η · λ_max(H) < 2`` (Lemma 1).
+GD_EDGE = 2.0
+
+
+def adam_edge(beta1: float = 0.9) -> float:
+    """Adam's edge ``(2 + 2β₁)/(1 − β₁)`` on ``η · λ_max(P^{-1}H)`` (frozen preconditioner).
+
+    >>> round(adam_edge(0.9), 9)
+    38.0
+    """
+    if not 0 <= beta1 < 1:
+        raise InputError(f"beta1={beta1} is invalid: need 0 <= beta1 < 1")
+    return (2 + 2 * beta1) / (1 - beta1)
+
+
+class PreconditionedOperator(LinearOperator):
+    """``P^{-1/2} A P^{-1/2}`` for a symmetric operator ``A`` and a positive diagonal ``P``.
+
+    Its eigenvalues are those of ``P^{-1} A``. ``[n, n]`` like ``A``.
+
+    Args:
+        op: symmetric ``[n, n]`` operator.
+        p: the diagonal of ``P``, ``[n]``, positive and finite.
+
+    Raises:
+        InputError: ``p`` of the wrong length, or with an entry that is not positive and finite.
+    """
+
+    symmetric = True
+
+    def __init__(self, op: LinearOperator, p: torch.Tensor):
+        n = op.shape[0]
+        if p.ndim != 1 or p.shape[0] != n:
+            raise InputError(f"preconditioner: shape {tuple(p.shape)}, need [{n}] for a {n}×{n} operator")
+        if not bool(torch.isfinite(p).all()) or not bool((p > 0).all()):
+            raise InputError("preconditioner: every entry must be positive and finite")
+        self.op = op
+        self.d = p.to(device=op.device, dtype=op.dtype).rsqrt()[:, None]
+        self.in_layout, self.out_layout = op.in_layout, op.out_layout
+        self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.d * self.op.matmat(self.d * V)
+
+
+def adam_preconditioner(
+    v: Mapping[str, torch.Tensor],
+    t: int,
+    layout: ParamLayout,
+    *,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """The flat diagonal of Adam's preconditioner ``P = √(v / (1 − β₂ᵗ)) + ε``.
+
+    Args:
+        v: second moments ``{name: tensor}`` (the optimizer's ``exp_avg_sq``), after ``t`` steps.
+        t: the step count the moments include (``≥ 1``).
+        layout: the flat layout of ``θ`` (the operator's ``in_layout``).
+        beta2: Adam's ``β₂``.
+        eps: Adam's ``ε`` (added outside the square root, as ``torch.optim.Adam`` does).
+
+    Returns:
+        ``[|θ|]`` in ``layout`` order.
+    """
+    if t < 1:
+        raise InputError(f"optimizer state: step count {t}; the preconditioner needs at least one step")
+    corr = 1 - beta2**t
+    return layout.flatten({n: (v[n] / corr).sqrt() + eps for n in layout.names})
+
+
+def torch_adam_state(
+    optimizer: torch.optim.Optimizer, params: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], int, dict]:
+    """Second moments, step count and hyper-parameters of a ``torch.optim`` Adam/AdamW.
+
+    Args:
+        optimizer: an optimizer with Adam's state (``exp_avg_sq`` and ``step`` per parameter).
+        params: ``{name: parameter}``, the parameters to read, each in the optimizer.
+
+    Returns:
+        ``(v, t, hyper)``: ``v = {name: exp_avg_sq}`` (detached), the step count ``t`` and
+        ``hyper = {"lr", "beta1", "beta2", "eps"}`` of the parameters' group.
+
+    Raises:
+        InputError: a parameter the optimizer does not hold, a group without ``betas``/``eps``
+            (not Adam), no ``exp_avg_sq`` yet (no step taken), or parameters in groups with
+            different hyper-parameters or step counts.
+    """
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    v, steps, hyper = {}, set(), set()
+    for name, p in params.items():
+        g = groups.get(id(p))
+        if g is None:
+            raise InputError(f"optimizer: does not hold parameter {name!r}")
+        if "betas" not in g or "eps" not in g:
+            raise InputError(f"optimizer: {type(optimizer).__name__} has no Adam state (betas, eps)")
+        st = optimizer.state.get(p, {})
+        if "exp_avg_sq" not in st:
+            raise InputError(
+                f"optimizer: no Adam second moment (exp_avg_sq) for {name!r}; "
+                f"{type(optimizer).__name__} is not Adam, or no step was taken yet"
+            )
+        v[name] = st["exp_avg_sq"].detach()
+        steps.add(int(st["step"]))
+        hyper.add((float(g["lr"]), float(g["betas"][0]), float(g["betas"][1]), float(g["eps"])))
+    if len(steps) != 1 or len(hyper) != 1:
+        raise InputError("optimizer: the parameters have different step counts or hyper-parameters")
+    lr, b1, b2, eps = hyper.pop()
+    return v, steps.pop(), {"lr": lr, "beta1": b1, "beta2": b2, "eps": eps}
+
+
+@dataclass(frozen=True)
+class Sharpness:
+    """GD's and Adam's sharpness of ``H_θ`` at one point, and the split of Adam's (Prop. 1).
+
+    Every eigenvalue is Lanczos's top Ritz value with its true residual; one that did not
+    converge is NaN, with a line in ``warnings`` saying how far it got.
+
+    Attributes:
+        step: training step the point belongs to (caller's numbering).
+        lr: the learning rate ``η`` the ratios use.
+        beta1: Adam's ``β₁`` (its edge is ``(2 + 2β₁)/(1 − β₁)``).
+        lambda_max: ``λ_max(H_θ)``.
+        lambda_max_residual: ``‖H_θ u − λ u‖``.
+        preconditioned: ``λ_max(P^{-1/2} H_θ P^{-1/2})``.
+        preconditioned_residual: its residual.
+        signal_share: ``uᵀ P^{-1/2} H_signal P^{-1/2} u`` at the top eigenvector ``u``.
+        drift_share: ``uᵀ P^{-1/2} H_drift P^{-1/2} u`` (``signal_share + drift_share =
+            preconditioned`` to the Lanczos residual, Prop. 1).
+        signal_max: ``λ_max(P^{-1/2} H_signal P^{-1/2})`` (NaN when not asked for).
+        drift_max: ``λ_max(P^{-1/2} H_drift P^{-1/2})`` (NaN when not asked for).
+        matvecs: operator products used in all.
+        warnings: one line per value reported as NaN.
+    """
+
+    step: int
+    lr: float
+    beta1: float
+    lambda_max: float
+    lambda_max_residual: float
+    preconditioned: float
+    preconditioned_residual: float
+    signal_share: float
+    drift_share: float
+    signal_max: float
+    drift_max: float
+    matvecs: int
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def gd_ratio(self) -> float:
+        """``η · λ_max(H_θ) / 2``: GD is stable on the quadratic model below 1 (Lemma 1)."""
+        return self.lr * self.lambda_max / GD_EDGE
+
+    @property
+    def edge_ratio(self) -> float:
+        """``η · λ_max(P^{-1}H_θ) / ((2 + 2β₁)/(1 − β₁))``: Adam with this ``P`` is stable below 1."""
+        return self.lr * self.preconditioned / adam_edge(self.beta1)
+
+    @property
+    def drift_fraction(self) -> float:
+        """``drift_share / preconditioned``: the part of Adam's sharpness that comes from drift."""
+        return self.drift_share / self.preconditioned if self.preconditioned else math.nan
+
+    def to_json(self) -> dict:
+        """Every field and the three derived ratios, JSON-ready."""
+        d = asdict(self)
+        d["warnings"] = list(self.warnings)
+        return d | {
+            "gd_ratio": self.gd_ratio,
+            "edge_ratio": self.edge_ratio,
+            "drift_fraction": self.drift_fraction,
+        }
+
+
+def _top(op: LinearOperator, steps: int, tol: float, accept: float, seed: int, name: str, warn: list[str]):
+    res: EigResult = lanczos_eigs(op, 1, "LA", steps=steps, seed=seed, tol=tol, accept=accept)
+    ok = bool(res.converged[-1])
+    if not ok:
+        warn.append(
+            f"{name} = {res.values[-1]:.6g} not converged after {res.matvecs} products "
+            f"(residual {res.residuals[-1]:.2e} > {accept:g} relative; raise the Lanczos steps): "
+            "reported as NaN"
+        )
+    return (float(res.values[-1]) if ok else math.nan), float(res.residuals[-1]), res
+
+
+def sharpness(
+    H_theta: LinearOperator,
+    drift: LinearOperator,
+    precond: torch.Tensor,
+    lr: float,
+    *,
+    signal: LinearOperator | None = None,
+    beta1: float = 0.9,
+    step: int = 0,
+    lanczos_steps: int = 100,
+    tol: float = 1e-9,
+    accept: float = ACCEPT,
+    parts: bool = True,
+    seed: int = 0,
+    label: str = "",
+) -> Sharpness:
+    """GD's and Adam's sharpness of ``H_θ`` and the signal/drift split of Adam's.
+
+    Args:
+        H_theta: ``H_θ``, ``[|θ|, |θ|]`` (autograd, or ``H_signal + H_drift``).
+        drift: ``H_drift = Σ g_k T_k`` at the same point.
+        precond: the diagonal of Adam's ``P`` (:func:`adam_preconditioner`), ``[|θ|]``.
+        lr: learning rate ``η``.
+        signal: ``H_signal``; without it ``signal_share`` is ``preconditioned − drift_share``
+            (Prop. 1) and ``signal_max`` is NaN.
+        beta1: Adam's ``β₁``.
+        step: the training step, stored in the record.
+        lanczos_steps: cap on Lanczos steps per eigenvalue.
+        tol: Lanczos stops when the top pair's residual estimate is below ``tol · max|θ_i|``.
+        accept: a pair counts as converged when its true residual is within ``accept`` of the
+            largest Ritz value.
+        parts: also the top eigenvalues of the preconditioned signal and drift alone.
+        seed: Lanczos start vectors.
+        label: prefix of the warnings (e.g. the run's name and step).
+
+    Returns:
+        A :class:`Sharpness`.
+    """
+    warn: list[str] = []
+    at = f"{label}: " if label else ""
+    lam, lam_res, r0 = _top(H_theta, lanczos_steps, tol, accept, seed, f"{at}λ_max(H_θ)", warn)
+    pre_op = PreconditionedOperator(H_theta, precond)
+    pre, pre_res, r1 = _top(pre_op, lanczos_steps, tol, accept, seed + 1, f"{at}λ_max(P⁻¹H_θ)", warn)
+    u = torch.as_tensor(r1.vectors[:, -1:], dtype=H_theta.dtype, device=H_theta.device)
+    pre_d = PreconditionedOperator(drift, precond)
+    q_d = float((u * pre_d.matmat(u)).sum())
+    matvecs = r0.matvecs + r1.matvecs + 1
+    sig_max = dri_max = math.nan
+    if signal is not None:
+        pre_s = PreconditionedOperator(signal, precond)
+        q_s = float((u * pre_s.matmat(u)).sum())
+        matvecs += 1
+    else:
+        q_s = float(r1.values[-1]) - q_d
+    if not math.isfinite(pre):
+        q_s = q_d = math.nan
+    if parts:
+        dri_max, _, r3 = _top(pre_d, lanczos_steps, tol, accept, seed + 3, f"{at}λ_max(P⁻¹H_drift)", warn)
+        matvecs += r3.matvecs
+        if signal is not None:
+            sig_max, _, r2 = _top(
+                pre_s, lanczos_steps, tol, accept, seed + 2, f"{at}λ_max(P⁻¹H_signal)", warn
+            )
+            matvecs += r2.matvecs
+    return Sharpness(step, float(lr), float(beta1), lam, lam_res, pre, pre_res, q_s, q_d, sig_max, dri_max,
+                     matvecs, tuple(warn))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Where each path is predicted to cross Adam's edge, and where it broke down.
+
+    The η-path ``(α0, kη0)`` multiplies the preconditioned signal and drift by ``k``; the α-path
+    ``(kα0, η0)``, by the B = 0 scaling (module docstring), multiplies the signal by ``k`` and
+    leaves the drift: the predicted crossings are
+
+    ``k_η = 1 / max_t ρ_t`` and ``k_α = min_t (1 − ρ_t f_t) / (ρ_t (1 − f_t))`` over the base run's
+    records, with ``ρ_t`` the edge ratio and ``f_t`` the drift fraction at step ``t``
+    (``k_α = ∞`` where the signal share is not positive).
+
+    Attributes:
+        predicted_eta: ``k_η``.
+        predicted_alpha: ``k_α``.
+        observed_eta: the first multiplier of the η-path that broke down, or None.
+        observed_alpha: the same on the α-path.
+        last_stable_eta: the largest multiplier below ``observed_eta`` that did not (None: none).
+        last_stable_alpha: the same on the α-path.
+        within_2_eta: whether ``[k_η/2, 2k_η]`` meets the interval the grid leaves for the
+            breakdown, ``(last stable, observed]`` (``(largest k, ∞)`` where no run broke down).
+        within_2_alpha: the same on the α-path.
+        records_used: the base-run steps the prediction used.
+        max_edge_ratio: ``max_t ρ_t`` of the base run.
+        drift_fraction: ``f_t`` at the step of ``max_t ρ_t``.
+    """
+
+    predicted_eta: float
+    predicted_alpha: float
+    observed_eta: float | None
+    observed_alpha: float | None
+    last_stable_eta: float | None
+    last_stable_alpha: float | None
+    within_2_eta: bool
+    within_2_alpha: bool
+    records_used: list[int]
+    max_edge_ratio: float
+    drift_fraction: float
+
+    def to_json(self) -> dict:
+        """JSON-ready (``inf`` as a string)."""
+        return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
+
+
+def observed_breakdown(outcomes: Mapping[float, bool]) -> tuple[float | None, float | None]:
+    """``(first multiplier that broke down, largest one below it that did not)`` on one path.
+
+    Args:
+        outcomes: ``{k: broke_down}``.
+    """
+    ks = sorted(outcomes)
+    first = next((k for k in ks if outcomes[k]), None)
+    below = [k for k in ks if not outcomes[k] and (first is None or k < first)]
+    return first, (max(below) if below else None)
+
+
+def _within_2(pred: float, observed: float | None, stable: float | None, largest: float) -> bool:
+    lo, hi = (largest, math.inf) if observed is None else (stable or 0.0, observed)
+    if not math.isfinite(pred):
+        return observed is None
+    return pred * 2 > lo and pred / 2 <= hi
+
+
+def predict_breakdown(
+    base: Sequence[Sharpness],
+    eta_outcomes: Mapping[float, bool],
+    alpha_outcomes: Mapping[float, bool],
+    *,
+    min_step: int = 1,
+) -> Breakdown:
+    """Predicted vs observed breakdown multipliers of both paths (paper Eq. 2) from the base run.
+
+    Args:
+        base: the base run's :class:`Sharpness` records (``k = 1`` on both paths).
+        eta_outcomes: ``{k: broke down}`` on the η-path (divergence, or a final loss worse than
+            before fine-tuning).
+        alpha_outcomes: the same on the α-path.
+        min_step: records before this step are left out (at step 0 Adam's ``v`` holds one
+            gradient and ``P_A = ε`` where ``B = 0``: the frozen-preconditioner edge does not apply).
+
+    Raises:
+        InputError: no record at or after ``min_step`` with a finite preconditioned sharpness.
+    """
+    recs = [
+        s for s in base if s.step >= min_step and math.isfinite(s.preconditioned) and s.preconditioned > 0
+    ]
+    if not recs:
+        raise InputError(
+            f"base run: no converged preconditioned sharpness at step >= {min_step} to predict from"
+        )
+    rho = np.array([s.edge_ratio for s in recs])
+    f = np.array([s.drift_fraction for s in recs])
+    i = int(np.argmax(rho))
+    k_eta = float(1 / rho[i])
+    sig = rho * (1 - f)
+    k_alpha = float(np.min(np.where(sig > 0, (1 - rho * f) / np.where(sig > 0, sig, 1), np.inf)))
+    k_alpha = max(k_alpha, 0.0)
+    oe, se = observed_breakdown(eta_outcomes)
+    oa, sa = observed_breakdown(alpha_outcomes)
+    return Breakdown(
+        k_eta, k_alpha, oe, oa, se, sa,
+        _within_2(k_eta, oe, se, max(eta_outcomes, default=1.0)),
+        _within_2(k_alpha, oa, sa, max(alpha_outcomes, default=1.0)),
+        [s.step for s in recs], float(rho[i]), float(f[i]),
+    )  # fmt: skip

@@ -1,0 +1,248 @@
+"""Stability edges (GD, Adam) and the preconditioned sharpness, against iterations and dense truth."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from signal_drift import init_theta
+from signal_drift._errors import InputError
+from signal_drift.decomposition import DriftOperator, MappingJacobian, SignalOperator
+from signal_drift.edge import (
+    GD_EDGE,
+    PreconditionedOperator,
+    Sharpness,
+    adam_edge,
+    adam_preconditioner,
+    observed_breakdown,
+    predict_breakdown,
+    sharpness,
+    torch_adam_state,
+)
+from signal_drift.hessian import fft_hessian, lora_hessian
+from signal_drift.operators import FunctionOperator
+
+from .cases import assert_close, compare_matmat, dense_reference, mlp_problem, trained_theta
+
+torch.set_default_dtype(torch.float64)
+
+
+def _spd(n: int, seed: int, cond: float = 50.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
+    return Q @ torch.diag(torch.logspace(0, math.log10(cond), n)) @ Q.T
+
+
+def _positive(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)).exp()
+
+
+def _op(M: torch.Tensor) -> FunctionOperator:
+    return FunctionOperator(lambda V: M @ V, tuple(M.shape), M.dtype, symmetric=True)
+
+
+def _gd(H, lr, steps=3000):
+    x = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        x = x - lr * (H @ x)
+    return float(x.norm())
+
+
+def _frozen_adam(H, p, lr, beta1, steps=3000):
+    """Adam's update with the preconditioner frozen at ``p``: EMA momentum with bias correction."""
+    x = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(1))
+    m = torch.zeros_like(x)
+    for t in range(1, steps + 1):
+        m = beta1 * m + (1 - beta1) * (H @ x)
+        x = x - lr * (m / (1 - beta1**t)) / p
+    return float(x.norm())
+
+
+def _pre_lambda(H, p):
+    d = p.rsqrt()
+    return float(torch.linalg.eigvalsh(d[:, None] * H * d[None, :])[-1])
+
+
+def test_adam_edge_values():
+    assert adam_edge(0.9) == pytest.approx(38.0, rel=1e-14)
+    assert adam_edge(0.0) == GD_EDGE == 2.0  # no momentum: Adam's frozen-P edge is GD's on P⁻¹H
+    with pytest.raises(InputError, match="beta1"):
+        adam_edge(1.0)
+
+
+@pytest.mark.parametrize("side,expect_stable", [(0.98, True), (1.02, False)])
+def test_gd_edge_on_a_quadratic(side, expect_stable):
+    H = _spd(30, 0)
+    lam = float(torch.linalg.eigvalsh(H)[-1])
+    final = _gd(H, side * GD_EDGE / lam)
+    assert (final < 1e-3) if expect_stable else not (final < 1e6), final  # inf/NaN count as diverged
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("side,expect_stable", [(0.98, True), (1.02, False)])
+def test_adam_edge_on_a_quadratic(beta1, side, expect_stable):
+    """Frozen-P Adam is stable just below η·λ_max(P⁻¹H) = (2+2β₁)/(1−β₁) and diverges just above.
+
+    λ_max(P⁻¹H) comes from the package (Lanczos on :class:`PreconditionedOperator`); the iteration
+    is written out here.
+    """
+    H, p = _spd(30, 2), _positive(30, 3)
+    res = sharpness(_op(H), _op(torch.zeros(30, 30)), p, 1.0, beta1=beta1, parts=False)
+    assert res.preconditioned == pytest.approx(_pre_lambda(H, p), rel=1e-10)
+    lr = side * adam_edge(beta1) / res.preconditioned
+    final = _frozen_adam(H, p, lr, beta1)
+    assert (final < 1e-3) if expect_stable else not (final < 1e6), final  # inf/NaN count as diverged
+    # GD's ratio alone would not have said this: the un-preconditioned λ_max differs
+    assert not math.isclose(res.lambda_max, res.preconditioned, rel_tol=0.1)
+
+
+def test_preconditioned_operator_matmat_against_dense():
+    problem = mlp_problem(dim=6, depth=3, rank=2, alpha=3.0)
+    theta = trained_theta(problem, seed=1)
+    ref = dense_reference(problem, theta)
+    p = _positive(ref.H_theta.shape[0], 4)
+    d = p.rsqrt()
+    for op, M in [(lora_hessian(problem, theta), ref.H_theta), (DriftOperator(problem, theta), ref.drift)]:
+        compare_matmat(PreconditionedOperator(op, p), d[:, None] * M * d[None, :], rtol=1e-9)
+
+
+def test_sharpness_against_dense_truth():
+    """Every number of :func:`sharpness` from dense eigendecompositions of the torch.func reference."""
+    problem = mlp_problem(dim=6, depth=3, rank=2, alpha=3.0)
+    theta = trained_theta(problem, seed=1)
+    ref = dense_reference(problem, theta)
+    p = _positive(ref.H_theta.shape[0], 5)
+    d = p.rsqrt()
+
+    def pre(M):
+        return d[:, None] * M * d[None, :]
+
+    H = fft_hessian(problem, theta)
+    S, D = SignalOperator(MappingJacobian(problem, theta), H), DriftOperator(problem, theta, H.gradient)
+    res = sharpness(lora_hessian(problem, theta), D, p, 0.01, signal=S, beta1=0.9, step=7, lanczos_steps=200)
+    ev, U = torch.linalg.eigh(pre(ref.H_theta))
+    u = U[:, -1]
+    assert res.warnings == ()
+    assert res.step == 7
+    assert res.lambda_max == pytest.approx(float(torch.linalg.eigvalsh(ref.H_theta)[-1]), rel=1e-9)
+    assert res.preconditioned == pytest.approx(float(ev[-1]), rel=1e-9)
+    assert res.signal_share == pytest.approx(
+        float(u @ pre(ref.signal) @ u), rel=1e-7, abs=1e-9 * float(ev[-1])
+    )
+    assert res.drift_share == pytest.approx(float(u @ pre(ref.drift) @ u), rel=1e-7, abs=1e-9 * float(ev[-1]))
+    assert res.signal_share + res.drift_share == pytest.approx(res.preconditioned, rel=1e-9)
+    assert res.signal_max == pytest.approx(float(torch.linalg.eigvalsh(pre(ref.signal))[-1]), rel=1e-9)
+    assert res.drift_max == pytest.approx(float(torch.linalg.eigvalsh(pre(ref.drift))[-1]), rel=1e-9)
+    assert res.edge_ratio == pytest.approx(0.01 * float(ev[-1]) / 38.0, rel=1e-9)
+    assert res.gd_ratio == pytest.approx(0.01 * res.lambda_max / 2, rel=1e-12)
+    js = res.to_json()
+    assert js["drift_fraction"] == pytest.approx(res.drift_share / res.preconditioned)
+    # without the signal operator the share comes from Prop. 1: the same number
+    res2 = sharpness(lora_hessian(problem, theta), D, p, 0.01, lanczos_steps=200, parts=False)
+    assert res2.signal_share == pytest.approx(res.signal_share, rel=1e-7)
+    assert math.isnan(res2.signal_max) and math.isnan(res2.drift_max)
+
+
+def test_unconverged_values_are_nan_with_a_warning():
+    H, p = _spd(60, 6, cond=1e3), _positive(60, 7)
+    res = sharpness(_op(H), _op(torch.zeros(60, 60)), p, 1.0, lanczos_steps=3, label="run x step 5")
+    assert math.isnan(res.preconditioned) and math.isnan(res.lambda_max)
+    assert math.isnan(res.signal_share) and math.isnan(res.drift_share)
+    assert any("run x step 5: λ_max(P⁻¹H_θ)" in w and "not converged after" in w for w in res.warnings)
+
+
+def test_alpha_and_eta_scaling_at_b_zero_identity():
+    """At B = 0 with P scaled by k (the gradient is): preconditioned signal ×k, drift ×1.
+
+    An identity of the construction (H_signal ∝ k², H_drift ∝ k, P ∝ k), checked here as a code
+    test; whether Adam's P really scales by k along training is what the runs measure.
+    """
+    problem = mlp_problem(dim=6, depth=3, rank=2, alpha=3.0)
+    theta = init_theta(problem, seed=2)
+    p = _positive(problem.theta_layout.numel, 8)
+    out = {}
+    for k in (1.0, 4.0):
+        pk = problem.with_alpha(3.0 * k)
+        H = fft_hessian(pk, theta)
+        S, D = SignalOperator(MappingJacobian(pk, theta), H), DriftOperator(pk, theta, H.gradient)
+        out[k] = sharpness(S + D, D, k * p, 0.01, signal=S, lanczos_steps=200)
+    assert out[4.0].signal_max == pytest.approx(4 * out[1.0].signal_max, rel=1e-8)
+    assert out[4.0].drift_max == pytest.approx(out[1.0].drift_max, rel=1e-8)
+    # the η-path multiplies the whole ratio by k
+    assert Sharpness(**{**out[1.0].__dict__, "lr": 0.04}).edge_ratio == pytest.approx(4 * out[1.0].edge_ratio)
+
+
+def test_torch_adam_state_is_what_adamw_applies():
+    """``P`` read from ``torch.optim.AdamW`` reproduces AdamW's own step: Δθ = −η m̂/P."""
+    gen = torch.Generator().manual_seed(0)
+    w = {
+        "a": torch.nn.Parameter(torch.randn(3, 4, generator=gen)),
+        "b": torch.nn.Parameter(torch.randn(5, generator=gen)),
+    }
+    opt = torch.optim.AdamW(list(w.values()), lr=0.1, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0)
+    with pytest.raises(InputError, match="no step was taken"):
+        torch_adam_state(opt, w)
+    from signal_drift.operators import ParamLayout
+
+    layout = ParamLayout.from_tensors({k: v.detach() for k, v in w.items()})
+    for _ in range(3):
+        before = {k: v.detach().clone() for k, v in w.items()}
+        opt.zero_grad()
+        ((w["a"] ** 3).sum() + (w["b"].sin()).sum()).backward()
+        opt.step()
+    v, t, hyper = torch_adam_state(opt, w)
+    assert t == 3 and hyper == {"lr": 0.1, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6}
+    P = adam_preconditioner(v, t, layout, beta2=0.99, eps=1e-6)
+    m_hat = layout.flatten({k: opt.state[p]["exp_avg"] / (1 - 0.8**3) for k, p in w.items()})
+    step = layout.flatten({k: w[k].detach() - before[k] for k in w})
+    assert_close(step, -0.1 * m_hat / P, rtol=1e-12, atol=1e-15)
+
+
+def test_torch_adam_state_refusals():
+    w = {"a": torch.nn.Parameter(torch.ones(2))}
+    sgd = torch.optim.SGD(list(w.values()), lr=0.1)
+    with pytest.raises(InputError, match="no Adam state"):
+        torch_adam_state(sgd, w)
+    other = torch.optim.Adam([torch.nn.Parameter(torch.ones(2))])
+    with pytest.raises(InputError, match="does not hold parameter 'a'"):
+        torch_adam_state(other, w)
+    with pytest.raises(InputError, match="at least one step"):
+        adam_preconditioner(
+            {"a": torch.ones(2)}, 0, __import__("signal_drift").operators.ParamLayout.from_shapes({"a": (2,)})
+        )
+
+
+def test_preconditioner_refusals():
+    op = _op(torch.eye(3))
+    with pytest.raises(InputError, match="positive and finite"):
+        PreconditionedOperator(op, torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(InputError, match="shape"):
+        PreconditionedOperator(op, torch.ones(4))
+
+
+def _rec(step, rho, f, lr=0.01, beta1=0.9):
+    pre = rho * adam_edge(beta1) / lr
+    return Sharpness(step, lr, beta1, 1.0, 0.0, pre, 0.0, pre * (1 - f), pre * f, math.nan, math.nan, 1)
+
+
+def test_predict_breakdown_formulas():
+    recs = [_rec(0, 5.0, 0.9), _rec(10, 0.2, 0.5), _rec(20, 0.25, 0.6)]  # step 0 is left out
+    b = predict_breakdown(recs, {1: False, 2: False, 4: True, 8: True}, {1: False, 4: False, 16: False})
+    assert b.records_used == [10, 20]
+    assert b.predicted_eta == pytest.approx(4.0)  # 1 / 0.25
+    # α-path: ρ (k (1 − f) + f) = 1 at k = (1 − ρ f)/(ρ (1 − f)); the smaller over the records
+    assert b.predicted_alpha == pytest.approx(min((1 - 0.2 * 0.5) / 0.1, (1 - 0.25 * 0.6) / 0.1))
+    assert (b.observed_eta, b.last_stable_eta) == (4, 2)
+    assert (b.observed_alpha, b.last_stable_alpha) == (None, 16)
+    assert b.within_2_eta  # 4 ∈ (2, 4]
+    assert b.within_2_alpha  # 8.5·2 > 16: no breakdown up to 16 is consistent
+    for rho, f in [(0.2, 0.5), (0.25, 0.6)]:  # the α prediction puts that record exactly on the edge
+        k = (1 - rho * f) / (rho * (1 - f))
+        assert rho * (k * (1 - f) + f) == pytest.approx(1.0)
+    far = predict_breakdown([_rec(5, 0.01, 0.0)], {1: False, 2: True}, {1: False, 2: True})
+    assert not far.within_2_eta and not far.within_2_alpha
+    assert observed_breakdown({1: False, 2: True, 4: False}) == (2, 1)
+    with pytest.raises(InputError, match="no converged preconditioned sharpness"):
+        predict_breakdown([_rec(0, 0.5, 0.1)], {}, {})
