@@ -26,7 +26,9 @@ path is predicted to cross the edge.
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -45,9 +47,13 @@ __all__ = [
     "torch_adam_state",
     "Sharpness",
     "sharpness",
+    "columns",
+    "from_json",
     "Breakdown",
     "predict_breakdown",
     "observed_breakdown",
+    "peft_sharpness",
+    "SharpnessCallback",
 ]
 
 #: GD on a quadratic is stable while ``η · λ_max(H) < 2`` (Lemma 1).
@@ -306,6 +312,23 @@ def sharpness(
                      matvecs, tuple(warn))  # fmt: skip
 
 
+#: The per-record columns of a run's sharpness table in the JSON files.
+COLUMNS = ("step", "lr", "lambda_max", "preconditioned", "signal_share", "drift_share", "signal_max",
+           "drift_max", "gd_ratio", "edge_ratio", "drift_fraction", "matvecs")  # fmt: skip
+
+
+def columns(records: Sequence[Sharpness | Mapping]) -> dict[str, list]:
+    """A run's records as ``{column: [value per record]}`` (:data:`COLUMNS`); dicts: ``to_json()``'s."""
+    rows = [r.to_json() if isinstance(r, Sharpness) else r for r in records]
+    return {c: [row[c] for row in rows] for c in COLUMNS}
+
+
+def from_json(row: Mapping) -> Sharpness:
+    """The :class:`Sharpness` of a ``to_json()`` dict."""
+    names = Sharpness.__dataclass_fields__
+    return Sharpness(**{k: (tuple(v) if k == "warnings" else v) for k, v in row.items() if k in names})
+
+
 @dataclass(frozen=True)
 class Breakdown:
     """Where each path is predicted to cross Adam's edge, and where it broke down.
@@ -375,6 +398,7 @@ def predict_breakdown(
     alpha_outcomes: Mapping[float, bool],
     *,
     min_step: int = 1,
+    max_step: int | None = None,
 ) -> Breakdown:
     """Predicted vs observed breakdown multipliers of both paths (paper Eq. 2) from the base run.
 
@@ -383,19 +407,25 @@ def predict_breakdown(
         eta_outcomes: ``{k: broke down}`` on the η-path (divergence, or a final loss worse than
             before fine-tuning).
         alpha_outcomes: the same on the α-path.
-        min_step: records before this step are left out (at step 0 Adam's ``v`` holds one
-            gradient and ``P_A = ε`` where ``B = 0``: the frozen-preconditioner edge does not apply).
+        min_step: records before this step are left out. Where ``v`` holds only the first
+            gradient, taken at ``B = 0`` where ``∇_A L = 0``, ``P_A = ε`` exactly and the
+            frozen-preconditioner edge does not describe the next steps: leave that record out
+            (``dynamics`` numbers it step 0, ``train`` step 1).
+        max_step: records after this step are left out (None: none). The α-path scaling holds
+            near ``B = 0``; later, Adam's ``v`` adapts to each run's own trajectory.
 
     Raises:
         InputError: no record at or after ``min_step`` with a finite preconditioned sharpness.
     """
+    last = math.inf if max_step is None else max_step
     recs = [
-        s for s in base if s.step >= min_step and math.isfinite(s.preconditioned) and s.preconditioned > 0
+        s
+        for s in base
+        if min_step <= s.step <= last and math.isfinite(s.preconditioned) and s.preconditioned > 0
     ]
     if not recs:
-        raise InputError(
-            f"base run: no converged preconditioned sharpness at step >= {min_step} to predict from"
-        )
+        window = f"step >= {min_step}" + ("" if max_step is None else f" and <= {max_step}")
+        raise InputError(f"base run: no converged preconditioned sharpness at {window} to predict from")
     rho = np.array([s.edge_ratio for s in recs])
     f = np.array([s.drift_fraction for s in recs])
     i = int(np.argmax(rho))
@@ -411,3 +441,162 @@ def predict_breakdown(
         _within_2(k_alpha, oa, sa, max(alpha_outcomes, default=1.0)),
         [s.step for s in recs], float(rho[i]), float(f[i]),
     )  # fmt: skip
+
+
+# -- PEFT models and transformers.Trainer ------------------------------------------------------
+def peft_sharpness(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data,
+    *,
+    adapter: str | None = None,
+    step: int = 0,
+    lanczos_steps: int = 40,
+    tol: float = 1e-9,
+    accept: float = ACCEPT,
+    parts: bool = True,
+    dtype: torch.dtype | None = torch.float64,
+    seed: int = 0,
+) -> Sharpness:
+    """:func:`sharpness` of a PEFT LoRA model under its ``torch.optim`` Adam/AdamW, on ``data``.
+
+    The model is read with :func:`~signal_drift.hf.from_peft` (a ``dtype`` copy in eval mode,
+    float64 by default, so the Lanczos residuals mean something; ``None`` measures the model in
+    place), ``P`` from the optimizer's own ``exp_avg_sq`` and step count
+    (:func:`torch_adam_state`), ``H_θ`` by autograd, ``H_drift`` in closed form and, with
+    ``parts``, ``H_signal = JᵀHJ`` through the LM curvature engine. ``lr`` and ``β₁`` are the
+    optimizer's. AdamW's decoupled weight decay (which shrinks θ outside ``P``) is not in the edge.
+
+    Args:
+        model: a ``peft.PeftModel`` with LoRA adapters, trained by ``optimizer``.
+        optimizer: ``torch.optim.Adam`` or ``AdamW`` (after at least one step).
+        data: token ids ``[N, T]`` or batches (:func:`~signal_drift.hf.lm_batches`): the cost of
+            every product is one forward and backward over them.
+        adapter: adapter name (default: the active one).
+        step: the training step, stored in the record.
+        lanczos_steps: cap on Lanczos steps per eigenvalue (2 to 4 eigenvalues per call).
+        tol: Lanczos stopping tolerance (see :func:`sharpness`).
+        accept: relative residual that counts as converged.
+        parts: also ``λ_max`` of the preconditioned signal and drift alone (one more Lanczos each).
+        dtype: precision of the measurement.
+        seed: Lanczos start vectors.
+
+    Raises:
+        InputError: a model without LoRA layers, an optimizer without Adam state, or what
+            :func:`~signal_drift.hf.from_peft` refuses.
+    """
+    from .decomposition import DriftOperator, MappingJacobian, SignalOperator
+    from .hessian import fft_hessian, lora_hessian
+    from .hf import from_peft
+    from .lora import _eval_mode
+    from .scaling.peft import lora_modules
+
+    inner = getattr(model, "module", model)  # a DDP wrapper's model
+    name = adapter or _active_adapter(inner)
+    live = lora_modules(inner, name)
+    if not live:
+        raise InputError(
+            f"model: has no PEFT LoRA layers for adapter {name!r} (wrap it with peft.get_peft_model)"
+        )
+    params = {}
+    measured = inner if dtype is None else copy.deepcopy(inner).to(dtype)
+    with _eval_mode(measured):
+        problem, theta = from_peft(measured, data, adapter=name)
+        for a in problem.adapters:
+            mod = live[a.name]
+            params[a.key_A], params[a.key_B] = mod.lora_A[name].weight, mod.lora_B[name].weight
+        v, t, hyper = torch_adam_state(optimizer, params)
+        v = {k: x.to(device=problem.device, dtype=problem.dtype) for k, x in v.items()}
+        P = adam_preconditioner(v, t, problem.theta_layout, beta2=hyper["beta2"], eps=hyper["eps"])
+        Ht = lora_hessian(problem, theta)
+        D = DriftOperator(problem, theta)
+        S = SignalOperator(MappingJacobian(problem, theta), fft_hessian(problem, theta)) if parts else None
+        return sharpness(Ht, D, P, hyper["lr"], signal=S, beta1=hyper["beta1"], step=step,
+                         lanczos_steps=lanczos_steps, tol=tol, accept=accept, parts=parts, seed=seed,
+                         label=f"step {step}")  # fmt: skip
+
+
+def _active_adapter(model: torch.nn.Module) -> str:
+    active = getattr(model, "active_adapters", None) or [getattr(model, "active_adapter", "default")]
+    return active[0]
+
+
+def _trainer_callback_base():
+    try:
+        from transformers import TrainerCallback  # optional dependency
+    except ImportError:  # pragma: no cover - transformers is an optional extra
+        return object
+    return TrainerCallback
+
+
+class SharpnessCallback(_trainer_callback_base()):
+    """``transformers.Trainer`` callback: GD's and Adam's sharpness of the LoRA Hessian every N steps.
+
+    Every ``every`` optimizer steps (and at each of the first ``early``), on a fixed ``data`` batch,
+    :func:`peft_sharpness` measures ``λ_max(H_θ)``, Adam's preconditioned sharpness with the
+    optimizer's own ``v``, the edge ratio ``η·λ_max(P⁻¹H_θ)/((2+2β₁)/(1−β₁))``, GD's ratio
+    ``η·λ_max(H_θ)/2`` and the drift share. Each record is appended to ``state.log_history``
+    (keys ``sharpness/...``) and to :attr:`records`; the first time the edge ratio reaches ``warn_at``
+    a ``UserWarning`` says so (once per run). ``η`` is the optimizer's current learning rate: after
+    the scheduler's step, the rate of the next update.
+
+    Cost per record: ``2–4`` Lanczos runs of at most ``lanczos_steps`` Hessian-vector products on
+    ``data``, each one forward and two backwards in ``dtype`` (bounded by the batch and the steps).
+
+    Args:
+        data: token ids ``[N, T]`` (or batches) to measure on, e.g. a few training windows.
+        every: record every this many optimizer steps (``> 0``).
+        early: also record at each of the first this many steps.
+        lanczos_steps: cap per eigenvalue.
+        parts: also the preconditioned signal and drift maxima.
+        warn_at: warn once when the edge ratio reaches this (default 0.8).
+        dtype: precision of the measurement (float64 copy of the model by default).
+
+    Raises:
+        InputError: ``every <= 0``; at the first record, a model without LoRA layers or an
+            optimizer without Adam state.
+    """
+
+    def __init__(
+        self,
+        data,
+        every: int = 50,
+        *,
+        early: int = 0,
+        lanczos_steps: int = 40,
+        parts: bool = True,
+        warn_at: float = 0.8,
+        dtype: torch.dtype | None = torch.float64,
+    ):
+        if not isinstance(every, int) or every <= 0:
+            raise InputError(f"every={every!r} is invalid: need a positive number of steps")
+        if early < 0:
+            raise InputError(f"early={early!r} is invalid: need >= 0")
+        self.data, self.every, self.early = data, every, early
+        self.lanczos_steps, self.parts, self.warn_at, self.dtype = lanczos_steps, parts, warn_at, dtype
+        self.records: list[Sharpness] = []
+        self.warned = False
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Measure after the optimizer step numbered ``state.global_step``."""
+        step = state.global_step
+        if not (step % self.every == 0 or step <= self.early):
+            return
+        opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        rec = peft_sharpness(model, opt, self.data, step=step, lanczos_steps=self.lanczos_steps,
+                             parts=self.parts, dtype=self.dtype)  # fmt: skip
+        self.records.append(rec)
+        js = rec.to_json()
+        entry = {f"sharpness/{k}": js[k] for k in ("lambda_max", "preconditioned", "gd_ratio", "edge_ratio",
+                                                   "drift_fraction", "signal_max", "drift_max")}  # fmt: skip
+        state.log_history.append({"step": step, **entry})
+        for w in rec.warnings:
+            warnings.warn(w, stacklevel=2)
+        if not self.warned and math.isfinite(rec.edge_ratio) and rec.edge_ratio >= self.warn_at:
+            self.warned = True
+            warnings.warn(
+                f"step {step}: η·λ_max(P⁻¹H_θ) is {rec.edge_ratio:.0%} of Adam's edge "
+                f"{adam_edge(rec.beta1):.3g} (drift share {rec.drift_fraction:.2f}): the run is near its "
+                "stability limit",
+                stacklevel=2,
+            )

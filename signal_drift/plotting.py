@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["save_figure", "alpha_star_panel"]
+__all__ = ["save_figure", "alpha_star_panel", "plot_edge"]
 
 
 def save_figure(fig, path: Path) -> None:
@@ -58,3 +58,64 @@ def alpha_star_panel(ax, analysis: dict, label: str) -> np.ndarray:
     ax.set_xscale("log")
     ax.set_yscale("log")
     return np.asarray([float(r) for r in st])
+
+
+def plot_edge(sharpness: dict, broken: dict, path: Path, title: str) -> Path:
+    """Adam's edge ratio ``η·λ_max(P⁻¹H_θ)/edge`` along training, per path and multiplier.
+
+    Args:
+        sharpness: ``{path: {k: columns}}`` with ``step``, ``edge_ratio``, ``gd_ratio`` and
+            ``drift_fraction`` lists (``dynamics.json``'s ``sharpness``, or the training sweep's).
+        broken: ``{path: {k: bool}}``: whether that run broke down (marked with a cross).
+        path: the PNG to write.
+        title: figure title.
+    """
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    cmap = plt.get_cmap("plasma")
+    ks = sorted({float(k) for runs in sharpness.values() for k in runs})
+    names = {"eta_scaling": "η-path (α0, k·η0)", "alpha_scaling": "α-path (k·α0, η0)"}
+    for ax, p in zip(axes[:2], ("eta_scaling", "alpha_scaling"), strict=True):
+        for i, k in enumerate(ks):
+            rec = sharpness.get(p, {}).get(f"{k:g}")
+            if not rec:
+                continue
+            c = cmap(i / max(len(ks) - 1, 1))
+            x = np.asarray(rec["step"], float) + 1
+            y = np.asarray(rec["edge_ratio"], float)
+            ok = np.isfinite(y) & (y > 0)
+            bad = broken.get(p, {}).get(f"{k:g}", False)
+            ax.loglog(
+                x[ok], y[ok], "o-", color=c, ms=3, lw=1, label=f"k={k:g}" + (" (broke down)" if bad else "")
+            )
+            if bad and ok.any():
+                ax.plot(x[ok][-1], y[ok][-1], "x", color=c, ms=10, mew=2)
+            g = np.asarray(rec["gd_ratio"], float)
+            okg = np.isfinite(g) & (g > 0)
+            ax.loglog(x[okg], g[okg], ":", color=c, lw=0.8)
+        ax.axhline(1.0, color="k", lw=1)
+        ax.set_xlabel("step + 1")
+        ax.set_ylabel("η·λ_max(P⁻¹H_θ) / ((2+2β₁)/(1−β₁))")
+        ax.set_title(f"{names[p]}: Adam's edge ratio (solid), GD's η·λ_max(H_θ)/2 (dotted)", fontsize=9)
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    for j, p in enumerate(("eta_scaling", "alpha_scaling")):
+        for i, k in enumerate(ks):
+            rec = sharpness.get(p, {}).get(f"{k:g}")
+            if not rec or (p == "alpha_scaling" and k == 1.0):
+                continue
+            x = np.asarray(rec["step"], float) + 1
+            f = np.asarray(rec["drift_fraction"], float)
+            ok = np.isfinite(f)
+            ax.semilogx(x[ok], f[ok], "o-" if j == 0 else "s--", color=cmap(i / max(len(ks) - 1, 1)), ms=3,
+                        lw=1, label=f"{p.split('_')[0]} k={k:g}")  # fmt: skip
+    ax.axhline(0.0, color="grey", lw=0.6)
+    ax.set_xlabel("step + 1")
+    ax.set_ylabel("drift share of λ_max(P⁻¹H_θ)")
+    ax.set_title(
+        "drift's share at the top preconditioned eigenvector (solid: η-path, dashed: α-path)", fontsize=9
+    )
+    ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return path

@@ -241,8 +241,132 @@ def test_predict_breakdown_formulas():
     for rho, f in [(0.2, 0.5), (0.25, 0.6)]:  # the α prediction puts that record exactly on the edge
         k = (1 - rho * f) / (rho * (1 - f))
         assert rho * (k * (1 - f) + f) == pytest.approx(1.0)
+    early = predict_breakdown(recs, {1: False, 2: True}, {1: False}, max_step=10)
+    assert early.records_used == [10] and early.predicted_eta == pytest.approx(5.0)
     far = predict_breakdown([_rec(5, 0.01, 0.0)], {1: False, 2: True}, {1: False, 2: True})
     assert not far.within_2_eta and not far.within_2_alpha
     assert observed_breakdown({1: False, 2: True, 4: False}) == (2, 1)
     with pytest.raises(InputError, match="no converged preconditioned sharpness"):
         predict_breakdown([_rec(0, 0.5, 0.1)], {}, {})
+
+
+# -- PEFT models and transformers.Trainer ----------------------------------------------------------
+def _tiny_peft(dtype=torch.float32, seed=0):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=30, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).to(dtype)
+    return peft.get_peft_model(
+        model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"])
+    )
+
+
+def _adamw_steps(pm, ids, steps=4, lr=0.02):
+    opt = torch.optim.AdamW(
+        [p for p in pm.parameters() if p.requires_grad], lr=lr, betas=(0.85, 0.995), eps=1e-7
+    )
+    pm.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        pm(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    return opt
+
+
+def test_peft_sharpness_reads_the_optimizer_and_matches_dense_truth():
+    """P from AdamW's own state, mapped by parameter name (here) onto θ, against dense eigenvalues.
+
+    The dense matrices come from the engine's H_θ and H_drift (tested against torch.func in
+    tests/test_hf.py); what is checked is the reading of the model, of each block's ``exp_avg_sq``
+    (a swapped block or layer would change the preconditioned spectrum), of ``η``, ``β₁``, ``β₂``, ``ε``.
+    """
+    from signal_drift.edge import peft_sharpness
+    from signal_drift.hf import from_peft
+    from signal_drift.lm import causal_lm_loss  # noqa: F401 - the loss the engine uses
+
+    pm = _tiny_peft()
+    ids = torch.randint(0, 30, (3, 10), generator=torch.Generator().manual_seed(0))
+    opt = _adamw_steps(pm, ids)
+    res = peft_sharpness(pm, opt, ids, step=4, lanczos_steps=300)
+    assert res.warnings == () and res.step == 4 and res.lr == 0.02 and res.beta1 == 0.85
+    assert pm.training  # the model was measured through a copy, left as it was
+    ref = __import__("copy").deepcopy(pm).double().eval()
+    problem, theta = from_peft(ref, ids)
+    # P by parameter name: "...<layer>.lora_A.default.weight" -> θ's "<layer>.A"
+    by_name = {n.split("base_model.model.", 1)[-1]: p for n, p in pm.named_parameters() if p.requires_grad}
+    v = {}
+    for a in problem.adapters:
+        v[a.key_A] = opt.state[by_name[f"{a.name}.lora_A.default.weight"]]["exp_avg_sq"].double()
+        v[a.key_B] = opt.state[by_name[f"{a.name}.lora_B.default.weight"]]["exp_avg_sq"].double()
+    P = torch.cat([((v[k] / (1 - 0.995**4)).sqrt() + 1e-7).reshape(-1) for k in problem.theta_layout.names])
+    d = P.rsqrt()
+    Ht = lora_hessian(problem, theta).to_dense()
+    Dm = DriftOperator(problem, theta).to_dense()
+    ev, U = torch.linalg.eigh(d[:, None] * Ht * d[None, :])
+    assert res.lambda_max == pytest.approx(float(torch.linalg.eigvalsh(Ht)[-1]), rel=1e-8)
+    assert res.preconditioned == pytest.approx(float(ev[-1]), rel=1e-8)
+    u = U[:, -1]
+    assert res.drift_share == pytest.approx(
+        float(u @ (d[:, None] * Dm * d[None, :]) @ u), rel=1e-6, abs=1e-8 * float(ev[-1])
+    )
+    assert res.drift_max == pytest.approx(
+        float(torch.linalg.eigvalsh(d[:, None] * Dm * d[None, :])[-1]), rel=1e-8
+    )
+    assert res.signal_share + res.drift_share == pytest.approx(res.preconditioned, rel=1e-6)
+
+
+def test_peft_sharpness_refusals():
+    from signal_drift.edge import peft_sharpness
+
+    pm = _tiny_peft()
+    ids = torch.randint(0, 30, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InputError, match="no PEFT LoRA layers"):
+        peft_sharpness(torch.nn.Linear(3, 3), torch.optim.Adam(torch.nn.Linear(3, 3).parameters()), ids)
+    sgd = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(InputError, match="no Adam state"):
+        peft_sharpness(pm, sgd, ids)
+    fresh = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad])
+    with pytest.raises(InputError, match="no step was taken"):
+        peft_sharpness(pm, fresh, ids)
+
+
+@pytest.fixture(scope="module")
+def offline_base(tmp_path_factory):
+    from signal_drift.lm import build_base_model
+
+    return build_base_model(tmp_path_factory.mktemp("base") / "model", steps=30, seq_len=32)
+
+
+def test_sharpness_callback_with_a_real_trainer(offline_base, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from signal_drift.edge import SharpnessCallback
+    from signal_drift.lm import load_model
+
+    model = peft.get_peft_model(load_model(offline_base, dtype=torch.float32),
+                                peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]))  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    rows = [torch.randint(0, vocab, (16,), generator=gen) for _ in range(8)]
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,
+                                          logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                                          learning_rate=5e-3, weight_decay=0.0)  # fmt: skip
+    cb = SharpnessCallback(torch.stack(rows[:2]), every=2, early=1, lanczos_steps=60, warn_at=0.0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    with pytest.warns(UserWarning, match="of Adam's edge") as caught:
+        trainer.train()
+    assert sum("of Adam's edge" in str(w.message) for w in caught) == 1  # warned once
+    assert [r.step for r in cb.records] == [1, 2, 4]
+    # η is the optimizer's current rate, the scheduler's value for the next update (linear decay to 0)
+    assert [r.lr for r in cb.records] == pytest.approx([5e-3 * 3 / 4, 5e-3 * 2 / 4, 0.0])
+    for r in cb.records:
+        assert math.isfinite(r.preconditioned) and r.preconditioned > 0 and math.isfinite(r.drift_fraction)
+        assert r.edge_ratio == pytest.approx(r.lr * r.preconditioned / 38.0)
+    logged = [h for h in trainer.state.log_history if "sharpness/edge_ratio" in h]
+    assert [h["step"] for h in logged] == [1, 2, 4]
+    assert logged[-1]["sharpness/edge_ratio"] == cb.records[-1].edge_ratio
+    with pytest.raises(InputError, match="every"):
+        SharpnessCallback(torch.stack(rows[:2]), every=0)

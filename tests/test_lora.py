@@ -191,7 +191,10 @@ def test_select_keeps_the_network_and_the_diagonal_blocks():
     U = torch.randn(len(t_idx), 3, generator=gen, dtype=torch.float64)
     for name in ("H_theta", "signal", "drift"):
         torch.testing.assert_close(
-            getattr(part, name).matmat(U), getattr(full, name).restrict(t_idx).matmat(U), rtol=1e-10, atol=1e-14
+            getattr(part, name).matmat(U),
+            getattr(full, name).restrict(t_idx).matmat(U),
+            rtol=1e-10,
+            atol=1e-14,
         )
     with pytest.raises(InputError, match="names"):
         problem.select(["nope"], theta)

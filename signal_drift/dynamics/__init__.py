@@ -4,12 +4,15 @@
   ``‖Δw_drift‖``, SDR, ``⟨Δw_signal, −g⟩``, ``⟨Δw_drift, −g⟩`` and, every ``K`` steps,
   ``λ_max(H_θ)`` (matrix-free Lanczos to a tolerance, with its residual and a converged flag;
   NaN and a warning where it did not converge) against the GD stability bound ``2/η``
-  (Lemma 1). Divergence (NaN/Inf or loss blow-up) stops the run and is reported with its step.
+  (Lemma 1) and, for Adam, its preconditioned sharpness against Adam's edge with the signal and
+  drift shares (:mod:`signal_drift.edge`). Divergence (NaN/Inf or loss blow-up) stops the run
+  and is reported with its step.
 - :func:`sdr_probes` (:mod:`.probes`): one-step SDR probes from common checkpoints, varying only
   ``η`` (slope −1, an identity) or only ``α``, by the frozen-state and the consistent
   (function-preserving) probe (docs/theory.md#prop-4, its Adam paragraph included).
 - :func:`run_dynamics`: the η-scaling path ``(α0, k η0)`` against the α-scaling path
-  ``(k α0, η0)`` for every multiplier ``k`` (paper Eq. 2).
+  ``(k α0, η0)`` for every multiplier ``k`` (paper Eq. 2), and where the base run's edge ratio
+  predicts each path to break down beside where it did (:func:`~signal_drift.edge.predict_breakdown`).
 
 CLI: ``python -m signal_drift.dynamics``.
 """
@@ -28,7 +31,16 @@ from torch.func import grad_and_value
 from tqdm.auto import tqdm
 
 from .._errors import InputError, check_choice, check_positive_float, check_positive_int
-from ..decomposition import decompose_update, decomposed_lora_hessian, pullback
+from ..decomposition import (
+    DriftOperator,
+    MappingJacobian,
+    SignalOperator,
+    decompose_update,
+    decomposed_lora_hessian,
+    pullback,
+)
+from ..edge import Sharpness, adam_preconditioner, columns, predict_breakdown, sharpness
+from ..hessian import fft_hessian
 from ..lora import LoraProblem, attach_lora, init_theta
 from ..model import make_mlp, make_task
 from ..optim import OptimizerName, OptState, init_opt_state, step_direction
@@ -45,6 +57,7 @@ __all__ = [
     "DynamicsConfig",
     "DynamicsResult",
     "run_dynamics",
+    "broke_down",
 ]
 
 TensorDict = dict[str, torch.Tensor]
@@ -78,6 +91,8 @@ class Run:
         loss: loss before each step ``[steps]`` (plus the final loss at the end).
         norm_signal, norm_drift, sdr, align_signal, align_drift: per step.
         lambda_max: a :class:`CurvatureRecord` every ``curvature_every`` steps.
+        sharpness: Adam only: a :class:`~signal_drift.edge.Sharpness` at the same steps, with the
+            preconditioner of that step's update (its second moment includes the step's gradient).
         diverged_step: 1-based step at which the run diverged, or None.
         checkpoints: ``{step: (θ, OptState)}`` at the requested steps.
         theta: the final ``θ`` (None if the run diverged).
@@ -90,6 +105,7 @@ class Run:
     align_signal: list[float] = field(default_factory=list)
     align_drift: list[float] = field(default_factory=list)
     lambda_max: list[CurvatureRecord] = field(default_factory=list)
+    sharpness: list[Sharpness] = field(default_factory=list)
     diverged_step: int | None = None
     checkpoints: dict[int, tuple[TensorDict, OptState]] = field(default_factory=dict)
     theta: TensorDict | None = None
@@ -120,6 +136,7 @@ def train_lora(
     lr: float,
     optimizer: OptimizerName = "adam",
     curvature_every: int = 0,
+    curvature_early: int = 0,
     lanczos_steps: int = 300,
     lanczos_tol: float = 1e-9,
     blowup: float = 1e3,
@@ -135,7 +152,9 @@ def train_lora(
         steps: number of steps.
         lr: learning rate ``η``.
         optimizer: ``adam``, ``sgd``, ``signsgd`` or ``muon``.
-        curvature_every: every this many steps, ``λ_max(H_θ)`` by Lanczos (0: never).
+        curvature_every: every this many steps, ``λ_max(H_θ)`` by Lanczos (0: never); with Adam
+            also its preconditioned sharpness (:class:`~signal_drift.edge.Sharpness`).
+        curvature_early: also at each of the first this many steps (where runs diverge).
         lanczos_steps: cap on Lanczos steps for ``λ_max``.
         lanczos_tol: Lanczos stops when the top Ritz pair's residual estimate is below
             ``lanczos_tol · max|θ_i|``; the pair counts as converged when its true residual is
@@ -168,18 +187,26 @@ def train_lora(
             return run
         if t in checkpoints:
             run.checkpoints[t] = ({k: v.clone() for k, v in theta.items()}, state)
-        if curvature_every and t % curvature_every == 0:
-            res = lanczos_eigs(
-                decomposed_lora_hessian(problem, theta), 1, "LA", steps=lanczos_steps, tol=lanczos_tol
-            )
-            vals, warn = res.checked(f"λ_max(H_θ) at step {t}")
-            run.lambda_max.append(
-                CurvatureRecord(
-                    t, float(vals[-1]), float(res.residuals[-1]), bool(res.converged[-1]), res.matvecs,
-                    warn[0] if warn else None,
-                )
-            )  # fmt: skip
         D, state = step_direction(optimizer, pullback(problem, theta, G), state)
+        if (curvature_every and t % curvature_every == 0) or t < curvature_early:
+            if optimizer == "adam":
+                rec = _adam_sharpness(problem, theta, state, lr, t, lanczos_steps, lanczos_tol, desc)
+                run.sharpness.append(rec)
+                run.lambda_max.append(
+                    CurvatureRecord(t, rec.lambda_max, rec.lambda_max_residual, math.isfinite(rec.lambda_max),
+                                    rec.matvecs, next((w for w in rec.warnings if "λ_max(H_θ)" in w), None))
+                )  # fmt: skip
+            else:
+                res = lanczos_eigs(
+                    decomposed_lora_hessian(problem, theta), 1, "LA", steps=lanczos_steps, tol=lanczos_tol
+                )
+                vals, warn = res.checked(f"λ_max(H_θ) at step {t}")
+                run.lambda_max.append(
+                    CurvatureRecord(
+                        t, float(vals[-1]), float(res.residuals[-1]), bool(res.converged[-1]), res.matvecs,
+                        warn[0] if warn else None,
+                    )
+                )  # fmt: skip
         step = {k: -lr * d for k, d in D.items()}
         dec = decompose_update(problem, theta, step, g=G)
         run.norm_signal.append(dec.norm_signal)
@@ -199,6 +226,30 @@ def train_lora(
     return run
 
 
+def _adam_sharpness(
+    problem: LoraProblem,
+    theta: TensorDict,
+    state: OptState,
+    lr: float,
+    t: int,
+    steps: int,
+    tol: float,
+    desc: str,
+) -> Sharpness:
+    """Adam's sharpness at ``θ`` with the preconditioner of the update about to be taken.
+
+    ``H_θ = H_signal + H_drift`` through the MLP fast path (Prop. 1, tested against autograd
+    elsewhere), so the two shares add up to the preconditioned sharpness by construction.
+    """
+    H = fft_hessian(problem, theta)
+    S = SignalOperator(MappingJacobian(problem, theta), H)
+    D = DriftOperator(problem, theta, H.gradient)
+    P = adam_preconditioner(state.v, state.t, problem.theta_layout)
+    return sharpness(
+        S + D, D, P, lr, signal=S, step=t, lanczos_steps=steps, tol=tol, label=f"{desc} step {t}"
+    )
+
+
 @dataclass(frozen=True)
 class DynamicsConfig:
     """Settings of :func:`run_dynamics` (the flags of ``python -m signal_drift.dynamics``).
@@ -212,7 +263,8 @@ class DynamicsConfig:
         alpha0: base α (default: r).
         lr0: base learning rate η0.
         multipliers: the k of the η-scaling path (α0, k·η0) and the α-scaling path (k·α0, η0).
-        curvature_every: λ_max(H_θ) every K steps (0: off).
+        curvature_every: λ_max(H_θ) (and, with Adam, the preconditioned sharpness) every K steps (0: off).
+        curvature_early: the same at each of the first N steps too (0: off).
         lanczos_steps: cap on Lanczos steps per λ_max.
         lanczos_tol: Lanczos stops when the top pair's residual estimate is below tol·max|λ|.
     """
@@ -227,6 +279,7 @@ class DynamicsConfig:
     lr0: float = 1e-2
     multipliers: tuple[float, ...] = (1, 2, 4, 8, 16)
     curvature_every: int = 25
+    curvature_early: int = 10
     lanczos_steps: int = 300
     lanczos_tol: float = 1e-9
     seed: int = 0
@@ -248,6 +301,8 @@ class DynamicsConfig:
             )
         if self.curvature_every < 0:
             raise InputError("curvature_every must be >= 0", fields=["curvature_every"])
+        if self.curvature_early < 0:
+            raise InputError("curvature_early must be >= 0", fields=["curvature_early"])
         check_positive_int("lanczos_steps", self.lanczos_steps)
         if not (0 < self.lanczos_tol < 1):
             raise InputError(
@@ -319,7 +374,8 @@ def run_dynamics(cfg: DynamicsConfig, progress: bool = False) -> DynamicsResult:
         alpha, lr = (alpha0, k * cfg.lr0) if path == "eta_scaling" else (k * alpha0, cfg.lr0)
         runs[path][k] = train_lora(
             problem.with_alpha(alpha), theta0, steps=cfg.steps, lr=lr, optimizer=cfg.optimizer,
-            curvature_every=cfg.curvature_every, lanczos_steps=cfg.lanczos_steps, lanczos_tol=cfg.lanczos_tol,
+            curvature_every=cfg.curvature_every, curvature_early=cfg.curvature_early,
+            lanczos_steps=cfg.lanczos_steps, lanczos_tol=cfg.lanczos_tol,
             checkpoints=ckpts if (path, k) == ("eta_scaling", 1.0) else (), desc=f"{path} k={k:g}",
         )  # fmt: skip
     if 1.0 in runs["eta_scaling"]:
@@ -383,4 +439,66 @@ def run_dynamics(cfg: DynamicsConfig, progress: bool = False) -> DynamicsResult:
         }
         for path in runs
     }
+    summary["sharpness"] = {
+        path: {f"{k:g}": columns(r.sharpness) for k, r in runs[path].items() if r.sharpness} for path in runs
+    }
+    summary["sharpness_definitions"] = SHARPNESS_DEFINITIONS
+    summary["edge_prediction"] = {
+        "early": _edge_prediction(runs, ks, 1, max(cfg.curvature_early - 1, 1)),
+        "all_steps": _edge_prediction(runs, ks, 1, None),
+        "definitions": EDGE_PREDICTION_DEFINITIONS,
+    }
+    summary["max_edge_ratio"] = {
+        path: {f"{k:g}": _max_ratio(r.sharpness) for k, r in runs[path].items() if r.sharpness}
+        for path in runs
+    }
     return DynamicsResult(summary, runs)
+
+
+#: What the ``sharpness`` columns of ``dynamics.json`` hold (see :mod:`signal_drift.edge`).
+SHARPNESS_DEFINITIONS = {
+    "preconditioned": "λ_max(P⁻¹H_θ), P = diag(√v̂) + ε of the step's own Adam update",
+    "edge_ratio": "η·λ_max(P⁻¹H_θ) / ((2 + 2β₁)/(1 − β₁)): Adam with P frozen is stable below 1",
+    "gd_ratio": "η·λ_max(H_θ) / 2: GD is stable below 1 (Lemma 1)",
+    "drift_fraction": "uᵀP^{-1/2}H_drift P^{-1/2}u / λ_max(P⁻¹H_θ) at the top eigenvector u",
+    "signal_max": "λ_max(P^{-1/2}H_signal P^{-1/2})",
+    "drift_max": "λ_max(P^{-1/2}H_drift P^{-1/2})",
+    "step 0": "B = 0 and v holds one gradient, v_A = 0 so P_A = ε: the frozen-P edge does not describe "
+    "step 0; predictions use steps >= 1",
+}
+
+
+def broke_down(run: Run) -> bool:
+    """Diverged, or ended with a loss above the loss before fine-tuning."""
+    return run.diverged or not run.loss[-1] <= run.loss[0]
+
+
+#: How ``edge_prediction`` in ``dynamics.json`` is made (see :func:`signal_drift.edge.predict_breakdown`).
+EDGE_PREDICTION_DEFINITIONS = {
+    "early": "from the base run's records at steps 1 … curvature_early−1, where B ≈ 0 and the α-path "
+    "scaling (signal ×k, drift ×1 after preconditioning) applies",
+    "all_steps": "from every base-run record at step >= 1; later records reflect Adam's adaptation of v "
+    "to the base run's own trajectory",
+    "observed": "the first multiplier whose run diverged or ended above its starting loss",
+}
+
+
+def _max_ratio(recs: Sequence[Sharpness]) -> dict:
+    """The largest edge and GD ratios of a run at steps >= 1 (step 0 has P_A = ε)."""
+    later = [r for r in recs if r.step >= 1]
+    return {
+        "edge_ratio": max((r.edge_ratio for r in later), default=math.nan),
+        "gd_ratio": max((r.gd_ratio for r in later), default=math.nan),
+    }
+
+
+def _edge_prediction(runs, ks, min_step: int, max_step: int | None) -> dict | None:
+    base = runs["eta_scaling"].get(1.0)
+    if base is None or not base.sharpness:
+        return None
+    eta = {k: broke_down(runs["eta_scaling"][k]) for k in ks}
+    alpha = {k: broke_down(runs["alpha_scaling"][k]) for k in ks if k in runs["alpha_scaling"]}
+    try:
+        return predict_breakdown(base.sharpness, eta, alpha, min_step=min_step, max_step=max_step).to_json()
+    except InputError as err:
+        return {"error": str(err)}

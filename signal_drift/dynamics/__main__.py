@@ -19,10 +19,14 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.4f}"
 
 
+def _k(x) -> str:
+    return "none in the grid" if x is None else ("∞" if x == "inf" else f"{float(x):.3g}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
     p = ConfigParser(DynamicsConfig, prog=PROG, description=__doc__)
-    p.add_output("out/dynamics", figures="fig2.png")
+    p.add_output("out/dynamics", figures="fig2.png, edge.png")
     cfg, a = p.parse_config(argv)
     res = run_dynamics(cfg, progress=sys.stderr.isatty())
     summary = res.to_json()
@@ -62,9 +66,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  λ_max(H_θ): {lc['converged']}/{lc['measured']} converged"
             + (f", worst relative residual {worst:.1e}" if worst is not None else "")
         )
+    ep = summary.get("edge_prediction") or {}
+    for name, pred in ((n, ep.get(n)) for n in ("early", "all_steps")):
+        if pred and "error" not in pred:
+            pe, oe = _k(pred["predicted_eta"]), _k(pred["observed_eta"])
+            pa, oa = _k(pred["predicted_alpha"]), _k(pred["observed_alpha"])
+            print(
+                f"  Adam's edge, predicted from the base run ({name}): η-path breaks at k ≈ {pe} "
+                f"(observed {oe}), α-path at k ≈ {pa} (observed {oa}); drift share "
+                f"{pred['drift_fraction']:.2f} at the max ratio"
+            )
     te, ta = summary["trajectory_sdr_slope_eta"], summary["trajectory_sdr_slope_alpha"]
     print(f"  trajectory SDR slopes (findings, no exact prediction): η-path {te}, α-path {ta}")
-    print(f"  written: {out}/dynamics.json, dynamics_curves.json" + ("" if a.no_plot else ", fig2.png"))
+    print(
+        f"  written: {out}/dynamics.json, dynamics_curves.json"
+        + ("" if a.no_plot else ", fig2.png, edge.png")
+    )
     for w in summary["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     return 0

@@ -81,7 +81,9 @@ def _fig2_probes(ax, summary: dict) -> None:
 
 
 def plot_fig2(summary: dict, runs: dict, out_dir: str | Path) -> Path:
-    """Write ``fig2.png``: losses, λ_max(H_θ) against 2/η, SDR curves, final loss, one-step probes.
+    """Write ``fig2.png`` and, for Adam, ``edge.png`` (:func:`~signal_drift.plotting.plot_edge`).
+
+    ``fig2.png``: losses, λ_max(H_θ) against 2/η, SDR curves, final loss, one-step probes.
 
     Args:
         summary: the ``dynamics.json`` content (:class:`~signal_drift.dynamics.DynamicsResult`'s
@@ -153,4 +155,16 @@ def plot_fig2(summary: dict, runs: dict, out_dir: str | Path) -> Path:
     fig.tight_layout()
     path = out / "fig2.png"
     save_figure(fig, path)
+    if summary.get("sharpness", {}).get("eta_scaling"):
+        from ..plotting import plot_edge
+
+        broken = {p: {f"{k:g}": _broke(r) for k, r in runs[p].items()} for p in runs}
+        head = f"Adam's stability edge along both paths — MLP d={c['dim']}, r={c['rank']}, η0={c['lr0']:g}"
+        plot_edge(summary["sharpness"], broken, out / "edge.png", head)
     return path
+
+
+def _broke(run) -> bool:
+    from . import broke_down
+
+    return broke_down(run)

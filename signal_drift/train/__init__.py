@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .._errors import DivergenceError, InputError, check_positive_float, check_positive_int
+from ..edge import peft_sharpness
 from ..io import atomic_write_text
 from ..lm import (
     build_base_model,
@@ -89,6 +90,12 @@ class TrainConfig:
         precision: auto (bf16 on a CUDA GPU with native bf16, compute capability 8.0+, else fp32),
             fp32 or bf16.
         monitor_every: log per-layer signal/drift every N steps (0: off).
+        sharpness_every: every N steps, λ_max(H_θ), Adam's preconditioned sharpness with AdamW's own
+            state, the edge ratio and the drift share (:func:`signal_drift.edge.peft_sharpness`, in
+            float64 on ``sharpness_batch`` fixed training windows; 0: off). On rank 0 only.
+        sharpness_early: the same after each of the first N steps too.
+        sharpness_batch: windows the sharpness is measured on (the cost of each product).
+        sharpness_lanczos: cap on Lanczos steps per eigenvalue (the cost of each record).
         calibration: calibration.json of ``python -m signal_drift.calibrate``, PATH[:lambda|:trace].
     """
 
@@ -110,6 +117,10 @@ class TrainConfig:
     blowup: float = 10.0
     precision: str = "auto"
     monitor_every: int = 1
+    sharpness_every: int = 0
+    sharpness_early: int = 0
+    sharpness_batch: int = 4
+    sharpness_lanczos: int = 40
     calibration: str | None = None
     seed: int = 0
     out: str = "out/train"
@@ -139,6 +150,11 @@ class TrainConfig:
         if self.monitor_every < 0:
             raise InputError("monitor_every must be >= 0 (0 turns the signal/drift monitor off)",
                              fields=["monitor_every"])  # fmt: skip
+        for name in ("sharpness_every", "sharpness_early"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0 (0 turns it off)", fields=[name])
+        check_positive_int("sharpness_batch", self.sharpness_batch)
+        check_positive_int("sharpness_lanczos", self.sharpness_lanczos)
         if self.precision not in PRECISIONS:
             raise InputError(f"precision={self.precision!r} is invalid: use one of {list(PRECISIONS)}",
                              fields=["precision"])  # fmt: skip
@@ -175,7 +191,16 @@ def base_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 def _resume_key(config: dict) -> dict:
     """The settings a checkpoint must share with the run resuming it (precision: compared resolved)."""
-    free = ("steps", "precision", "micro_batch", "grad_checkpointing")  # a resume may change these
+    free = (
+        "steps",
+        "precision",
+        "micro_batch",
+        "grad_checkpointing",
+        "sharpness_every",
+        "sharpness_early",
+        "sharpness_batch",
+        "sharpness_lanczos",
+    )  # a resume may change these (measurements only)
     return {k: v for k, v in config.items() if k not in free}
 
 
@@ -264,7 +289,8 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
     # this run's device, processes and precision, never a checkpoint's
     run = {"device": str(dist.device), "processes": dist.world, "precision": precision}
     metrics = {"config": asdict(cfg) | {"model_dir": str(model_dir)}, "scales": scales, "train_loss": [],
-               "heldout_nll": [], "diverged_step": None, **run, "update_norms": {}}  # fmt: skip
+               "heldout_nll": [], "diverged_step": None, **run, "update_norms": {},
+               "sharpness": []}  # fmt: skip
     ckpt = out / "checkpoint.pt"
     start = 0
     if ckpt.is_file():
@@ -294,6 +320,10 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
             f"{len(scales)} modules, {where}")  # fmt: skip
     ddp = dist.wrap(model)
     val_ids = val_ids.to(dist.device)
+    sharp_ids = None
+    if (cfg.sharpness_every or cfg.sharpness_early) and dist.main:
+        sharp_ids = sample_windows(train_ids, cfg.sharpness_batch, cfg.seq_len,
+                                   torch.Generator().manual_seed(cfg.seed + 17)).to(dist.device)  # fmt: skip
 
     def evaluate() -> float:
         with _autocast(precision, dist.device):
@@ -335,6 +365,21 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
         if watch:
             monitor.after_step(step + 1)
         metrics["train_loss"].append((step + 1, value))
+        due = (
+            cfg.sharpness_every and (step + 1) % cfg.sharpness_every == 0
+        ) or step + 1 <= cfg.sharpness_early
+        if sharp_ids is not None and due:
+            try:
+                rec = peft_sharpness(
+                    model, opt, sharp_ids, step=step + 1, lanczos_steps=cfg.sharpness_lanczos
+                )
+            except InputError as err:  # a measurement that cannot be made must not stop training
+                metrics.setdefault("sharpness_skipped", []).append([step + 1, str(err)])
+                log(f"warning: sharpness at step {step + 1} not measured: {err}")
+            else:
+                metrics["sharpness"].append(rec.to_json())
+                for w in rec.warnings:
+                    log(f"warning: {w}")
         if dist.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             metrics["heldout_nll"].append((step + 1, evaluate()))
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:

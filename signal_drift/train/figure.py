@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 
 from ..plotting import alpha_star_panel, save_figure  # noqa: E402
 
-__all__ = ["plot_train_loss", "plot_update_norms", "plot_scaling_paths"]
+__all__ = ["plot_train_loss", "plot_update_norms", "plot_scaling_paths", "plot_base_edge"]
 
 
 def plot_train_loss(metrics: dict, path: str | Path, title: str = "") -> Path:
@@ -127,6 +127,38 @@ def plot_scaling_paths(result: dict, path: str | Path) -> Path:
     ax.set_ylabel("α*")
     ax.set_title("(b) Eq. 3: optimal α against rank")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return path
+
+
+def plot_base_edge(summary: dict, path: str | Path) -> Path:
+    """Adam's edge ratio and the drift share along each rank's base run (``sweep.json``'s ``edge``)."""
+    path = Path(path)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.3))
+    for i, (r, e) in enumerate(sorted(summary["edge"].items(), key=lambda kv: int(kv[0]))):
+        c = e["sharpness"]
+        x = np.asarray(c["step"], float)
+        for key, style, lab in (
+            ("edge_ratio", "o-", "Adam: η·λ_max(P⁻¹H_θ)/38"),
+            ("gd_ratio", "s:", "GD: η·λ_max(H_θ)/2"),
+        ):
+            y = np.asarray(c[key], float)
+            ok = np.isfinite(y) & (y > 0)
+            ax.loglog(x[ok], y[ok], style, color=f"C{i}", ms=3, lw=1, label=f"r={r}, {lab}")
+        f = np.asarray(c["drift_fraction"], float)
+        ok = np.isfinite(f)
+        bx.semilogx(x[ok], f[ok], "o-", color=f"C{i}", ms=3, lw=1, label=f"r={r}")
+    ax.axhline(1.0, color="k", lw=1)
+    ax.set_xlabel("step")
+    ax.set_title(
+        "base run (α0, η_FFT): ratio to each optimizer's edge (unconverged values not drawn)", fontsize=9
+    )
+    ax.legend(fontsize=7)
+    bx.set_xlabel("step")
+    bx.set_ylabel("drift share of λ_max(P⁻¹H_θ)")
+    bx.set_title("drift's share at the top preconditioned eigenvector", fontsize=9)
+    bx.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
     return path

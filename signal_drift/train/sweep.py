@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .._errors import DivergenceError, InputError, check_positive_float, check_positive_int
+from ..edge import columns, from_json, predict_breakdown
 from ..io import atomic_write_text
 from ..lm import build_base_model, check_model_dir
 from ..sweep import SweepAnalysis, analyse, cell_key, run_grid
@@ -54,6 +55,11 @@ class TrainSweepConfig:
         base_lr: η_FFT, the baseline learning rate shared by both paths.
         multipliers: the k of Eq. 2.
         steps: optimizer steps per run.
+        sharpness_every: the base run of each rank (k = 1) records Adam's sharpness every N steps
+            (:func:`signal_drift.edge.peft_sharpness`; 0 and ``sharpness_early`` 0: off).
+        sharpness_early: ... and after each of the first N steps, from which the crossing of each
+            path is predicted (:func:`signal_drift.edge.predict_breakdown`).
+        sharpness_lanczos: cap on Lanczos steps per eigenvalue of those records.
     """
 
     model: str | None = None
@@ -67,6 +73,9 @@ class TrainSweepConfig:
     batch_size: int = 16
     seq_len: int = 128
     pretrain_steps: int = 300
+    sharpness_every: int = 25
+    sharpness_early: int = 10
+    sharpness_lanczos: int = 60
     seed: int = 0
     out: str = "out/train_sweep"
 
@@ -84,8 +93,11 @@ class TrainSweepConfig:
             check_positive_float("base_alpha", self.base_alpha)
         check_positive_float("base_lr", self.base_lr)
         check_positive_float("gamma", self.gamma)
-        for name in ("steps", "batch_size", "seq_len"):
+        for name in ("steps", "batch_size", "seq_len", "sharpness_lanczos"):
             check_positive_int(name, getattr(self, name))
+        for name in ("sharpness_every", "sharpness_early"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0 (0 turns it off)", fields=[name])
         check_model_dir(self.model)
 
     def alpha0(self, rank: int) -> float:
@@ -103,6 +115,9 @@ def path_cells(cfg: TrainSweepConfig, model_dir: str) -> list[dict]:
                 cell = {"model": model_dir, "data": cfg.data, "rank": r, "alpha": float(alpha),
                         "lr": float(lr), "gamma": cfg.gamma, "steps": cfg.steps,
                         "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed}  # fmt: skip
+                if k == 1 and (cfg.sharpness_every or cfg.sharpness_early):  # the base run of both paths
+                    cell |= {"sharpness_every": cfg.sharpness_every, "sharpness_early": cfg.sharpness_early,
+                             "sharpness_lanczos": cfg.sharpness_lanczos}  # fmt: skip
                 if cell_key(cell) not in seen:
                     seen.add(cell_key(cell))
                     cells.append(cell)
@@ -119,7 +134,10 @@ def _run_cell(cell: dict, out: Path) -> dict:
                       alpha=cell["alpha"], lr=cell["lr"], gamma=cell["gamma"], steps=steps,
                       batch_size=cell["batch_size"], seq_len=cell["seq_len"], eval_every=steps,
                       checkpoint_every=max(steps // 4, 1), monitor_every=max(steps // 20, 1),
-                      seed=cell["seed"], out=str(out / "cells" / _cell_dir(cell)))  # fmt: skip
+                      seed=cell["seed"], out=str(out / "cells" / _cell_dir(cell)),
+                      sharpness_every=cell.get("sharpness_every", 0),
+                      sharpness_early=cell.get("sharpness_early", 0),
+                      sharpness_lanczos=cell.get("sharpness_lanczos", 40))  # fmt: skip
     try:
         m = train(cfg, log=lambda _: None)
     except DivergenceError as err:
@@ -129,7 +147,9 @@ def _run_cell(cell: dict, out: Path) -> dict:
     sdr = [s / d for rows in m["update_norms"].values() for _, s, d in rows if d > 0]
     # under torchrun only rank 0 evaluates and monitors; the other ranks' records are not written
     return {"heldout_nll": m.get("final_heldout_nll", math.nan), "diverged_step": None,
-            "sdr_median": statistics.median(sdr) if sdr else math.inf}  # fmt: skip
+            "sdr_median": statistics.median(sdr) if sdr else math.inf,
+            "heldout_nll_before": m["heldout_nll"][0][1] if m.get("heldout_nll") else math.nan,
+            **({"sharpness": m["sharpness"]} if m.get("sharpness") else {})}  # fmt: skip
 
 
 def _free() -> None:
@@ -161,16 +181,23 @@ class ScalingPaths:
             grid cell ``alpha_star_cell``, ``alpha_star_edge`` (ranks whose α* is the smallest α
             tried, k = 1, an upper bound only, or the largest, a lower bound only) and the ``fit``
             over the bracketed ranks with its ``k_grid_range``.
+        edge: ``{r: {"sharpness": columns of the base run, "early": Breakdown, "all_steps":
+            Breakdown}}``: where Adam's edge, measured along the base run, predicts each path to
+            break down (diverged, or held-out NLL above its value before fine-tuning) beside where
+            it did (:func:`~signal_drift.edge.predict_breakdown`); ranks whose base run has no
+            records are left out.
     """
 
     paths: dict[str, dict[str, list[list[float]]]]
     best_k: dict[str, dict[str, float | None]]
     alpha_path: SweepAnalysis
+    edge: dict[str, dict] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """The analysis as ``sweep.json`` holds it (without ``config``)."""
         return json.loads(json.dumps({"paths": self.paths, "best_k": self.best_k})) | {
-            "alpha_path": self.alpha_path.to_json()
+            "alpha_path": self.alpha_path.to_json(),
+            "edge": json.loads(json.dumps(self.edge)),
         }
 
 
@@ -201,7 +228,7 @@ def analyse_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> ScalingPath
         A :class:`ScalingPaths`; its ``alpha_path`` is :func:`~signal_drift.sweep.analyse` of
         the α-path records, scored by ``heldout_nll``.
     """
-    paths, best_k, alpha_recs = {}, {}, []
+    paths, best_k, alpha_recs, edges = {}, {}, [], {}
     for r in cfg.ranks:
         a0 = cfg.alpha0(r)
         rows = {"eta": [], "alpha": []}
@@ -217,7 +244,43 @@ def analyse_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> ScalingPath
             p: min((row for row in v if math.isfinite(row[1])), key=lambda row: row[1], default=[None])[0]
             for p, v in rows.items()
         }
-    return ScalingPaths(paths, best_k, analyse(alpha_recs, metric="heldout_nll"))
+        edge = _edge(records, cfg, r)
+        if edge is not None:
+            edges[str(r)] = edge
+    return ScalingPaths(paths, best_k, analyse(alpha_recs, metric="heldout_nll"), edges)
+
+
+def _edge(records: Sequence[dict], cfg: TrainSweepConfig, r: int) -> dict | None:
+    """Predicted vs observed breakdown of both paths at rank ``r`` from its base run's records."""
+    a0 = cfg.alpha0(r)
+    base = next(
+        (rec for rec in records if _is_cell(rec["cell"], r, a0, cfg.base_lr) and rec.get("sharpness")), None
+    )
+    if base is None:
+        return None
+    before = base["heldout_nll_before"]
+
+    def broke(alpha: float, lr: float) -> bool | None:
+        rec = next((rec for rec in records if _is_cell(rec["cell"], r, alpha, lr)), None)
+        return None if rec is None else not rec["heldout_nll"] <= before  # NaN (diverged) counts
+
+    outcomes = {
+        p: {k: b for k in cfg.multipliers if (b := broke(*((a0, k * cfg.base_lr) if p == "eta" else
+                                                          (k * a0, cfg.base_lr)))) is not None}
+        for p in ("eta", "alpha")
+    }  # fmt: skip
+    recs = [from_json(x) for x in base["sharpness"]]
+    out = {"sharpness": columns(recs), "heldout_nll_before": before}
+    early = max(base["cell"].get("sharpness_early", 0), 2)
+    for name, last in (("early", early), ("all_steps", None)):
+        try:
+            # step 1's v holds one gradient with ∇_A L = 0 (B = 0): P_A = ε, the frozen-P edge does not apply
+            out[name] = predict_breakdown(
+                recs, outcomes["eta"], outcomes["alpha"], min_step=2, max_step=last
+            ).to_json()
+        except InputError as err:
+            out[name] = {"error": str(err)}
+    return out
 
 
 def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) -> TrainSweepResult:
@@ -252,4 +315,8 @@ def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) ->
         summary = result.to_json()
         atomic_write_text(out / "sweep.json", json.dumps(summary, indent=1) + "\n")
         plot_scaling_paths(summary, out / "eq2.png")
+        if summary["edge"]:
+            from .figure import plot_base_edge
+
+            plot_base_edge(summary, out / "edge.png")
     return result

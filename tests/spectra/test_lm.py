@@ -205,7 +205,9 @@ def test_cli_runs_and_torchrun_two_processes_equal_one(model_dir, tmp_path):
     assert [r["k"] for r in init["alphas"]] == [1.0, 4.0]
     # Prop. 1 measured against plain-autograd H_θ at every α, and the 1/α identity at init
     assert max(r["identity_residual"] for p in one["points"].values() for r in p["alphas"]) < 1e-10
-    assert init["drift_over_signal_slope"] == pytest.approx(-1.0, abs=1e-9)  # one sketch for every k: identity
+    assert init["drift_over_signal_slope"] == pytest.approx(
+        -1.0, abs=1e-9
+    )  # one sketch for every k: identity
     assert all("trace_rule_ratio" in x for x in init["layers"])
     two = _run(["--model", str(model_dir), *SMALL], tmp_path / "two", nproc=2)
     assert two["config"]["processes"] == 2 and two["tokens"] == one["tokens"]

@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 import weakref
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("peft")
@@ -73,7 +75,7 @@ def test_diverged_cells_are_never_best():
 def sweep(tmp_path_factory):
     base = build_base_model(tmp_path_factory.mktemp("base") / "model", steps=30, seq_len=32)
     cfg = TrainSweepConfig(model=str(base), ranks=(2, 4), multipliers=(1, 8), steps=6, batch_size=8, seq_len=32,
-                           out=str(tmp_path_factory.mktemp("sweep")))  # fmt: skip
+                           sharpness_every=0, sharpness_early=3, out=str(tmp_path_factory.mktemp("sweep")))  # fmt: skip
     return cfg, run_train_sweep(cfg, log=lambda _: None)
 
 
@@ -85,6 +87,30 @@ def test_sdr_falls_along_the_eta_path_and_not_along_the_alpha_path(sweep):
         assert s8 / s1 > 1 / 16 and s8 / s1 < 1 / 4  # ≈ 1/8
         (_, _, a1), (_, _, a8) = paths["alpha"]
         assert 0.8 < a8 / a1 < 1.25
+
+
+def test_base_runs_predict_each_paths_edge(sweep):
+    """Each rank's base run records Adam's sharpness; the predictions follow from its records."""
+    cfg, result = sweep
+    assert set(result.analysis.edge) == {"2", "4"}
+    for e in result.analysis.edge.values():
+        c = e["sharpness"]
+        assert c["step"] == [1, 2, 3] and all(x > 0 for x in c["edge_ratio"])
+        pred = e["early"]
+        assert pred["records_used"] == [2, 3]  # step 1: v_A = 0 exactly (∇_A L = 0 at B = 0), P_A = ε
+        assert pred["predicted_eta"] == pytest.approx(1 / max(c["edge_ratio"][1:]))
+        rho, f = np.asarray(c["edge_ratio"][1:]), np.asarray(c["drift_fraction"][1:])
+        k_alpha = np.where(
+            f < 1, (1 - rho * f) / (rho * (1 - f)), np.inf
+        )  # no crossing where the signal share <= 0
+        assert pred["predicted_alpha"] == pytest.approx(float(np.min(k_alpha)))
+        assert set(pred) >= {"observed_eta", "observed_alpha", "within_2_eta", "within_2_alpha"}
+        assert math.isfinite(e["heldout_nll_before"])
+    assert (Path(cfg.out) / "edge.png").stat().st_size > 0
+    assert (
+        json.loads((Path(cfg.out) / "sweep.json").read_text())["edge"]["2"]["early"]
+        == result.analysis.edge["2"]["early"]
+    )
 
 
 def test_a_rerun_resumes_every_finished_cell(sweep):
@@ -129,7 +155,13 @@ def test_a_cell_frees_its_model_before_the_next_loads(tmp_path, sweep, monkeypat
 
     monkeypatch.setattr(peft, "get_peft_model", get_peft_model)
     cfg = TrainSweepConfig(
-        model=sweep[0].model, ranks=(2,), multipliers=(1,), steps=2, batch_size=4, seq_len=32
+        model=sweep[0].model,
+        ranks=(2,),
+        multipliers=(1,),
+        steps=2,
+        batch_size=4,
+        seq_len=32,
+        sharpness_early=0,
     )
     cell = path_cells(cfg, cfg.model)[0]
     assert math.isfinite(_run_cell(cell, tmp_path)["heldout_nll"])

@@ -50,6 +50,22 @@ def test_every_step_is_split_into_signal_and_drift_per_layer(tmp_path, base):
     assert (tmp_path / "signal_drift.png").stat().st_size > 0
 
 
+def test_adam_sharpness_is_recorded_along_training(tmp_path, base):
+    """Records after steps 1, 2 (early) and 4 (every 4), with AdamW's own η and β₁; a resume may change them."""
+    cfg = dict(model=str(base), steps=4, lr=1e-3, out=str(tmp_path), sharpness_every=4, sharpness_early=2,
+               sharpness_lanczos=80, **SMALL)  # fmt: skip
+    m = train(TrainConfig(**cfg), log=quiet)
+    recs = m["sharpness"]
+    assert [r["step"] for r in recs] == [1, 2, 4]
+    for r in recs:
+        assert r["lr"] == 1e-3 and r["beta1"] == 0.9
+        assert math.isfinite(r["preconditioned"]) and r["preconditioned"] > 0
+        assert r["edge_ratio"] == pytest.approx(1e-3 * r["preconditioned"] / 38.0)
+        assert r["signal_share"] + r["drift_share"] == pytest.approx(r["preconditioned"], rel=1e-5)
+    m2 = train(TrainConfig(**(cfg | {"steps": 5, "sharpness_every": 5})), log=quiet)  # resumes at step 4
+    assert [r["step"] for r in m2["sharpness"]] == [1, 2, 4, 5]
+
+
 def test_bf16_autocast_trains(tmp_path, base):
     m = train(TrainConfig(model=str(base), steps=10, lr=3e-4, precision="bf16", out=str(tmp_path), **SMALL),
               log=quiet)  # fmt: skip
@@ -196,7 +212,9 @@ def test_user_corpus_and_bad_inputs(tmp_path, base):
 
 @pytest.mark.parametrize("args,needle", [(["--rank", "0"], "--rank=0"), (["--scaling", "huge"], "--scaling"),
                                          (["--model", "/nonexistent"], "--model"), (["--precision", "fp8"], "--precision"),
-                                         (["--monitor-every", "-1"], "--monitor-every")])  # fmt: skip
+                                         (["--monitor-every", "-1"], "--monitor-every"),
+                                         (["--sharpness-every", "-1"], "--sharpness-every"),
+                                         (["--sharpness-lanczos", "0"], "--sharpness-lanczos")])  # fmt: skip
 def test_cli_rejects_bad_input(tmp_path, args, needle):
     out = tmp_path / "o"
     assert_cli_refuses(["signal_drift.train", *args, "--out", str(out)], needle, out)
