@@ -146,7 +146,14 @@ def test_frozen_state_probe_is_not_alpha_invariant_at_a_checkpoint():
 
 def test_dynamics_runs_both_paths_and_reports_slopes():
     cfg = DynamicsConfig(
-        dim=6, rank=2, samples=64, steps=12, multipliers=(1, 4, 400), lr0=0.02, curvature_every=6
+        dim=6,
+        rank=2,
+        samples=64,
+        steps=12,
+        multipliers=(1, 4, 400),
+        lr0=0.02,
+        curvature_every=6,
+        curvature_early=2,
     )
     s = run_dynamics(cfg).summary
     assert set(s["eta_scaling"]) == set(s["alpha_scaling"]) == {"1", "4", "400"}
@@ -160,7 +167,20 @@ def test_dynamics_runs_both_paths_and_reports_slopes():
         for got, want in zip(p["sdr_alpha_consistent"], p["sdr_alpha_consistent_predicted"], strict=True):
             assert math.isclose(got, want, rel_tol=1e-6)  # Adam's ε: O(ε/√v)
     curv = s["curvature"]["eta_scaling"]["1"]
-    assert curv["steps"] == [0, 6] and curv["converged"] == [True, True]
+    assert curv["steps"] == [0, 1, 6] and curv["converged"] == [True, True, True]
+    sh = s["sharpness"]["eta_scaling"]["1"]
+    assert sh["step"] == [0, 1, 6] and sh["lambda_max"] == curv["lambda_max"]
+    assert all(
+        r == pytest.approx(0.02 * p / 38.0)
+        for r, p in zip(sh["edge_ratio"], sh["preconditioned"], strict=True)
+    )
+    pred = s["edge_prediction"]["early"]
+    assert (
+        pred["records_used"] == [1]
+        and pred["observed_eta"] == 400
+        and pred["predicted_eta"] == pytest.approx(1 / sh["edge_ratio"][1])
+    )
+    assert s["edge_prediction"]["all_steps"]["records_used"] == [1, 6]
     assert all(r <= 1e-6 * abs(v) for r, v in zip(curv["residual"], curv["lambda_max"], strict=True))
     lc = s["lambda_max_convergence"]
     assert lc["measured"] == lc["converged"] > 0 and lc["max_relative_residual_converged"] < 1e-6
@@ -169,9 +189,16 @@ def test_dynamics_runs_both_paths_and_reports_slopes():
 def test_unconverged_lambda_max_is_nan_with_its_residual_and_a_warning():
     problem = mlp_problem()
     run = train_lora(problem, init_theta(problem), steps=5, lr=0.02, curvature_every=4, lanczos_steps=3)
-    for c in run.lambda_max:
+    for c, sh in zip(run.lambda_max, run.sharpness, strict=True):  # Adam: λ_max comes with Adam's sharpness
+        assert not c.converged and math.isnan(c.value) and c.residual > 1e-6 and c.matvecs == sh.matvecs <= 20
+        assert f"step {c.step}: λ_max(H_θ) =" in c.warning and "not converged after 4 products" in c.warning
+        assert math.isnan(sh.preconditioned) and len(sh.warnings) == 4  # H_θ, P⁻¹H_θ, P⁻¹S, P⁻¹D
+    run = train_lora(problem, init_theta(problem), steps=5, lr=0.02, optimizer="sgd", curvature_every=4,
+                     lanczos_steps=3)  # fmt: skip
+    for c in run.lambda_max:  # without Adam: λ_max alone
         assert not c.converged and math.isnan(c.value) and c.residual > 1e-6 and c.matvecs <= 4
         assert f"λ_max(H_θ) at step {c.step} =" in c.warning and "not converged" in c.warning
+    assert run.sharpness == []
     run = train_lora(problem, init_theta(problem), steps=5, lr=0.02, curvature_every=4)
     assert all(c.converged and c.warning is None and c.residual <= 1e-6 * c.value for c in run.lambda_max)
 
@@ -179,7 +206,8 @@ def test_unconverged_lambda_max_is_nan_with_its_residual_and_a_warning():
 def test_unconverged_lambda_max_reaches_the_json_the_warnings_and_stderr(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "signal_drift.dynamics", "--dim", "6", "--rank", "2", "--samples", "32", "--steps", "6",
-         "--multipliers", "1", "2", "--curvature-every", "3", "--lanczos-steps", "2", "--out", str(tmp_path)],
+         "--multipliers", "1", "2", "--curvature-every", "3", "--curvature-early", "0", "--lanczos-steps", "2",
+         "--out", str(tmp_path)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -189,6 +217,7 @@ def test_unconverged_lambda_max_reaches_the_json_the_warnings_and_stderr(tmp_pat
     assert js["lambda_max_convergence"]["converged"] == 0 and js["lambda_max_convergence"]["measured"] == 6
     lines = [w for w in js["warnings"] if "not converged" in w]
     assert len(lines) == 6 and all(f"warning: {w}" in r.stderr for w in lines)
+    assert all(math.isnan(v) for v in js["sharpness"]["alpha_scaling"]["2"]["preconditioned"])
     assert (tmp_path / "fig2.png").stat().st_size > 0  # the plot skips the NaN
 
 
@@ -206,7 +235,8 @@ def test_dynamics_cli_writes_json_and_figure(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [(["--rank", "0"], "--rank=0"), (["--optimizer", "lbfgs"], "--optimizer"),
-                                         (["--multipliers", "1", "0"], "--multipliers")])  # fmt: skip
+                                         (["--multipliers", "1", "0"], "--multipliers"),
+                                         (["--curvature-early", "-1"], "--curvature-early")])  # fmt: skip
 def test_dynamics_cli_rejects_bad_input(tmp_path, args, needle):
     out = tmp_path / "o"
     assert_cli_refuses(["signal_drift.dynamics", "--dim", "6", *args, "--out", str(out)], needle, out)
@@ -228,3 +258,33 @@ def test_divergence_is_surfaced_as_a_warning():
     )
     s = run_dynamics(cfg).summary
     assert any("eta_scaling k=1000 diverged at step" in w for w in s["warnings"])
+
+
+def test_adam_sharpness_uses_the_preconditioner_of_the_step_it_records():
+    """The record at step t: H_θ at θ_t and P from the Adam state after step t's moment update.
+
+    Checked against dense eigenvalues of P^{-1/2} H_θ P^{-1/2} built here (torch.func H_θ, P from
+    the checkpointed state advanced by one gradient by hand).
+    """
+    from cases import dense_reference
+
+    problem = mlp_problem()
+    run = train_lora(problem, init_theta(problem), steps=4, lr=0.02, curvature_every=0, curvature_early=3,
+                     checkpoints=(2,))  # fmt: skip
+    assert [r.step for r in run.sharpness] == [0, 1, 2]
+    theta, state = run.checkpoints[2]
+    g = grad(problem.loss_theta)(theta)
+    v = {k: 0.999 * state.v[k] + 0.001 * g[k] ** 2 for k in theta}
+    P = torch.cat(
+        [
+            ((v[k] / (1 - 0.999 ** (state.t + 1))).sqrt() + 1e-8).reshape(-1)
+            for k in problem.theta_layout.names
+        ]
+    )
+    d = P.rsqrt()
+    ref = dense_reference(problem, theta)
+    ev = torch.linalg.eigvalsh(d[:, None] * ref.H_theta * d[None, :])
+    rec = run.sharpness[2]
+    assert rec.preconditioned == pytest.approx(float(ev[-1]), rel=1e-8)
+    assert rec.lambda_max == pytest.approx(float(torch.linalg.eigvalsh(ref.H_theta)[-1]), rel=1e-8)
+    assert rec.edge_ratio == pytest.approx(0.02 * float(ev[-1]) / 38.0, rel=1e-8)
