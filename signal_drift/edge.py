@@ -53,7 +53,7 @@ __all__ = [
     "predict_breakdown",
     "observed_breakdown",
     "peft_sharpness",
-    "SharpnessCallback",
+    "SharpnessCallback",  # noqa: F822 - built on first access (module __getattr__)
 ]
 
 #: GD on a quadratic is stable while ``η · λ_max(H) < 2`` (Lemma 1).
@@ -521,82 +521,98 @@ def _active_adapter(model: torch.nn.Module) -> str:
     return active[0]
 
 
-def _trainer_callback_base():
-    try:
-        from transformers import TrainerCallback  # optional dependency
-    except ImportError:  # pragma: no cover - transformers is an optional extra
-        return object
-    return TrainerCallback
+def __getattr__(name: str):
+    """Build ``SharpnessCallback`` on first use.
 
-
-class SharpnessCallback(_trainer_callback_base()):
-    """``transformers.Trainer`` callback: GD's and Adam's sharpness of the LoRA Hessian every N steps.
-
-    Every ``every`` optimizer steps (and at each of the first ``early``), on a fixed ``data`` batch,
-    :func:`peft_sharpness` measures ``λ_max(H_θ)``, Adam's preconditioned sharpness with the
-    optimizer's own ``v``, the edge ratio ``η·λ_max(P⁻¹H_θ)/((2+2β₁)/(1−β₁))``, GD's ratio
-    ``η·λ_max(H_θ)/2`` and the drift share. Each record is appended to ``state.log_history``
-    (keys ``sharpness/...``) and to :attr:`records`; the first time the edge ratio reaches ``warn_at``
-    a ``UserWarning`` says so (once per run). ``η`` is the optimizer's current learning rate: after
-    the scheduler's step, the rate of the next update.
-
-    Cost per record: ``2–4`` Lanczos runs of at most ``lanczos_steps`` Hessian-vector products on
-    ``data``, each one forward and two backwards in ``dtype`` (bounded by the batch and the steps).
-
-    Args:
-        data: token ids ``[N, T]`` (or batches) to measure on, e.g. a few training windows.
-        every: record every this many optimizer steps (``> 0``).
-        early: also record at each of the first this many steps.
-        lanczos_steps: cap per eigenvalue.
-        parts: also the preconditioned signal and drift maxima.
-        warn_at: warn once when the edge ratio reaches this (default 0.8).
-        dtype: precision of the measurement (float64 copy of the model by default).
-
-    Raises:
-        InputError: ``every <= 0``; at the first record, a model without LoRA layers or an
-            optimizer without Adam state.
+    Subclassing ``transformers.TrainerCallback`` imports ``transformers.trainer_utils`` (and PEFT):
+    seconds that importing this module (and ``dynamics``) should not cost.
     """
+    if name == "SharpnessCallback":
+        cls = _sharpness_callback()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def __init__(
-        self,
-        data,
-        every: int = 50,
-        *,
-        early: int = 0,
-        lanczos_steps: int = 40,
-        parts: bool = True,
-        warn_at: float = 0.8,
-        dtype: torch.dtype | None = torch.float64,
-    ):
-        if not isinstance(every, int) or every <= 0:
-            raise InputError(f"every={every!r} is invalid: need a positive number of steps")
-        if early < 0:
-            raise InputError(f"early={early!r} is invalid: need >= 0")
-        self.data, self.every, self.early = data, every, early
-        self.lanczos_steps, self.parts, self.warn_at, self.dtype = lanczos_steps, parts, warn_at, dtype
-        self.records: list[Sharpness] = []
-        self.warned = False
 
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        """Measure after the optimizer step numbered ``state.global_step``."""
-        step = state.global_step
-        if not (step % self.every == 0 or step <= self.early):
-            return
-        opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-        rec = peft_sharpness(model, opt, self.data, step=step, lanczos_steps=self.lanczos_steps,
-                             parts=self.parts, dtype=self.dtype)  # fmt: skip
-        self.records.append(rec)
-        js = rec.to_json()
-        entry = {f"sharpness/{k}": js[k] for k in ("lambda_max", "preconditioned", "gd_ratio", "edge_ratio",
-                                                   "drift_fraction", "signal_max", "drift_max")}  # fmt: skip
-        state.log_history.append({"step": step, **entry})
-        for w in rec.warnings:
-            warnings.warn(w, stacklevel=2)
-        if not self.warned and math.isfinite(rec.edge_ratio) and rec.edge_ratio >= self.warn_at:
-            self.warned = True
-            warnings.warn(
-                f"step {step}: η·λ_max(P⁻¹H_θ) is {rec.edge_ratio:.0%} of Adam's edge "
-                f"{adam_edge(rec.beta1):.3g} (drift share {rec.drift_fraction:.2f}): the run is near its "
-                "stability limit",
-                stacklevel=2,
-            )
+def _sharpness_callback() -> type:
+    try:
+        from transformers import TrainerCallback as base  # optional dependency
+    except ImportError:  # pragma: no cover - transformers is an optional extra
+        base = object
+
+    class SharpnessCallback(base):
+        """``transformers.Trainer`` callback: GD's and Adam's sharpness of the LoRA Hessian every N steps.
+
+        Every ``every`` optimizer steps (and at each of the first ``early``), on a fixed ``data`` batch,
+        :func:`peft_sharpness` measures ``λ_max(H_θ)``, Adam's preconditioned sharpness with the
+        optimizer's own ``v``, the edge ratio ``η·λ_max(P⁻¹H_θ)/((2+2β₁)/(1−β₁))``, GD's ratio
+        ``η·λ_max(H_θ)/2`` and the drift share. Each record is appended to ``state.log_history``
+        (keys ``sharpness/...``) and to :attr:`records`; the first time the edge ratio reaches ``warn_at``
+        a ``UserWarning`` says so (once per run). ``η`` is the optimizer's current learning rate: after
+        the scheduler's step, the rate of the next update.
+
+        Cost per record: ``2–4`` Lanczos runs of at most ``lanczos_steps`` Hessian-vector products on
+        ``data``, each one forward and two backwards in ``dtype`` (bounded by the batch and the steps).
+
+        Args:
+            data: token ids ``[N, T]`` (or batches) to measure on, e.g. a few training windows.
+            every: record every this many optimizer steps (``> 0``).
+            early: also record at each of the first this many steps.
+            lanczos_steps: cap per eigenvalue.
+            parts: also the preconditioned signal and drift maxima.
+            warn_at: warn once when the edge ratio reaches this (default 0.8).
+            dtype: precision of the measurement (float64 copy of the model by default).
+
+        Raises:
+            InputError: ``every <= 0``; at the first record, a model without LoRA layers or an
+                optimizer without Adam state.
+        """
+
+        def __init__(
+            self,
+            data,
+            every: int = 50,
+            *,
+            early: int = 0,
+            lanczos_steps: int = 40,
+            parts: bool = True,
+            warn_at: float = 0.8,
+            dtype: torch.dtype | None = torch.float64,
+        ):
+            if not isinstance(every, int) or every <= 0:
+                raise InputError(f"every={every!r} is invalid: need a positive number of steps")
+            if early < 0:
+                raise InputError(f"early={early!r} is invalid: need >= 0")
+            self.data, self.every, self.early = data, every, early
+            self.lanczos_steps, self.parts, self.warn_at, self.dtype = lanczos_steps, parts, warn_at, dtype
+            self.records: list[Sharpness] = []
+            self.warned = False
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            """Measure after the optimizer step numbered ``state.global_step``."""
+            step = state.global_step
+            if not (step % self.every == 0 or step <= self.early):
+                return
+            opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+            rec = peft_sharpness(model, opt, self.data, step=step, lanczos_steps=self.lanczos_steps,
+                                 parts=self.parts, dtype=self.dtype)  # fmt: skip
+            self.records.append(rec)
+            js = rec.to_json()
+            keys = ("lambda_max", "preconditioned", "gd_ratio", "edge_ratio", "drift_fraction", "signal_max",
+                    "drift_max")  # fmt: skip
+            entry = {f"sharpness/{k}": js[k] for k in keys}
+            state.log_history.append({"step": step, **entry})
+            for w in rec.warnings:
+                warnings.warn(w, stacklevel=2)
+            if not self.warned and math.isfinite(rec.edge_ratio) and rec.edge_ratio >= self.warn_at:
+                self.warned = True
+                warnings.warn(
+                    f"step {step}: η·λ_max(P⁻¹H_θ) is {rec.edge_ratio:.0%} of Adam's edge "
+                    f"{adam_edge(rec.beta1):.3g} (drift share {rec.drift_fraction:.2f}): the run is near its "
+                    "stability limit",
+                    stacklevel=2,
+                )
+
+    SharpnessCallback.__module__ = __name__
+    SharpnessCallback.__qualname__ = "SharpnessCallback"
+    return SharpnessCallback
