@@ -87,6 +87,8 @@ class MLPSweepConfig:
         ranks: LoRA ranks r, each 1..dim.
         alphas: the α of the grid.
         lrs: the learning rates η of the grid.
+        seeds: replicate every cell at these seeds (task, base MLP, A init); empty: ``seed`` alone.
+            With two or more, ``sweep.json`` gains ``over_seeds`` (:func:`findings_over_seeds`).
     """
 
     dim: int = 32
@@ -97,6 +99,7 @@ class MLPSweepConfig:
     ranks: tuple[int, ...] = (1, 2, 4, 8)
     alphas: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+    seeds: tuple[int, ...] = ()
     seed: int = 0
 
     def validate(self) -> None:
@@ -109,18 +112,22 @@ class MLPSweepConfig:
             check_positive_float("alphas", a)
         for lr in self.lrs:
             check_positive_float("lrs", lr)
+        if len(set(self.replicates)) != len(self.replicates) or any(s < 0 for s in self.replicates):
+            raise InputError(
+                f"seeds={list(self.seeds)} is invalid: need distinct seeds >= 0", fields=["seeds"]
+            )
+
+    @property
+    def replicates(self) -> tuple[int, ...]:
+        """The seeds every cell is run at: ``seeds``, or ``(seed,)`` when it is empty."""
+        return tuple(self.seeds) or (self.seed,)
 
     def cells(self) -> list[dict]:
-        """Every grid point as a dict (with the settings that define it)."""
-        base = {
-            "dim": self.dim,
-            "depth": self.depth,
-            "samples": self.samples,
-            "steps": self.steps,
-            "seed": self.seed,
-        }
+        """Every grid point at every seed as a dict (with the settings that define it)."""
+        base = {"dim": self.dim, "depth": self.depth, "samples": self.samples, "steps": self.steps}
         return [
-            base | {"rank": r, "alpha": float(a), "lr": float(lr)}
+            base | {"seed": s, "rank": r, "alpha": float(a), "lr": float(lr)}
+            for s in self.replicates
             for r in self.ranks
             for a in self.alphas
             for lr in self.lrs
@@ -320,6 +327,103 @@ def analyse(records: Sequence[dict], metric: str = "test_loss") -> SweepAnalysis
             "the fit needs 2"
         ),
     )
+
+
+def _verdict(
+    iv: dict | None, null: float, wanted_sign: int | None = None, target: float | None = None
+) -> str:
+    """``reproduced`` / ``not reproduced`` / ``not resolved at this budget`` from an interval."""
+    if iv is None:
+        return "not resolved at this budget (fewer than 2 seeds)"
+    lo, hi = iv["low"], iv["high"]
+    if target is not None:
+        return "reproduced (the interval contains it)" if lo <= target <= hi else "not reproduced (excluded)"
+    if lo > null:
+        return "reproduced" if wanted_sign == 1 else "not reproduced (the opposite holds)"
+    if hi < null:
+        return "reproduced" if wanted_sign == -1 else "not reproduced (the opposite holds)"
+    return "not resolved at this budget (the interval contains no effect)"
+
+
+def findings_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric: str = "test_loss") -> dict:
+    """Findings I and III with intervals over seeds (:mod:`signal_drift.replicates`).
+
+    Per seed: the best loss over η at each (r, α) and ``η*``; α*(r) refined between grid points
+    (:func:`~signal_drift.replicates.refine_argmin`; NaN where the optimum sits at the grid's edge).
+    Then, Student-t over seeds:
+
+    - Finding I(a), ``η*`` falls as α grows: per seed the mean over ranks of the log–log slope of
+      ``η*`` against α; reproduced when the interval is below 0.
+    - Finding I(b), the best loss improves with α: per seed the mean over ranks of the slope of the
+      best loss against ``log₂ α``; reproduced when the interval is below 0.
+    - Finding III, ``α* = c·r^k`` with ``k ≈ ½``: :func:`~signal_drift.replicates.fit_power_law_seeds`
+      over the refined α*; "reproduced" when the interval of ``k`` contains ½.
+
+    Returns:
+        ``{"seeds", "cells": {r: {α: over_seeds of the best loss}}, "eta_star_slope",
+        "best_loss_slope", "alpha_star": {r: [per seed]}, "fit", "verdicts"}``.
+    """
+    from ..intervals import mean_interval
+    from ..replicates import fit_power_law_seeds, over_seeds, refine_argmin
+
+    seeds = list(seeds)
+    ranks = sorted({rec["cell"]["rank"] for rec in records})
+    alphas = sorted({rec["cell"]["alpha"] for rec in records})
+    best = np.full((len(seeds), len(ranks), len(alphas)), np.nan)
+    eta = np.full_like(best, np.nan)
+    for rec in records:
+        c = rec["cell"]
+        if c["seed"] not in seeds:
+            continue
+        i, j, k = seeds.index(c["seed"]), ranks.index(c["rank"]), alphas.index(c["alpha"])
+        v = rec.get(metric, math.nan)
+        if math.isfinite(v) and not v >= best[i, j, k]:
+            best[i, j, k], eta[i, j, k] = v, c["lr"]
+    la = np.log2(np.asarray(alphas))
+    eta_slope, loss_slope, a_star = [], [], np.full((len(seeds), len(ranks)), np.nan)
+    for i in range(len(seeds)):
+        es, ls = [], []
+        for j in range(len(ranks)):
+            ok = np.isfinite(best[i, j])
+            if ok.sum() >= 2:
+                es.append(np.polyfit(np.log(np.asarray(alphas)[ok]), np.log(eta[i, j, ok]), 1)[0])
+                ls.append(np.polyfit(la[ok], best[i, j, ok], 1)[0])
+            a = refine_argmin(alphas, best[i, j])
+            inner = math.isfinite(a) and alphas[0] < a < alphas[-1]
+            a_star[i, j] = a if inner else math.nan
+        eta_slope.append(float(np.mean(es)) if es else math.nan)
+        loss_slope.append(float(np.mean(ls)) if ls else math.nan)
+
+    def iv(x: list[float]) -> dict | None:
+        x = [v for v in x if math.isfinite(v)]
+        return (
+            mean_interval(np.asarray(x), 0.95, f"Student-t over {len(x)} seeds").to_json()
+            if len(x) > 1
+            else None
+        )
+
+    try:
+        fit = fit_power_law_seeds([float(r) for r in ranks], a_star.tolist())
+    except InputError as err:
+        fit = {"skipped": str(err)}
+    e_iv, l_iv = iv(eta_slope), iv(loss_slope)
+    return {
+        "seeds": seeds,
+        "metric": metric,
+        "cells": {
+            str(r): {f"{a:g}": over_seeds(list(best[:, j, k])) for k, a in enumerate(alphas)}
+            for j, r in enumerate(ranks)
+        },  # fmt: skip
+        "eta_star_slope": {"per_seed": eta_slope, "interval": e_iv},
+        "best_loss_slope": {"per_seed": loss_slope, "interval": l_iv},
+        "alpha_star": {str(r): [float(v) for v in a_star[:, j]] for j, r in enumerate(ranks)},
+        "fit": fit,
+        "verdicts": {
+            "finding_1_eta_star_falls": _verdict(e_iv, 0.0, -1),
+            "finding_1_loss_improves_with_alpha": _verdict(l_iv, 0.0, -1),
+            "finding_3_k_is_half": _verdict(fit.get("k"), 0.0, target=0.5),
+        },
+    }
 
 
 def describe_alpha_star(analysis: SweepAnalysis) -> list[str]:

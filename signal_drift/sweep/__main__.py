@@ -10,7 +10,15 @@ from pathlib import Path
 from .._errors import run_cli
 from ..io import atomic_write_text
 from ..settings import ConfigParser
-from . import MLPSweepConfig, analyse, config_dict, describe_alpha_star, mlp_cell, run_grid
+from . import (
+    MLPSweepConfig,
+    analyse,
+    config_dict,
+    describe_alpha_star,
+    findings_over_seeds,
+    mlp_cell,
+    run_grid,
+)
 
 PROG = "python -m signal_drift.sweep"
 
@@ -24,8 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cells = [c | {"test_samples": cfg.test_samples} for c in cfg.cells()]
     records = run_grid(cells, mlp_cell, out / "sweep.jsonl", progress=sys.stderr.isatty(), log=print)
-    analysis = analyse(records)
+    seeds = cfg.replicates
+    analysis = analyse([r for r in records if r["cell"]["seed"] == seeds[0]])  # the first seed, as before
     result = {"config": config_dict(cfg), **analysis.to_json()}
+    if len(seeds) > 1:
+        result["over_seeds"] = findings_over_seeds(records, seeds)
     atomic_write_text(out / "sweep.json", json.dumps(result, indent=1) + "\n")
     if not a.no_plot:
         from .figure import plot_fig1
@@ -36,6 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         trend = ", ".join(f"α={al}: η*={lr:g}" for al, lr in per.items())
         print(f"  r={r}: {trend}")
     print("\n".join(describe_alpha_star(analysis)))
+    if "over_seeds" in result:
+        o = result["over_seeds"]
+        print(f"  over {len(seeds)} seeds (Student-t 95 % intervals):")
+        for name, v in o["verdicts"].items():
+            print(f"    {name}: {v}")
+        if "k" in o["fit"]:
+            k = o["fit"]["k"]
+            print(f"    Eq. 3 exponent k = {k['estimate']:.3f} [{k['low']:.3f}, {k['high']:.3f}]")
     return 0
 
 

@@ -132,3 +132,61 @@ def test_sweep_rejects_rank_above_dim(tmp_path):
     assert_cli_refuses(
         ["signal_drift.sweep", "--dim", "4", "--ranks", "8", "--out", str(out)], "--ranks=8", out
     )
+
+
+def _synthetic_records(seeds, ranks, alphas, lrs, k=0.5, c=4.0, noise=0.05, seed=0):
+    """Loss = (log₂ α − log₂ α*_s(r))² + (log₁₀ η − log₁₀ η*(α))² + noise, with α*_s(r) = c r^k e^{u_s}."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    recs = []
+    for s in seeds:
+        u = rng.normal(0, 0.1)
+        for r in ranks:
+            a_star = c * r**k * math.exp(u)
+            for a in alphas:
+                for lr in lrs:
+                    eta_star = 1e-2 / a  # η* falls as α grows (Finding I a)
+                    loss = (math.log2(a) - math.log2(a_star)) ** 2 + (
+                        math.log10(lr) - math.log10(eta_star)
+                    ) ** 2
+                    loss += 1.0 + noise * rng.normal()
+                    recs.append({"cell": {"seed": s, "rank": r, "alpha": a, "lr": lr}, "test_loss": loss})
+    return recs
+
+
+def test_findings_over_seeds_recover_a_known_exponent():
+    from signal_drift.sweep import findings_over_seeds
+
+    ranks, alphas = [1, 2, 4, 8, 16], [2.0**i for i in range(0, 9)]
+    lrs = [1e-2 / a for a in alphas]  # η*(α) on the grid: the best loss over η is exactly the α parabola
+    o = findings_over_seeds(_synthetic_records([0, 1, 2], ranks, alphas, lrs), [0, 1, 2])
+    k = o["fit"]["k"]
+    assert k["low"] <= 0.5 <= k["high"] and k["high"] - k["low"] < 0.3
+    assert o["verdicts"]["finding_3_k_is_half"].startswith("reproduced")
+    assert o["verdicts"]["finding_1_eta_star_falls"] == "reproduced"
+    assert o["eta_star_slope"]["interval"]["high"] < 0
+    assert o["cells"]["4"]["8"]["n"] == 3
+    wrong = findings_over_seeds(_synthetic_records([0, 1, 2], ranks, alphas, lrs, k=1.0), [0, 1, 2])
+    assert wrong["verdicts"]["finding_3_k_is_half"].startswith("not reproduced")
+
+
+def test_sweep_cli_with_seeds_resumes_the_first_seed(tmp_path):
+    args = ["--dim", "4", "--depth", "2", "--samples", "16", "--test-samples", "16", "--steps", "3",
+            "--ranks", "1", "2", "--alphas", "1", "2", "4", "--lrs", "0.01", "--out", str(tmp_path)]  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "signal_drift.sweep", *args, "--no-plot"], check=True, capture_output=True
+    )
+    one = json.loads((tmp_path / "sweep.json").read_text())
+    r = subprocess.run([sys.executable, "-m", "signal_drift.sweep", *args, "--seeds", "0", "1", "--no-plot"],
+                       capture_output=True, text=True, check=True)  # fmt: skip
+    assert "resuming: 6 of 12 cells" in r.stdout
+    two = json.loads((tmp_path / "sweep.json").read_text())
+    assert two["alpha_star"] == one["alpha_star"] and two["over_seeds"]["seeds"] == [0, 1]
+    assert set(two["over_seeds"]["verdicts"]) == {
+        "finding_1_eta_star_falls",
+        "finding_1_loss_improves_with_alpha",
+        "finding_3_k_is_half",
+    }
+    assert_cli_refuses(["signal_drift.sweep", *args[:-2], "--seeds", "1", "1", "--out", str(tmp_path / "x")],
+                       "--seeds", tmp_path / "x")  # fmt: skip
