@@ -65,6 +65,24 @@ def sweep_main(argv: Sequence[str]) -> int:
     print("\n".join(describe_alpha_star(ap)))
     if ap.alpha_star_edge:
         print(f"  warning: α* of r={list(ap.alpha_star_edge)} is at the end of the path; widen --multipliers")
+    o = result.analysis.over_seeds
+    if o:
+        d = o["best_alpha_minus_best_eta"]
+        band = "n/a" if d is None else f"{d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+        print(
+            f"  over {len(o['seeds'])} seeds: best α-path NLL − best η-path NLL {band} "
+            "(95 %, Student-t over seeds)"
+        )
+        for name, v in o["verdicts"].items():
+            print(f"    {name}: {v}")
+    for r, e in result.analysis.edge.items():
+        p = e.get("early", {})
+        if "predicted_eta" in p:
+            print(
+                f"  r={r}: Adam's edge from the base run predicts the η-path to break at k ≈ "
+                f"{p['predicted_eta']:.3g}, the α-path at k ≈ {p['predicted_alpha']}; observed "
+                f"{p['observed_eta']} and {p['observed_alpha']}"
+            )
     return 0
 
 

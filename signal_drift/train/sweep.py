@@ -39,6 +39,7 @@ __all__ = [
     "analyse_paths",
     "TrainSweepResult",
     "run_train_sweep",
+    "over_seeds_paths",
 ]
 
 
@@ -60,6 +61,9 @@ class TrainSweepConfig:
         sharpness_early: ... and after each of the first N steps, from which the crossing of each
             path is predicted (:func:`signal_drift.edge.predict_breakdown`).
         sharpness_lanczos: cap on Lanczos steps per eigenvalue of those records.
+        seeds: replicate every cell at these seeds (data order and A init; the pre-trained base is
+            the one of ``seed``); empty: ``seed`` alone. The sharpness records are taken at the
+            first seed only. With two or more, ``sweep.json`` gains ``over_seeds``.
     """
 
     model: str | None = None
@@ -76,6 +80,7 @@ class TrainSweepConfig:
     sharpness_every: int = 25
     sharpness_early: int = 10
     sharpness_lanczos: int = 60
+    seeds: tuple[int, ...] = ()
     seed: int = 0
     out: str = "out/train_sweep"
 
@@ -98,7 +103,16 @@ class TrainSweepConfig:
         for name in ("sharpness_every", "sharpness_early"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0 (0 turns it off)", fields=[name])
+        if len(set(self.replicates)) != len(self.replicates) or any(s < 0 for s in self.replicates):
+            raise InputError(
+                f"seeds={list(self.seeds)} is invalid: need distinct seeds >= 0", fields=["seeds"]
+            )
         check_model_dir(self.model)
+
+    @property
+    def replicates(self) -> tuple[int, ...]:
+        """The seeds every cell is run at: ``seeds``, or ``(seed,)`` when it is empty."""
+        return tuple(self.seeds) or (self.seed,)
 
     def alpha0(self, rank: int) -> float:
         """The baseline α0 of ``rank``."""
@@ -108,14 +122,15 @@ class TrainSweepConfig:
 def path_cells(cfg: TrainSweepConfig, model_dir: str) -> list[dict]:
     """The cells of both paths of Eq. 2 for every rank, without duplicates (``k = 1`` is shared)."""
     cells, seen = [], set()
-    for r in cfg.ranks:
+    first = cfg.replicates[0]
+    for seed, r, k in ((s, r, k) for s in cfg.replicates for r in cfg.ranks for k in cfg.multipliers):
         a0 = cfg.alpha0(r)
-        for k in cfg.multipliers:
+        if True:
             for alpha, lr in ((a0, k * cfg.base_lr), (k * a0, cfg.base_lr)):
                 cell = {"model": model_dir, "data": cfg.data, "rank": r, "alpha": float(alpha),
                         "lr": float(lr), "gamma": cfg.gamma, "steps": cfg.steps,
-                        "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed}  # fmt: skip
-                if k == 1 and (cfg.sharpness_every or cfg.sharpness_early):  # the base run of both paths
+                        "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": seed}  # fmt: skip
+                if k == 1 and seed == first and (cfg.sharpness_every or cfg.sharpness_early):  # the base run
                     cell |= {"sharpness_every": cfg.sharpness_every, "sharpness_early": cfg.sharpness_early,
                              "sharpness_lanczos": cfg.sharpness_lanczos}  # fmt: skip
                 if cell_key(cell) not in seen:
@@ -186,19 +201,25 @@ class ScalingPaths:
             break down (diverged, or held-out NLL above its value before fine-tuning) beside where
             it did (:func:`~signal_drift.edge.predict_breakdown`); ranks whose base run has no
             records are left out.
+        over_seeds: Finding II over seeds (:func:`over_seeds_paths`), with two or more seeds; the
+            other fields describe the first seed.
     """
 
     paths: dict[str, dict[str, list[list[float]]]]
     best_k: dict[str, dict[str, float | None]]
     alpha_path: SweepAnalysis
     edge: dict[str, dict] = field(default_factory=dict)
+    over_seeds: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """The analysis as ``sweep.json`` holds it (without ``config``)."""
-        return json.loads(json.dumps({"paths": self.paths, "best_k": self.best_k})) | {
+        out = json.loads(json.dumps({"paths": self.paths, "best_k": self.best_k})) | {
             "alpha_path": self.alpha_path.to_json(),
             "edge": json.loads(json.dumps(self.edge)),
         }
+        if self.over_seeds:
+            out["over_seeds"] = json.loads(json.dumps(self.over_seeds))
+        return out
 
 
 @dataclass(frozen=True)
@@ -228,6 +249,8 @@ def analyse_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> ScalingPath
         A :class:`ScalingPaths`; its ``alpha_path`` is :func:`~signal_drift.sweep.analyse` of
         the α-path records, scored by ``heldout_nll``.
     """
+    all_records, first = records, cfg.replicates[0]
+    records = [rec for rec in records if rec["cell"].get("seed", cfg.seed) == first]
     paths, best_k, alpha_recs, edges = {}, {}, [], {}
     for r in cfg.ranks:
         a0 = cfg.alpha0(r)
@@ -247,7 +270,104 @@ def analyse_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> ScalingPath
         edge = _edge(records, cfg, r)
         if edge is not None:
             edges[str(r)] = edge
-    return ScalingPaths(paths, best_k, analyse(alpha_recs, metric="heldout_nll"), edges)
+    seeds = over_seeds_paths(all_records, cfg) if len(cfg.replicates) > 1 else {}
+    return ScalingPaths(paths, best_k, analyse(alpha_recs, metric="heldout_nll"), edges, seeds)
+
+
+def over_seeds_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
+    """Finding II over seeds: per rank, both paths' best multiplier and loss, and their paired comparison.
+
+    Per seed and path: the held-out NLL at every multiplier, the best
+    (:func:`~signal_drift.replicates.best_on_path`) and the first multiplier that broke down (NaN,
+    or NLL above the base run's NLL before fine-tuning). Over seeds (the two paths share data
+    order, init and base at each seed; ranks share a seed, so they are averaged within it first):
+    the paired difference "best α-path NLL − best η-path NLL" (Student-t over seeds), and the
+    number of seeds at which the α-path broke down later than the η-path (or not at all) at every
+    rank, with its one-sided sign-test p-value.
+
+    Returns:
+        ``{"seeds", "ranks": {r: {...}}, "alpha_breaks_later", "best_alpha_minus_best_eta",
+        "verdicts"}``.
+    """
+    from scipy import stats as st
+
+    from ..intervals import mean_interval
+    from ..replicates import best_on_path, over_seeds, paired_difference
+    from ..sweep import _verdict
+
+    seeds, ks = list(cfg.replicates), [float(k) for k in cfg.multipliers]
+    out = {}
+    later = {s: [] for s in seeds}  # per seed: did the α-path break down later, at each rank where η broke?
+    diffs = {s: [] for s in seeds}  # per seed: best α-path NLL − best η-path NLL, at each rank
+    for r in cfg.ranks:
+        a0 = cfg.alpha0(r)
+        tab = {p: [[math.nan] * len(ks) for _ in seeds] for p in ("eta", "alpha")}
+        before = [math.nan] * len(seeds)
+        for rec in records:
+            c = rec["cell"]
+            if c["rank"] != r or c.get("seed", cfg.seed) not in seeds:
+                continue
+            i = seeds.index(c.get("seed", cfg.seed))
+            for j, k in enumerate(ks):
+                for p, alpha, lr in (("eta", a0, k * cfg.base_lr), ("alpha", k * a0, cfg.base_lr)):
+                    if _is_cell(c, r, alpha, lr):
+                        tab[p][i][j] = rec["heldout_nll"]
+            if "heldout_nll_before" in rec:
+                before[i] = rec["heldout_nll_before"]
+        paths = {p: best_on_path(t, ks) for p, t in tab.items()}
+        broke = {
+            p: [_first_broken(ks, row, b) for row, b in zip(t, before, strict=True)] for p, t in tab.items()
+        }
+        best_a, best_e = paths["alpha"]["best_loss_per_seed"], paths["eta"]["best_loss_per_seed"]
+        try:
+            d = paired_difference(best_a, best_e).to_json()
+        except InputError as err:
+            d = {"skipped": str(err)}
+        for s_, be, ba, a, e in zip(seeds, broke["eta"], broke["alpha"], best_a, best_e, strict=True):
+            if be is not None:  # comparable only where the η-path broke down inside the grid
+                later[s_].append(ba is None or ba > be)
+            if math.isfinite(a - e):
+                diffs[s_].append(a - e)
+        out[str(r)] = {
+            "nll": {
+                p: {f"{k:g}": over_seeds([row[j] for row in t]) for j, k in enumerate(ks)}
+                for p, t in tab.items()
+            },
+            "best": paths,
+            "best_alpha_minus_best_eta": d,
+            "breakdown_k": broke,
+            "heldout_nll_before": before,
+        }
+    per_seed = [sum(v) / len(v) for v in diffs.values() if v]
+    pooled = (
+        mean_interval(per_seed, 0.95, f"Student-t over {len(per_seed)} seeds (mean over ranks)").to_json()
+        if len(per_seed) > 1
+        else None
+    )
+    comparable = [all(v) for v in later.values() if v]
+    n_later, total = sum(comparable), len(comparable)
+    p_sign = float(st.binom.sf(n_later - 1, total, 0.5)) if total else None
+    if not total:
+        tolerates = "not resolved at this budget (no η-path breakdown inside the grid)"
+    else:
+        head = "reproduced" if p_sign < 0.05 else "not resolved at this budget"
+        tolerates = (f"{head}: the α-path broke down later (or not at all) at every rank for {n_later} of "
+                     f"{total} seeds (one-sided sign test over seeds, p = {p_sign:.3g})")  # fmt: skip
+    return {
+        "seeds": seeds,
+        "ranks": out,
+        "alpha_breaks_later": {"seeds": total, "later": n_later, "sign_test_p": p_sign},
+        "best_alpha_minus_best_eta": pooled,
+        "verdicts": {
+            "finding_2_alpha_reaches_lower_loss": _verdict(pooled, 0.0, -1),
+            "finding_2_alpha_tolerates_larger_k": tolerates,
+        },
+    }
+
+
+def _first_broken(ks: Sequence[float], row: Sequence[float], before: float) -> float | None:
+    """The first multiplier whose run diverged (NaN) or ended above the NLL before fine-tuning."""
+    return next((k for k, v in zip(ks, row, strict=True) if not v <= before), None)
 
 
 def _edge(records: Sequence[dict], cfg: TrainSweepConfig, r: int) -> dict | None:

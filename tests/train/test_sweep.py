@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 
 from cases import assert_cli_refuses, free_port  # noqa: E402
 
+from signal_drift._errors import InputError  # noqa: E402
 from signal_drift.lm import build_base_model  # noqa: E402
 from signal_drift.sweep import cell_key  # noqa: E402
 from signal_drift.train.sweep import TrainSweepConfig, analyse_paths, path_cells, run_train_sweep  # noqa: E402
@@ -36,6 +37,44 @@ def _records(cfg, loss):
         {"key": cell_key(c), "cell": c, "heldout_nll": loss(c), "sdr_median": 1.0}
         for c in path_cells(cfg, "m")
     ]
+
+
+def test_seeds_replicate_every_cell_and_sharpness_is_taken_at_the_first_seed():
+    cfg = TrainSweepConfig(ranks=(2,), multipliers=(1, 4), seeds=(3, 5))
+    cells = path_cells(cfg, "m")
+    assert len(cells) == 2 * 3 and sorted({c["seed"] for c in cells}) == [3, 5]
+    assert [c["seed"] for c in cells if "sharpness_every" in c] == [3]
+    with pytest.raises(InputError, match="seeds"):
+        TrainSweepConfig(seeds=(1, 1)).validate()
+
+
+def test_finding_2_over_seeds_pairs_the_paths_at_each_seed():
+    """Synthetic NLL: the α-path is 0.05 lower at its best and breaks down 4× later, with a seed effect."""
+    cfg = TrainSweepConfig(ranks=(2, 4), multipliers=(1, 4, 16, 64), seeds=(0, 1, 2, 3, 4, 5))
+    shift = {s: 0.3 * math.sin(7 * s) for s in cfg.replicates}  # shared by both paths at a seed
+
+    eta = {1: 2.0, 4: 1.85, 16: 1.8, 64: 3.0}  # breaks down at k = 64 (above 2.5 before fine-tuning)
+    alpha = {1: 2.0, 4: 1.9, 16: 1.75, 64: 1.8}  # never breaks; best at 16, 0.05 below the η-path's best
+
+    def nll(c):
+        k_eta, k_alpha = round(c["lr"] / cfg.base_lr), round(c["alpha"] / c["rank"])
+        v = eta[k_eta] if k_eta > 1 else alpha[k_alpha]
+        return v + shift[c["seed"]] + 1e-3 * c["seed"] * (k_alpha > 1)
+
+    recs = [r | {"heldout_nll_before": 2.5 + shift[r["cell"]["seed"]]} for r in _records(cfg, nll)]
+    o = analyse_paths(recs, cfg).over_seeds
+    assert o["seeds"] == [0, 1, 2, 3, 4, 5]
+    r2 = o["ranks"]["2"]
+    assert r2["breakdown_k"]["eta"] == [64.0] * 6 and r2["breakdown_k"]["alpha"] == [None] * 6
+    assert r2["best"]["alpha"]["best_k_per_seed"] == [16.0] * 6
+    d = o["best_alpha_minus_best_eta"]
+    assert d["high"] < 0 and d["low"] < d["estimate"] < d["high"]  # the seed shift cancels in the pair
+    assert o["verdicts"]["finding_2_alpha_reaches_lower_loss"] == "reproduced"
+    assert o["alpha_breaks_later"] == {"seeds": 6, "later": 6, "sign_test_p": pytest.approx(1 / 64)}
+    assert o["verdicts"]["finding_2_alpha_tolerates_larger_k"].startswith("reproduced")
+    three = TrainSweepConfig(ranks=(2, 4), multipliers=(1, 4, 16, 64), seeds=(0, 1, 2))
+    o3 = analyse_paths([r for r in recs if r["cell"]["seed"] < 3], three).over_seeds
+    assert o3["verdicts"]["finding_2_alpha_tolerates_larger_k"].startswith("not resolved")  # p = 1/8
 
 
 def test_alpha_star_and_its_fit_come_from_the_alpha_path():
