@@ -60,6 +60,9 @@ class TrainSweepConfig:
         sharpness_early: ... and after each of the first N steps, from which the crossing of each
             path is predicted (:func:`signal_drift.edge.predict_breakdown`).
         sharpness_lanczos: cap on Lanczos steps per eigenvalue of those records.
+        micro_batch, grad_checkpointing, loss_chunk: the memory settings of every run (as in
+            :class:`~signal_drift.train.TrainConfig`); they do not change the results, so they
+            are not part of a cell's key and a resumed sweep may change them.
     """
 
     model: str | None = None
@@ -71,6 +74,9 @@ class TrainSweepConfig:
     gamma: float = 1.0
     steps: int = 100
     batch_size: int = 16
+    micro_batch: int | None = None
+    grad_checkpointing: bool = False
+    loss_chunk: int | None = None
     seq_len: int = 128
     pretrain_steps: int = 300
     sharpness_every: int = 25
@@ -98,7 +104,15 @@ class TrainSweepConfig:
         for name in ("sharpness_every", "sharpness_early"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0 (0 turns it off)", fields=[name])
+        for name in ("micro_batch", "loss_chunk"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
         check_model_dir(self.model)
+
+    def memory(self) -> dict:
+        """The memory settings each run takes (not part of the cells: they do not change results)."""
+        return {"micro_batch": self.micro_batch, "grad_checkpointing": self.grad_checkpointing,
+                "loss_chunk": self.loss_chunk}  # fmt: skip
 
     def alpha0(self, rank: int) -> float:
         """The baseline α0 of ``rank``."""
@@ -128,7 +142,8 @@ def _cell_dir(cell: dict) -> str:
     return f"r{cell['rank']}_alpha{cell['alpha']:g}_lr{cell['lr']:g}"
 
 
-def _run_cell(cell: dict, out: Path) -> dict:
+def _run_cell(cell: dict, out: Path, memory: dict | None = None) -> dict:
+    """One cell's run; ``memory``: :meth:`TrainSweepConfig.memory` (default: TrainConfig's)."""
     steps = cell["steps"]
     cfg = TrainConfig(model=cell["model"], data=cell["data"], scaling="fixed", rank=cell["rank"],
                       alpha=cell["alpha"], lr=cell["lr"], gamma=cell["gamma"], steps=steps,
@@ -137,7 +152,7 @@ def _run_cell(cell: dict, out: Path) -> dict:
                       seed=cell["seed"], out=str(out / "cells" / _cell_dir(cell)),
                       sharpness_every=cell.get("sharpness_every", 0),
                       sharpness_early=cell.get("sharpness_early", 0),
-                      sharpness_lanczos=cell.get("sharpness_lanczos", 40))  # fmt: skip
+                      sharpness_lanczos=cell.get("sharpness_lanczos", 40), **(memory or {}))  # fmt: skip
     try:
         m = train(cfg, log=lambda _: None)
     except DivergenceError as err:
@@ -304,7 +319,7 @@ def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) ->
     quiet = not dist.main
     records = run_grid(
         cells,
-        lambda c: _run_cell(c, out),
+        lambda c: _run_cell(c, out, cfg.memory()),
         out / "sweep.jsonl",
         progress=progress and not quiet,
         log=None if quiet else log,

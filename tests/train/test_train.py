@@ -75,7 +75,8 @@ def test_bf16_autocast_trains(tmp_path, base):
 def test_torchrun_two_processes_equal_one(tmp_path, base):
     """Data-parallel over 2 gloo ranks = the single-process run with the same global batch.
 
-    The 2-process run also accumulates each rank's 4 windows over 2 micro-batches (DDP ``no_sync``).
+    The 2-process run also accumulates each rank's 4 windows over 2 micro-batches (DDP ``no_sync``)
+    and takes the loss over slices of 24 tokens (``--loss-chunk``: DDP wraps the loss).
     """
     flags = ["--model", str(base), "--steps", "4", "--lr", "1e-3", "--batch-size", "8", "--seq-len", "32",
              "--eval-every", "2", "--checkpoint-every", "2", "--rank", "4", "--monitor-every", "0"]  # fmt: skip
@@ -84,7 +85,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, base):
                        capture_output=True, text=True, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(free_port()), "-m", "signal_drift.train", *flags, "--micro-batch", "2",
+                        str(free_port()), "-m", "signal_drift.train", *flags, "--micro-batch", "2", "--loss-chunk", "24",
                         "--out", str(tmp_path / "two")],
                        capture_output=True, text=True, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
