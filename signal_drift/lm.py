@@ -475,15 +475,24 @@ def build_base_model(
     return cache
 
 
-def check_model_dir(model: str | None) -> None:
+def check_model_dir(model: str | None, weights: bool = True) -> None:
     """Raise :class:`InputError` unless ``model`` is None or a local Hugging Face model directory.
 
+    Args:
+        model: the directory.
+        weights: require weights next to ``config.json`` (``False``: the config alone will do,
+            for what reads only the architecture, e.g. a memory estimate).
+
     Raises:
-        InputError: naming ``--model`` if ``model/config.json`` does not exist.
+        InputError: naming ``--model`` if ``model/config.json`` does not exist, or the weights.
     """
     if model is not None and not (Path(model) / "config.json").is_file():
         raise InputError(f"--model {model}: not a local Hugging Face model directory (no config.json)")
-    if model is not None and not any(Path(model).glob(p) for p in ("*.safetensors", "*.bin", "*.index.json")):
+    if (
+        model is not None
+        and weights
+        and not any(next(Path(model).glob(p), None) for p in ("*.safetensors", "*.bin", "*.index.json"))
+    ):
         raise InputError(f"--model {model}: no weights (*.safetensors or *.bin) next to config.json")
 
 

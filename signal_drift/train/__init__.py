@@ -130,8 +130,12 @@ class TrainConfig:
     seed: int = 0
     out: str = "out/train"
 
-    def validate(self) -> None:
-        """Raise :class:`InputError` naming the first invalid field."""
+    def validate(self, weights: bool = True) -> None:
+        """Raise :class:`InputError` naming the first invalid field.
+
+        Args:
+            weights: ``model`` must hold weights (``False``: its ``config.json`` will do).
+        """
         valid = [r.value for r in Rule] + ["calibrated"]
         if self.scaling not in valid:
             raise InputError(f"scaling={self.scaling!r} is invalid: use one of {valid}", fields=["scaling"])
@@ -164,7 +168,7 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise InputError(f"precision={self.precision!r} is invalid: use one of {list(PRECISIONS)}",
                              fields=["precision"])  # fmt: skip
-        check_model_dir(self.model)
+        check_model_dir(self.model, weights=weights)
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
