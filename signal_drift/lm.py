@@ -5,7 +5,9 @@ Llama-architecture model and pre-trains it on text that ships with every CPython
 :func:`load_model` and :func:`tokenizer_for` read a local Hugging Face directory
 (``local_files_only``); :func:`corpus_ids` turns a corpus into train and held-out token streams,
 :func:`sample_windows` draws training windows from them, and :func:`next_token_nll` is the loss
-(paper Eq. 1) that :mod:`signal_drift.train` minimises; :func:`causal_lm_loss` is the same loss
+(paper Eq. 1) that :mod:`signal_drift.train` minimises (:func:`chunked_next_token_nll`: the same
+over slices of the logits, for large vocabularies; :class:`NextTokenLoss`: either as a module's
+forward, what DDP wraps); :func:`causal_lm_loss` is the same loss
 in the labels convention of ``transformers`` (the windows as ``input_ids`` and ``labels``), which
 the curvature engine, and so :mod:`signal_drift.calibrate`, differentiates twice.
 
