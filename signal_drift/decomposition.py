@@ -202,7 +202,7 @@ class SignalOperator(LinearOperator):
         out = torch.zeros(P, P, dtype=self.dtype, device=self.device)
         problem, theta = self.J.problem, self.J.theta
         if self.H.supports_signal_at_init and not any(theta[a.key_B].any() for a in problem.adapters):
-            idx = self.in_layout.indices([a.key_B for a in problem.adapters])
+            idx = self.in_layout.indices([a.key_B for a in problem.adapters], device=self.device)
             out[idx[:, None], idx] = self.H.signal_at_init(
                 {a.name: a.scale * theta[a.key_A] for a in problem.adapters}
             )

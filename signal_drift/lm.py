@@ -5,7 +5,9 @@ Llama-architecture model and pre-trains it on text that ships with every CPython
 :func:`load_model` and :func:`tokenizer_for` read a local Hugging Face directory
 (``local_files_only``); :func:`corpus_ids` turns a corpus into train and held-out token streams,
 :func:`sample_windows` draws training windows from them, and :func:`next_token_nll` is the loss
-(paper Eq. 1) that :mod:`signal_drift.train` minimises; :func:`causal_lm_loss` is the same loss
+(paper Eq. 1) that :mod:`signal_drift.train` minimises (:func:`chunked_next_token_nll`: the same
+over slices of the logits, for large vocabularies; :class:`NextTokenLoss`: either as a module's
+forward, what DDP wraps); :func:`causal_lm_loss` is the same loss
 in the labels convention of ``transformers`` (the windows as ``input_ids`` and ``labels``), which
 the curvature engine, and so :mod:`signal_drift.calibrate`, differentiates twice.
 
@@ -30,7 +32,7 @@ from pydoc_data.topics import topics as _PYDOC_TOPICS
 import torch
 from tqdm.auto import tqdm
 
-from ._errors import InputError, check_finite
+from ._errors import InputError, check_finite, check_positive_int
 
 __all__ = [
     # text and tokens
@@ -45,6 +47,8 @@ __all__ = [
     "causal_lm_loss",
     "IGNORE_INDEX",
     "next_token_nll",
+    "chunked_next_token_nll",
+    "NextTokenLoss",
     "heldout_nll",
     # models
     "tiny_llama_config",
@@ -277,8 +281,100 @@ def next_token_nll(model, x: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _causal_parts(model):
+    """The decoder body and the output head of a causal LM (a PEFT model or a ``transformers`` one).
+
+    Raises:
+        InputError: if the logits are not the head of the body's last hidden states alone
+            (no decoder, or a final logit soft-cap or scale such as Gemma 2's or Cohere's).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    body = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    special = [
+        k for k in ("final_logit_softcapping", "logit_scale") if getattr(cfg, k, None) not in (None, 1.0)
+    ]
+    if body is None or head is None or special:
+        what = f"its {special[0]}" if special else "no decoder body and output head"
+        raise InputError(f"--loss-chunk: {type(base).__name__} has {what}; use the whole-batch loss")
+    return body, head
+
+
+def chunked_next_token_nll(model, x: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """:func:`next_token_nll` computed ``chunk_tokens`` positions at a time: never all the logits at once.
+
+    The decoder body runs once; the output head and the float32 cross-entropy then run over
+    slices of ``chunk_tokens`` positions, each under non-reentrant activation checkpointing, so
+    that the backward pass keeps only the last hidden states and recomputes one slice's logits at a
+    time. At ``B × T`` positions and vocabulary ``V`` the logits term of the peak memory drops
+    from ``B·T·V`` values in three copies (the logits, their float32 copy, the saved
+    log-softmax) to ``chunk_tokens·V``. The same loss and gradients as :func:`next_token_nll` up
+    to round-off (the sum is split).
+
+    Args:
+        model: a PEFT model or a ``transformers`` causal LM whose logits are
+            ``get_output_embeddings()`` of the decoder's last hidden states (Llama, Qwen2,
+            Mistral, ...).
+        x: ``[B, T + 1]`` token ids.
+        chunk_tokens: positions per slice.
+
+    Returns:
+        A scalar tensor, differentiable in the model's parameters.
+
+    Raises:
+        InputError: for a model whose logits are not the head of the hidden states alone
+            (a final logit soft-cap or scale).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    check_positive_int("loss_chunk", chunk_tokens)
+    body, head = _causal_parts(model)
+    hidden = body(input_ids=x[:, :-1], use_cache=False).last_hidden_state
+    hidden, target = hidden.reshape(-1, hidden.shape[-1]), x[:, 1:].reshape(-1)
+
+    def nll_sum(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = head(h)
+        return torch.nn.functional.cross_entropy(
+            logits.to(torch.promote_types(logits.dtype, torch.float32)), y, reduction="sum"
+        )
+
+    total = 0.0
+    for i in range(0, len(target), chunk_tokens):
+        h, y = hidden[i : i + chunk_tokens], target[i : i + chunk_tokens]
+        total = total + (checkpoint(nll_sum, h, y, use_reentrant=False) if torch.is_grad_enabled()
+                         else nll_sum(h, y))  # fmt: skip
+    return total / len(target)
+
+
+class NextTokenLoss(torch.nn.Module):
+    """A causal LM with its next-token loss as its forward: ``NextTokenLoss(model, chunk)(x)``.
+
+    What ``DistributedDataParallel`` wraps in training: DDP's gradient synchronisation hangs on
+    its own forward, and the chunked loss (:func:`chunked_next_token_nll`) calls the decoder body
+    and the head one by one, which a DDP-wrapped causal LM's forward cannot.
+
+    Args:
+        model: the causal LM (a PEFT model).
+        chunk_tokens: positions per slice of :func:`chunked_next_token_nll`; ``None``: the whole
+            batch at once (:func:`next_token_nll`).
+    """
+
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int | None = None):
+        super().__init__()
+        self.model, self.chunk_tokens = model, chunk_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean next-token NLL of windows ``x`` (``[B, T + 1]``)."""
+        if self.chunk_tokens is None:
+            return next_token_nll(self.model, x)
+        return chunked_next_token_nll(self.model, x, self.chunk_tokens)
+
+
 @torch.no_grad()
-def heldout_nll(model, ids: torch.Tensor, seq_len: int, max_windows: int = 64) -> float:
+def heldout_nll(
+    model, ids: torch.Tensor, seq_len: int, max_windows: int = 64, loss_chunk: int | None = None
+) -> float:
     """Mean next-token NLL (nats) over contiguous held-out windows (deterministic; paper Eq. 1).
 
     Args:
@@ -286,6 +382,8 @@ def heldout_nll(model, ids: torch.Tensor, seq_len: int, max_windows: int = 64) -
         ids: the held-out token stream.
         seq_len: tokens predicted per window.
         max_windows: at most this many windows from the start of ``ids``.
+        loss_chunk: positions per slice of the logits (:func:`chunked_next_token_nll`); ``None``:
+            16 windows' logits at once.
 
     Returns:
         The mean NLL per token.
@@ -299,8 +397,9 @@ def heldout_nll(model, ids: torch.Tensor, seq_len: int, max_windows: int = 64) -
     x = torch.stack([ids[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)]).to(
         next(model.parameters()).device
     )
+    loss = NextTokenLoss(model, loss_chunk)
     model.eval()
-    out = float(sum(next_token_nll(model, x[i : i + 16]) * len(x[i : i + 16]) for i in range(0, n, 16)) / n)
+    out = float(sum(loss(x[i : i + 16]) * len(x[i : i + 16]) for i in range(0, n, 16)) / n)
     model.train()
     return out
 
@@ -378,15 +477,24 @@ def build_base_model(
     return cache
 
 
-def check_model_dir(model: str | None) -> None:
+def check_model_dir(model: str | None, weights: bool = True) -> None:
     """Raise :class:`InputError` unless ``model`` is None or a local Hugging Face model directory.
 
+    Args:
+        model: the directory.
+        weights: require weights next to ``config.json`` (``False``: the config alone will do,
+            for what reads only the architecture, e.g. a memory estimate).
+
     Raises:
-        InputError: naming ``--model`` if ``model/config.json`` does not exist.
+        InputError: naming ``--model`` if ``model/config.json`` does not exist, or the weights.
     """
     if model is not None and not (Path(model) / "config.json").is_file():
         raise InputError(f"--model {model}: not a local Hugging Face model directory (no config.json)")
-    if model is not None and not any(Path(model).glob(p) for p in ("*.safetensors", "*.bin", "*.index.json")):
+    if (
+        model is not None
+        and weights
+        and not any(next(Path(model).glob(p), None) for p in ("*.safetensors", "*.bin", "*.index.json"))
+    ):
         raise InputError(f"--model {model}: no weights (*.safetensors or *.bin) next to config.json")
 
 

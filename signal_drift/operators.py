@@ -66,13 +66,21 @@ class ParamLayout:
             start += size
         raise KeyError(name)
 
-    def indices(self, names: Sequence[str]) -> torch.Tensor:
-        """Flat indices (``[q]``, int64) covering the tensors ``names``, in layout order."""
+    def indices(self, names: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
+        """Flat indices (``[q]``, int64) covering the tensors ``names``, in layout order.
+
+        Args:
+            names: the tensors.
+            device: where the indices live (default: the CPU). Index the tensors of a GPU with
+                indices made there once: a CPU index tensor is copied to the GPU, with a host
+                synchronisation, by every indexing operation.
+        """
         missing = [n for n in names if n not in self.names]
         if missing:
             raise InputError(f"unknown parameter block(s) {missing}; known: {list(self.names)}")
-        parts = [torch.arange(self.slice(n).start, self.slice(n).stop) for n in self.names if n in names]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        parts = [torch.arange(self.slice(n).start, self.slice(n).stop, device=device)
+                 for n in self.names if n in names]  # fmt: skip
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
     def flatten(self, tensors: dict[str, torch.Tensor], batch_dims: int = 0) -> torch.Tensor:
         """Concatenate ``tensors`` into ``[*batch, P]`` (``batch_dims`` leading dims kept)."""

@@ -209,8 +209,14 @@ class ConfigParser(argparse.ArgumentParser):
         if figures is not None:
             self.add_argument("--no-plot", action="store_true", help=f"skip {figures}")
 
-    def parse_config(self, argv: Sequence[str] | None = None) -> tuple[Any, argparse.Namespace]:
+    def parse_config(
+        self, argv: Sequence[str] | None = None, **checks: Any
+    ) -> tuple[Any, argparse.Namespace]:
         """Parse ``argv`` into a validated config and the namespace (for flags outside it).
+
+        Args:
+            argv: the arguments (default: ``sys.argv[1:]``).
+            **checks: passed to the config's ``validate()``.
 
         Raises:
             InputError: from the config's ``validate()``, with the fields it names as flags.
@@ -219,7 +225,7 @@ class ConfigParser(argparse.ArgumentParser):
         values = {n: tuple(v) if isinstance(v, list) else v for n, v in vars(ns).items() if n in self.names}
         cfg = self.config(**values)
         try:
-            cfg.validate()
+            cfg.validate(**checks)
         except InputError as err:
             raise with_flags(err, self.names) from None
         return cfg, ns

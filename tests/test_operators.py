@@ -180,3 +180,14 @@ def test_optional_abilities_are_declared_on_the_base(dense_case):
         slow.partial_traces()
     with pytest.raises(NotImplementedError, match="supports_signal_at_init"):
         slow.signal_at_init({})
+
+
+def test_layout_indices_are_made_on_the_device_asked_for():
+    """Indices for a GPU's tensors are made there (meta stands in for the GPU), equal to the CPU's."""
+    from signal_drift.operators import ParamLayout
+
+    lay = ParamLayout.from_shapes({"a": (2, 3), "b": (4,), "c": (1, 2)})
+    cpu, meta = lay.indices(["c", "a"]), lay.indices(["c", "a"], device="meta")
+    assert cpu.tolist() == [0, 1, 2, 3, 4, 5, 10, 11] and cpu.device.type == "cpu"
+    assert meta.device.type == "meta" and meta.shape == cpu.shape and meta.dtype == torch.long
+    assert lay.indices([], device="meta").device.type == "meta"

@@ -372,13 +372,15 @@ def calibrate(cfg: CalibrateConfig, progress: bool = False, log=print) -> Calibr
     cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.model is None:
-        model_dir = build_base_model(out / "base_model", cfg.pretrain_steps, cfg.seq_len, cfg.seed, progress)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.model is None:  # pre-trained where it will be measured
+        model_dir = build_base_model(out / "base_model", cfg.pretrain_steps, cfg.seq_len, cfg.seed, progress,
+                                     device=device)  # fmt: skip
     else:
         model_dir = Path(cfg.model)
     dtype = getattr(torch, cfg.dtype)
     model = load_model(model_dir, dtype=dtype, attn_implementation="eager")
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
     train_ids, _ = corpus_ids(model, model_dir, cfg.data)
     present = present_targets(model, cfg.targets)
     if not present:

@@ -83,12 +83,16 @@ class InitBlocks:
 
     @classmethod
     def from_dense(cls, problem: LoraProblem, S1: torch.Tensor, D1: torch.Tensor) -> InitBlocks:
-        """Cut the blocks out of the dense ``S₁`` and ``D₁`` ``[P_θ, P_θ]`` (``α = 1``, ``B = 0``)."""
-        lay = problem.theta_layout
-        iB = lay.indices([a.key_B for a in problem.adapters])
+        """Cut the blocks out of the dense ``S₁`` and ``D₁`` ``[P_θ, P_θ]`` (``α = 1``, ``B = 0``).
+
+        The block indices live on ``S₁``'s device (made once: every product of :meth:`H_theta`
+        indexes with them, with no host copy).
+        """
+        lay, dev = problem.theta_layout, S1.device
+        iB = lay.indices([a.key_B for a in problem.adapters], device=dev)
         couplings = []
         for a in problem.adapters:
-            iA_l, iB_l = lay.indices([a.key_A]), lay.indices([a.key_B])
+            iA_l, iB_l = lay.indices([a.key_A], device=dev), lay.indices([a.key_B], device=dev)
             C = D1[iA_l[:, None], iB_l]
             couplings.append(Coupling(iA_l, iB_l, C, torch.linalg.svdvals(C)))
         return cls(S1.shape[0], iB, S1[iB[:, None], iB], tuple(couplings), float(torch.trace(S1)))

@@ -233,7 +233,10 @@ def lanczos_eigs(
 
     tri = lanczos(op, v0, steps, stop=converged if tol > 0 else None)
     theta, S = torch.linalg.eigh(tri.T())
-    lo, hi = torch.arange(k), torch.arange(len(theta) - k, len(theta))
+    lo, hi = (
+        torch.arange(k, device=theta.device),
+        torch.arange(len(theta) - k, len(theta), device=theta.device),
+    )
     idx = {"SA": lo, "LA": hi, "BE": torch.cat([lo, hi])}[which]
     vals, vecs = theta[idx], tri.Q @ S[:, idx]
     res = torch.linalg.vector_norm(op.matmat(vecs) - vecs * vals, dim=0).cpu().numpy()

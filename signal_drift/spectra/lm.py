@@ -223,8 +223,9 @@ def _setup(cfg: LMSpectraConfig, out: Path, progress: bool, log, rank: int, worl
 
     if cfg.model is None:
         model_dir = out / "base_model"
-        if rank == 0:
-            build_base_model(model_dir, cfg.pretrain_steps, max(cfg.seq_len, 128), cfg.seed, progress)
+        if rank == 0:  # pre-trained where it will run: fast, and within NCCL's timeout for the other ranks
+            build_base_model(model_dir, cfg.pretrain_steps, max(cfg.seq_len, 128), cfg.seed, progress,
+                             device=cfg.device)  # fmt: skip
         if world > 1:
             torch.distributed.barrier()
     else:

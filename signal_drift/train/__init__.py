@@ -34,12 +34,12 @@ from .._errors import DivergenceError, InputError, check_positive_float, check_p
 from ..edge import peft_sharpness
 from ..io import atomic_write_text
 from ..lm import (
+    NextTokenLoss,
     build_base_model,
     check_model_dir,
     corpus_ids,
     heldout_nll,
     load_model,
-    next_token_nll,
     sample_windows,
 )
 from ..scaling import Rule
@@ -84,6 +84,10 @@ class TrainConfig:
             same up to round-off, the activation memory that of ``micro_batch`` sequences.
         grad_checkpointing: recompute each decoder layer's activations in the backward pass
             (less activation memory for about one more forward per step).
+        loss_chunk: take the output head and the cross-entropy over slices of this many tokens,
+            each recomputed in the backward pass, instead of the logits of the whole micro-batch at
+            once (:func:`signal_drift.lm.chunked_next_token_nll`; default: at once); the same
+            loss up to round-off, the logits memory that of ``loss_chunk`` tokens.
         eval_every: held-out NLL every N steps.
         checkpoint_every: checkpoint every N steps.
         blowup: divergence: a loss above blowup × its first value (or NaN/Inf) stops training.
@@ -110,6 +114,7 @@ class TrainConfig:
     batch_size: int = 16
     micro_batch: int | None = None
     grad_checkpointing: bool = False
+    loss_chunk: int | None = None
     seq_len: int = 128
     eval_every: int = 25
     checkpoint_every: int = 50
@@ -125,8 +130,12 @@ class TrainConfig:
     seed: int = 0
     out: str = "out/train"
 
-    def validate(self) -> None:
-        """Raise :class:`InputError` naming the first invalid field."""
+    def validate(self, weights: bool = True) -> None:
+        """Raise :class:`InputError` naming the first invalid field.
+
+        Args:
+            weights: ``model`` must hold weights (``False``: its ``config.json`` will do).
+        """
         valid = [r.value for r in Rule] + ["calibrated"]
         if self.scaling not in valid:
             raise InputError(f"scaling={self.scaling!r} is invalid: use one of {valid}", fields=["scaling"])
@@ -143,8 +152,9 @@ class TrainConfig:
             check_positive_int(name, getattr(self, name))
         for name in ("lr", "gamma", "alpha", "blowup"):
             check_positive_float(name, getattr(self, name))
-        if self.micro_batch is not None:
-            check_positive_int("micro_batch", self.micro_batch)
+        for name in ("micro_batch", "loss_chunk"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
         if self.pretrain_steps < 0:
             raise InputError("pretrain_steps must be >= 0", fields=["pretrain_steps"])
         if self.monitor_every < 0:
@@ -158,7 +168,7 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise InputError(f"precision={self.precision!r} is invalid: use one of {list(PRECISIONS)}",
                              fields=["precision"])  # fmt: skip
-        check_model_dir(self.model)
+        check_model_dir(self.model, weights=weights)
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -190,25 +200,30 @@ def base_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def _resume_key(config: dict) -> dict:
-    """The settings a checkpoint must share with the run resuming it (precision: compared resolved)."""
+    """The settings a checkpoint must share with the run resuming it (precision: compared resolved).
+
+    Memory settings (micro-batches, checkpointing, loss slices) and measurements may change.
+    """
     free = (
         "steps",
         "precision",
         "micro_batch",
         "grad_checkpointing",
+        "loss_chunk",
         "sharpness_every",
         "sharpness_early",
         "sharpness_batch",
         "sharpness_lanczos",
-    )  # a resume may change these (measurements only)
+    )
     return {k: v for k, v in config.items() if k not in free}
 
 
 def _accumulate(ddp, batch: torch.Tensor, micro: int | None, precision: str, device) -> torch.Tensor:
     """The process's mean loss over ``batch``, its gradient accumulated over ``micro``-window slices.
 
-    Under DDP the gradients are averaged over the processes once, in the last slice's backward
-    (``no_sync`` before it). Returns the loss, detached.
+    ``ddp`` is a :class:`~signal_drift.lm.NextTokenLoss` (DDP-wrapped under ``torchrun``): its
+    forward is the loss. Under DDP the gradients are averaged over the processes once, in the
+    last slice's backward (``no_sync`` before it). Returns the loss, detached.
     """
     chunks = batch.split(micro or len(batch))
     total = None
@@ -216,7 +231,7 @@ def _accumulate(ddp, batch: torch.Tensor, micro: int | None, precision: str, dev
         defer = i < len(chunks) - 1 and isinstance(ddp, DistributedDataParallel)
         with ddp.no_sync() if defer else contextlib.nullcontext():
             with _autocast(precision, device):
-                loss = next_token_nll(ddp, chunk)
+                loss = ddp(chunk)
             if len(chunks) > 1:
                 loss = loss * (len(chunk) / len(batch))
             loss.backward()
@@ -318,7 +333,7 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
         where = f"{precision}, {dist.world} process(es) on {dist.device.type}"
         log(f"LoRA-{cfg.scaling}, r={cfg.rank}, η={cfg.lr:g}: {describe(scales, cfg.rank)}, "
             f"{len(scales)} modules, {where}")  # fmt: skip
-    ddp = dist.wrap(model)
+    ddp = dist.wrap(NextTokenLoss(model, cfg.loss_chunk))  # DDP's forward is the loss
     val_ids = val_ids.to(dist.device)
     sharp_ids = None
     if (cfg.sharpness_every or cfg.sharpness_early) and dist.main:
@@ -327,7 +342,7 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
 
     def evaluate() -> float:
         with _autocast(precision, dist.device):
-            return heldout_nll(model, val_ids, cfg.seq_len)
+            return heldout_nll(model, val_ids, cfg.seq_len, loss_chunk=cfg.loss_chunk)
 
     if not metrics["heldout_nll"] and dist.main:
         metrics["heldout_nll"].append((0, evaluate()))

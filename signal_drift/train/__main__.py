@@ -16,6 +16,7 @@ from ..settings import ConfigParser
 from ..sweep import describe_alpha_star
 from . import TrainConfig, train
 from ._dist import teardown
+from .memory import describe_run
 from .sweep import TrainSweepConfig, run_train_sweep
 
 PROG = "python -m signal_drift.train"
@@ -33,7 +34,17 @@ def _main(argv: list[str]) -> int:
     if argv[:1] == ["sweep"]:
         return sweep_main(argv[1:])
     p = ConfigParser(TrainConfig, prog=PROG, description=__doc__, epilog=f"see also: {PROG} sweep --help")
-    cfg, _ = p.parse_config(argv)
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="print the estimated peak memory per process of this run and exit, training and "
+                   "writing nothing (--model may hold config.json alone)")  # fmt: skip
+    p.add_argument("--processes", type=int, default=None,
+                   help="with --estimate-memory: the torchrun processes sharing --batch-size "
+                   "(default: WORLD_SIZE, else 1)")  # fmt: skip
+    estimate = p.parse_known_args(argv)[0].estimate_memory
+    cfg, ns = p.parse_config(argv, weights=not estimate)
+    if estimate:
+        print(describe_run(cfg, ns.processes))
+        return 0
     try:
         m = train(cfg, progress=sys.stderr.isatty(), log=lambda s: print(s, file=sys.stderr))
     except DivergenceError as err:

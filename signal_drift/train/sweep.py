@@ -64,6 +64,9 @@ class TrainSweepConfig:
         seeds: replicate every cell at these seeds (data order and A init; the pre-trained base is
             the one of ``seed``); empty: ``seed`` alone. The sharpness records are taken at the
             first seed only. With two or more, ``sweep.json`` gains ``over_seeds``.
+        micro_batch, grad_checkpointing, loss_chunk: the memory settings of every run (as in
+            :class:`~signal_drift.train.TrainConfig`); they do not change the results, so they
+            are not part of a cell's key and a resumed sweep may change them.
     """
 
     model: str | None = None
@@ -75,6 +78,9 @@ class TrainSweepConfig:
     gamma: float = 1.0
     steps: int = 100
     batch_size: int = 16
+    micro_batch: int | None = None
+    grad_checkpointing: bool = False
+    loss_chunk: int | None = None
     seq_len: int = 128
     pretrain_steps: int = 300
     sharpness_every: int = 25
@@ -107,12 +113,20 @@ class TrainSweepConfig:
             raise InputError(
                 f"seeds={list(self.seeds)} is invalid: need distinct seeds >= 0", fields=["seeds"]
             )
+        for name in ("micro_batch", "loss_chunk"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
         check_model_dir(self.model)
 
     @property
     def replicates(self) -> tuple[int, ...]:
         """The seeds every cell is run at: ``seeds``, or ``(seed,)`` when it is empty."""
         return tuple(self.seeds) or (self.seed,)
+
+    def memory(self) -> dict:
+        """The memory settings each run takes (not part of the cells: they do not change results)."""
+        return {"micro_batch": self.micro_batch, "grad_checkpointing": self.grad_checkpointing,
+                "loss_chunk": self.loss_chunk}  # fmt: skip
 
     def alpha0(self, rank: int) -> float:
         """The baseline α0 of ``rank``."""
@@ -143,7 +157,8 @@ def _cell_dir(cell: dict) -> str:
     return f"r{cell['rank']}_alpha{cell['alpha']:g}_lr{cell['lr']:g}"
 
 
-def _run_cell(cell: dict, out: Path) -> dict:
+def _run_cell(cell: dict, out: Path, memory: dict | None = None) -> dict:
+    """One cell's run; ``memory``: :meth:`TrainSweepConfig.memory` (default: TrainConfig's)."""
     steps = cell["steps"]
     cfg = TrainConfig(model=cell["model"], data=cell["data"], scaling="fixed", rank=cell["rank"],
                       alpha=cell["alpha"], lr=cell["lr"], gamma=cell["gamma"], steps=steps,
@@ -152,7 +167,7 @@ def _run_cell(cell: dict, out: Path) -> dict:
                       seed=cell["seed"], out=str(out / "cells" / _cell_dir(cell)),
                       sharpness_every=cell.get("sharpness_every", 0),
                       sharpness_early=cell.get("sharpness_early", 0),
-                      sharpness_lanczos=cell.get("sharpness_lanczos", 40))  # fmt: skip
+                      sharpness_lanczos=cell.get("sharpness_lanczos", 40), **(memory or {}))  # fmt: skip
     try:
         m = train(cfg, log=lambda _: None)
     except DivergenceError as err:
@@ -424,7 +439,7 @@ def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) ->
     quiet = not dist.main
     records = run_grid(
         cells,
-        lambda c: _run_cell(c, out),
+        lambda c: _run_cell(c, out, cfg.memory()),
         out / "sweep.jsonl",
         progress=progress and not quiet,
         log=None if quiet else log,

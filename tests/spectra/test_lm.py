@@ -19,7 +19,7 @@ from signal_drift.decomposition import DriftOperator, MappingJacobian, SignalOpe
 from signal_drift.hessian import fft_hessian  # noqa: E402
 from signal_drift.hf import lm_problem  # noqa: E402
 from signal_drift.lora import init_theta  # noqa: E402
-from signal_drift.spectra.lm import _trace_rule_layer, rescale_alpha  # noqa: E402
+from signal_drift.spectra.lm import LMSpectraConfig, _trace_rule_layer, rescale_alpha, run_lm_spectra  # noqa: E402
 from signal_drift.spectra.trace import frobenius_ratio  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -267,3 +267,24 @@ def test_cli_reads_a_peft_adapter_and_refuses_bad_input(model_dir, tmp_path):
     assert_cli_refuses(
         ["signal_drift.spectra", "lm", "--model", str(tmp_path), "--out", str(out)], "--model", out
     )
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_offline_base_is_pretrained_on_the_configured_device(tmp_path, monkeypatch):
+    """--device cuda (CUDA mocked): the default model is pre-trained there, not on the CPU."""
+    import signal_drift.lm
+
+    seen = []
+
+    def build(*args, device=None, **kwargs):
+        seen.append(device)
+        raise _Stop  # before anything is loaded
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(signal_drift.lm, "build_base_model", build)
+    with pytest.raises(_Stop):
+        run_lm_spectra(LMSpectraConfig(device="cuda"), tmp_path, log=lambda _: None)
+    assert seen == ["cuda"]

@@ -203,6 +203,10 @@ def test_init_blocks_reproduce_h_theta_at_init(case):
     c = curvature(problem, init_theta(problem, seed=1))
     S1, D1 = c.signal.to_dense(), c.drift.to_dense()
     blocks = InitBlocks.from_dense(problem, S1, D1)
+    index = [blocks.iB, *(i for c in blocks.couplings for i in (c.iA, c.iB))]
+    assert {i.device for i in index} == {
+        S1.device
+    }  # made once where the products run, never copied per product
     eS, eD = blocks.eigvalsh()
     assert_close(eS, torch.linalg.eigvalsh(S1), atol=1e-12 * float(S1.abs().max()))
     assert_close(eD, torch.linalg.eigvalsh(D1), atol=1e-12 * float(D1.abs().max()))

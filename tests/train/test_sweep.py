@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 
 from cases import assert_cli_refuses, free_port  # noqa: E402
 
-from signal_drift._errors import InputError  # noqa: E402
+from signal_drift import InputError  # noqa: E402
 from signal_drift.lm import build_base_model  # noqa: E402
 from signal_drift.sweep import cell_key  # noqa: E402
 from signal_drift.train.sweep import TrainSweepConfig, analyse_paths, path_cells, run_train_sweep  # noqa: E402
@@ -30,6 +30,21 @@ def test_paths_share_only_the_baseline_cell():
     assert r8 == {(8.0, 1e-3), (8.0, 4e-3), (8.0, 16e-3), (32.0, 1e-3), (128.0, 1e-3)}
     fixed = path_cells(TrainSweepConfig(ranks=(2,), multipliers=(1, 4), base_alpha=16.0), "m")
     assert {c["alpha"] for c in fixed} == {16.0, 64.0}
+
+
+def test_memory_settings_reach_every_run_but_not_the_cell_keys(monkeypatch):
+    """--micro-batch, --grad-checkpointing and --loss-chunk do not change results: same cells, passed on."""
+    from signal_drift.train import sweep as train_sweep
+
+    memory = dict(micro_batch=2, grad_checkpointing=True, loss_chunk=64)
+    cfg = TrainSweepConfig(ranks=(2,), multipliers=(1, 4), **memory)
+    assert path_cells(cfg, "m") == path_cells(TrainSweepConfig(ranks=(2,), multipliers=(1, 4)), "m")
+    seen = []
+    monkeypatch.setattr(train_sweep, "train", lambda c, log: seen.append(c) or {"update_norms": {}})
+    train_sweep._run_cell(path_cells(cfg, "m")[0], Path("unused"), cfg.memory())
+    assert {k: getattr(seen[0], k) for k in memory} == memory
+    with pytest.raises(InputError, match="loss_chunk"):
+        TrainSweepConfig(loss_chunk=0).validate()
 
 
 def _records(cfg, loss):

@@ -75,7 +75,8 @@ def test_bf16_autocast_trains(tmp_path, base):
 def test_torchrun_two_processes_equal_one(tmp_path, base):
     """Data-parallel over 2 gloo ranks = the single-process run with the same global batch.
 
-    The 2-process run also accumulates each rank's 4 windows over 2 micro-batches (DDP ``no_sync``).
+    The 2-process run also accumulates each rank's 4 windows over 2 micro-batches (DDP ``no_sync``)
+    and takes the loss over slices of 24 tokens (``--loss-chunk``: DDP wraps the loss).
     """
     flags = ["--model", str(base), "--steps", "4", "--lr", "1e-3", "--batch-size", "8", "--seq-len", "32",
              "--eval-every", "2", "--checkpoint-every", "2", "--rank", "4", "--monitor-every", "0"]  # fmt: skip
@@ -84,7 +85,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, base):
                        capture_output=True, text=True, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(free_port()), "-m", "signal_drift.train", *flags, "--micro-batch", "2",
+                        str(free_port()), "-m", "signal_drift.train", *flags, "--micro-batch", "2", "--loss-chunk", "24",
                         "--out", str(tmp_path / "two")],
                        capture_output=True, text=True, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
@@ -233,14 +234,22 @@ def test_a_model_without_llama_linears_is_refused_before_anything_is_written(tmp
 
 
 def test_gradient_accumulation_equals_the_whole_batch(tmp_path, base):
-    """--micro-batch 3 (slices of 3, 3, 2 windows) takes the same steps as 8 windows at once."""
+    """--micro-batch 3 (slices of 3, 3, 2 windows) takes the same steps as 8 windows at once.
+
+    So does --loss-chunk 40 on top (the logits 40 tokens at a time, in training and evaluation).
+    """
     cfg = dict(model=str(base), steps=4, lr=1e-3, monitor_every=0, **SMALL)
     whole = train(TrainConfig(out=str(tmp_path / "whole"), **cfg), log=quiet)
     sliced = train(TrainConfig(micro_batch=3, out=str(tmp_path / "sliced"), **cfg), log=quiet)
+    chunked = train(
+        TrainConfig(micro_batch=3, loss_chunk=40, out=str(tmp_path / "chunked"), **cfg), log=quiet
+    )
     for key in ("train_loss", "heldout_nll"):
         torch.testing.assert_close(torch.tensor(sliced[key]), torch.tensor(whole[key]), rtol=1e-5, atol=1e-6)
-    with pytest.raises(InputError, match="micro_batch"):
-        TrainConfig(micro_batch=0).validate()
+        torch.testing.assert_close(torch.tensor(chunked[key]), torch.tensor(whole[key]), rtol=1e-5, atol=1e-6)
+    for name in ("micro_batch", "loss_chunk"):
+        with pytest.raises(InputError, match=name):
+            TrainConfig(**{name: 0}).validate()
 
 
 def test_gradient_checkpointing_takes_the_same_steps(tmp_path, base, monkeypatch):
