@@ -154,7 +154,7 @@ def path_cells(cfg: TrainSweepConfig, model_dir: str) -> list[dict]:
 
 
 def _cell_dir(cell: dict) -> str:
-    return f"r{cell['rank']}_alpha{cell['alpha']:g}_lr{cell['lr']:g}"
+    return f"r{cell['rank']}_alpha{cell['alpha']:g}_lr{cell['lr']:g}_seed{cell['seed']}"
 
 
 def _run_cell(cell: dict, out: Path, memory: dict | None = None) -> dict:
