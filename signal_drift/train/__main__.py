@@ -91,7 +91,7 @@ def sweep_main(argv: Sequence[str]) -> int:
         if "predicted_eta" in p:
             print(
                 f"  r={r}: Adam's edge from the base run predicts the η-path to break at k ≈ "
-                f"{p['predicted_eta']:.3g}, the α-path at k ≈ {p['predicted_alpha']}; observed "
+                f"{p['predicted_eta']:.3g}, the α-path at k ≈ {float(p['predicted_alpha']):.3g}; observed "
                 f"{p['observed_eta']} and {p['observed_alpha']}"
             )
     return 0
