@@ -128,24 +128,32 @@ def adam_preconditioner(
 
 
 def torch_adam_state(
-    optimizer: torch.optim.Optimizer, params: Mapping[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer, params: Mapping[str, torch.Tensor], *, pending: bool = False
 ) -> tuple[dict[str, torch.Tensor], int, dict]:
     """Second moments, step count and hyper-parameters of a ``torch.optim`` Adam/AdamW.
 
     Args:
-        optimizer: an optimizer with Adam's state (``exp_avg_sq`` and ``step`` per parameter).
+        optimizer: ``torch.optim.Adam`` or ``AdamW`` (``exp_avg_sq``, or ``max_exp_avg_sq`` with
+            AMSGrad, and ``step`` per parameter).
         params: ``{name: parameter}``, the parameters to read, each in the optimizer.
+        pending: the moments of the step about to be taken: each parameter's ``.grad`` (already
+            computed, not yet applied) folded in, ``v ← β₂ v + (1 − β₂) g²`` and ``t ← t + 1``,
+            as ``optimizer.step()`` will (from zero moments before the first step). This is the
+            ``P`` that multiplies the update from the current ``θ``.
 
     Returns:
-        ``(v, t, hyper)``: ``v = {name: exp_avg_sq}`` (detached), the step count ``t`` and
+        ``(v, t, hyper)``: ``v = {name: second moment}`` (detached), the step count ``t`` and
         ``hyper = {"lr", "beta1", "beta2", "eps"}`` of the parameters' group.
 
     Raises:
         InputError: a parameter the optimizer does not hold, a group without ``betas``/``eps``
-            (not Adam), no ``exp_avg_sq`` yet (no step taken), or parameters in groups with
+            (not Adam), ``maximize``, coupled weight decay (Adam's ``weight_decay``, which adds
+            ``λI`` to the Hessian the update sees), no moments yet (no step taken and not
+            ``pending``), a missing ``.grad`` with ``pending``, or parameters in groups with
             different hyper-parameters or step counts.
     """
     groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    decoupled = isinstance(optimizer, torch.optim.AdamW)
     v, steps, hyper = {}, set(), set()
     for name, p in params.items():
         g = groups.get(id(p))
@@ -153,15 +161,35 @@ def torch_adam_state(
             raise InputError(f"optimizer: does not hold parameter {name!r}")
         if "betas" not in g or "eps" not in g:
             raise InputError(f"optimizer: {type(optimizer).__name__} has no Adam state (betas, eps)")
-        st = optimizer.state.get(p, {})
-        if "exp_avg_sq" not in st:
+        if g.get("maximize"):
+            raise InputError("optimizer: maximize=True is not supported (the edge is for descent)")
+        if g.get("weight_decay") and not (decoupled or g.get("decoupled_weight_decay")):
             raise InputError(
-                f"optimizer: no Adam second moment (exp_avg_sq) for {name!r}; "
+                "optimizer: Adam's coupled weight_decay adds λI to the Hessian the update sees; use AdamW "
+                "(decoupled) or weight_decay=0"
+            )
+        b2 = float(g["betas"][1])
+        key = "max_exp_avg_sq" if g.get("amsgrad") else "exp_avg_sq"
+        st = optimizer.state.get(p, {})
+        if key not in st and not pending:
+            raise InputError(
+                f"optimizer: no Adam second moment ({key}) for {name!r}; "
                 f"{type(optimizer).__name__} is not Adam, or no step was taken yet"
             )
-        v[name] = st["exp_avg_sq"].detach()
-        steps.add(int(st["step"]))
-        hyper.add((float(g["lr"]), float(g["betas"][0]), float(g["betas"][1]), float(g["eps"])))
+        old = st[key].detach() if key in st else torch.zeros_like(p.detach())
+        t = int(st["step"]) if "step" in st else 0
+        if pending:
+            if p.grad is None:
+                raise InputError(f"optimizer: parameter {name!r} has no .grad to fold into the pending step")
+            gr = p.grad.detach()
+            new = (
+                b2 * (st["exp_avg_sq"].detach() if "exp_avg_sq" in st else torch.zeros_like(gr))
+                + (1 - b2) * gr * gr
+            )
+            old, t = (torch.maximum(old, new) if g.get("amsgrad") else new), t + 1
+        v[name] = old
+        steps.add(t)
+        hyper.add((float(g["lr"]), float(g["betas"][0]), b2, float(g["eps"])))
     if len(steps) != 1 or len(hyper) != 1:
         raise InputError("optimizer: the parameters have different step counts or hyper-parameters")
     lr, b1, b2, eps = hyper.pop()
@@ -320,7 +348,7 @@ COLUMNS = ("step", "lr", "lambda_max", "preconditioned", "signal_share", "drift_
 def columns(records: Sequence[Sharpness | Mapping]) -> dict[str, list]:
     """A run's records as ``{column: [value per record]}`` (:data:`COLUMNS`); dicts: ``to_json()``'s."""
     rows = [r.to_json() if isinstance(r, Sharpness) else r for r in records]
-    return {c: [row[c] for row in rows] for c in COLUMNS}
+    return {c: [row.get(c, math.nan) for row in rows] for c in COLUMNS}
 
 
 def from_json(row: Mapping) -> Sharpness:
@@ -333,31 +361,39 @@ def from_json(row: Mapping) -> Sharpness:
 class Breakdown:
     """Where each path is predicted to cross Adam's edge, and where it broke down.
 
-    The η-path ``(α0, kη0)`` multiplies the preconditioned signal and drift by ``k``; the α-path
-    ``(kα0, η0)``, by the B = 0 scaling (module docstring), multiplies the signal by ``k`` and
-    leaves the drift: the predicted crossings are
+    With ``P`` frozen at the base run's, the η-path ``(α0, kη0)`` multiplies
+    ``η·P^{-1/2}H_θP^{-1/2}`` by ``k``: it crosses at exactly ``k_η = 1/ρ`` (``ρ`` the edge ratio).
+    The α-path ``(kα0, η0)`` under the B = 0 scaling (module docstring) has
+    ``P^{-1/2}H_θP^{-1/2} → k S̃ + D̃`` (``S̃``, ``D̃`` the preconditioned signal and drift). The
+    drift is block off-diagonal between A and B, and so is ``D̃``: its spectrum is symmetric,
+    ``λ_min(D̃) = −λ_max(D̃)``, and Weyl's inequalities give
+    ``k λ_max(S̃) − λ_max(D̃) ≤ λ_max(k S̃ + D̃) ≤ k λ_max(S̃) + λ_max(D̃)``: the crossing lies in
 
-    ``k_η = 1 / max_t ρ_t`` and ``k_α = min_t (1 − ρ_t f_t) / (ρ_t (1 − f_t))`` over the base run's
-    records, with ``ρ_t`` the edge ratio and ``f_t`` the drift fraction at step ``t``
-    (``k_α = ∞`` where the signal share is not positive).
+    ``[(1 − ρ_D)/ρ_S, (1 + ρ_D)/ρ_S]``, ``ρ_S = η λ_max(S̃)/edge``, ``ρ_D = η λ_max(D̃)/edge``
+
+    (the lower end clipped at 0: ``ρ_D ≥ 1`` means the drift alone may already cross). Over the
+    base run's records, the earliest crossing counts: ``k_η = min_t 1/ρ_t`` and the α range is
+    ``[min_t lo_t, min_t hi_t]``.
 
     Attributes:
         predicted_eta: ``k_η``.
-        predicted_alpha: ``k_α``.
+        predicted_alpha: ``[lo, hi]``, the range of ``k_α`` (``None`` without the signal and
+            drift maxima in the records).
         observed_eta: the first multiplier of the η-path that broke down, or None.
         observed_alpha: the same on the α-path.
         last_stable_eta: the largest multiplier below ``observed_eta`` that did not (None: none).
         last_stable_alpha: the same on the α-path.
         within_2_eta: whether ``[k_η/2, 2k_η]`` meets the interval the grid leaves for the
             breakdown, ``(last stable, observed]`` (``(largest k, ∞)`` where no run broke down).
-        within_2_alpha: the same on the α-path.
+        within_2_alpha: whether ``[lo/2, 2 hi]`` meets it on the α-path.
         records_used: the base-run steps the prediction used.
         max_edge_ratio: ``max_t ρ_t`` of the base run.
-        drift_fraction: ``f_t`` at the step of ``max_t ρ_t``.
+        drift_fraction: the drift share at the top eigenvector at the step of ``max_t ρ_t``.
+        step_of_max: that step.
     """
 
     predicted_eta: float
-    predicted_alpha: float
+    predicted_alpha: list[float] | None
     observed_eta: float | None
     observed_alpha: float | None
     last_stable_eta: float | None
@@ -367,10 +403,17 @@ class Breakdown:
     records_used: list[int]
     max_edge_ratio: float
     drift_fraction: float
+    step_of_max: int
 
     def to_json(self) -> dict:
         """JSON-ready (``inf`` as a string)."""
-        return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
+
+        def enc(v):
+            if isinstance(v, float) and math.isinf(v):
+                return "inf"
+            return [enc(x) for x in v] if isinstance(v, list) else v
+
+        return {k: enc(v) for k, v in asdict(self).items()}
 
 
 def observed_breakdown(outcomes: Mapping[float, bool]) -> tuple[float | None, float | None]:
@@ -385,11 +428,12 @@ def observed_breakdown(outcomes: Mapping[float, bool]) -> tuple[float | None, fl
     return first, (max(below) if below else None)
 
 
-def _within_2(pred: float, observed: float | None, stable: float | None, largest: float) -> bool:
-    lo, hi = (largest, math.inf) if observed is None else (stable or 0.0, observed)
-    if not math.isfinite(pred):
+def _within_2(lo: float, hi: float, observed: float | None, stable: float | None, largest: float) -> bool:
+    """Whether ``[lo/2, 2 hi]`` meets the interval the grid leaves for the breakdown."""
+    a, b = (largest, math.inf) if observed is None else (stable or 0.0, observed)
+    if not math.isfinite(lo):
         return observed is None
-    return pred * 2 > lo and pred / 2 <= hi
+    return hi * 2 > a and lo / 2 <= b
 
 
 def predict_breakdown(
@@ -407,10 +451,9 @@ def predict_breakdown(
         eta_outcomes: ``{k: broke down}`` on the η-path (divergence, or a final loss worse than
             before fine-tuning).
         alpha_outcomes: the same on the α-path.
-        min_step: records before this step are left out. Where ``v`` holds only the first
-            gradient, taken at ``B = 0`` where ``∇_A L = 0``, ``P_A = ε`` exactly and the
-            frozen-preconditioner edge does not describe the next steps: leave that record out
-            (``dynamics`` numbers it step 0, ``train`` step 1).
+        min_step: records before this step are left out. At step 0 (before the first update)
+            ``v`` holds only the first gradient, taken at ``B = 0`` where ``∇_A L = 0``: ``P_A = ε``
+            exactly and the frozen-preconditioner edge does not describe the next steps.
         max_step: records after this step are left out (None: none). The α-path scaling holds
             near ``B = 0``; later, Adam's ``v`` adapts to each run's own trajectory.
 
@@ -427,19 +470,25 @@ def predict_breakdown(
         window = f"step >= {min_step}" + ("" if max_step is None else f" and <= {max_step}")
         raise InputError(f"base run: no converged preconditioned sharpness at {window} to predict from")
     rho = np.array([s.edge_ratio for s in recs])
-    f = np.array([s.drift_fraction for s in recs])
     i = int(np.argmax(rho))
     k_eta = float(1 / rho[i])
-    sig = rho * (1 - f)
-    k_alpha = float(np.min(np.where(sig > 0, (1 - rho * f) / np.where(sig > 0, sig, 1), np.inf)))
-    k_alpha = max(k_alpha, 0.0)
+    edge = np.array([adam_edge(s.beta1) / s.lr if s.lr > 0 else math.inf for s in recs])
+    rs = np.array([s.signal_max for s in recs]) / edge
+    rd = np.array([s.drift_max for s in recs]) / edge
+    ok = np.isfinite(rs) & np.isfinite(rd) & (rs > 0)
+    k_alpha = None
+    if ok.any():
+        lo = np.maximum((1 - rd[ok]) / rs[ok], 0.0)
+        hi = (1 + rd[ok]) / rs[ok]
+        k_alpha = [float(lo.min()), float(hi.min())]
     oe, se = observed_breakdown(eta_outcomes)
     oa, sa = observed_breakdown(alpha_outcomes)
+    a_lo, a_hi = (math.inf, math.inf) if k_alpha is None else k_alpha
     return Breakdown(
         k_eta, k_alpha, oe, oa, se, sa,
-        _within_2(k_eta, oe, se, max(eta_outcomes, default=1.0)),
-        _within_2(k_alpha, oa, sa, max(alpha_outcomes, default=1.0)),
-        [s.step for s in recs], float(rho[i]), float(f[i]),
+        _within_2(k_eta, k_eta, oe, se, max(eta_outcomes, default=1.0)),
+        _within_2(a_lo, a_hi, oa, sa, max(alpha_outcomes, default=1.0)),
+        [s.step for s in recs], float(rho[i]), float(recs[i].drift_fraction), recs[i].step,
     )  # fmt: skip
 
 
@@ -457,6 +506,8 @@ def peft_sharpness(
     parts: bool = True,
     dtype: torch.dtype | None = torch.float64,
     seed: int = 0,
+    pending: bool = False,
+    distributed: bool = False,
 ) -> Sharpness:
     """:func:`sharpness` of a PEFT LoRA model under its ``torch.optim`` Adam/AdamW, on ``data``.
 
@@ -480,6 +531,11 @@ def peft_sharpness(
         parts: also ``λ_max`` of the preconditioned signal and drift alone (one more Lanczos each).
         dtype: precision of the measurement.
         seed: Lanczos start vectors.
+        pending: measure with the ``P`` of the step about to be taken (call between
+            ``backward()`` and ``optimizer.step()``; :func:`torch_adam_state`); otherwise with the
+            ``P`` of the last step taken.
+        distributed: ``data`` is this process's share under ``torchrun``; every process must call
+            this with its share (products are all-reduced; every process gets the same record).
 
     Raises:
         InputError: a model without LoRA layers, an optimizer without Adam state, or what
@@ -501,11 +557,11 @@ def peft_sharpness(
     params = {}
     measured = inner if dtype is None else copy.deepcopy(inner).to(dtype)
     with _eval_mode(measured):
-        problem, theta = from_peft(measured, data, adapter=name)
+        problem, theta = from_peft(measured, data, adapter=name, distributed=distributed)
         for a in problem.adapters:
             mod = live[a.name]
             params[a.key_A], params[a.key_B] = mod.lora_A[name].weight, mod.lora_B[name].weight
-        v, t, hyper = torch_adam_state(optimizer, params)
+        v, t, hyper = torch_adam_state(optimizer, params, pending=pending)
         v = {k: x.to(device=problem.device, dtype=problem.dtype) for k, x in v.items()}
         P = adam_preconditioner(v, t, problem.theta_layout, beta2=hyper["beta2"], eps=hyper["eps"])
         Ht = lora_hessian(problem, theta)
@@ -543,7 +599,8 @@ def _sharpness_callback() -> type:
     class SharpnessCallback(base):
         """``transformers.Trainer`` callback: GD's and Adam's sharpness of the LoRA Hessian every N steps.
 
-        Every ``every`` optimizer steps (and at each of the first ``early``), on a fixed ``data`` batch,
+        Before every ``every``-th optimizer update (and each of the first ``early``), on a fixed
+        ``data`` batch,
         :func:`peft_sharpness` measures ``λ_max(H_θ)``, Adam's preconditioned sharpness with the
         optimizer's own ``v``, the edge ratio ``η·λ_max(P⁻¹H_θ)/((2+2β₁)/(1−β₁))``, GD's ratio
         ``η·λ_max(H_θ)/2`` and the drift share. Each record is appended to ``state.log_history``
@@ -581,21 +638,24 @@ def _sharpness_callback() -> type:
         ):
             if not isinstance(every, int) or every <= 0:
                 raise InputError(f"every={every!r} is invalid: need a positive number of steps")
-            if early < 0:
-                raise InputError(f"early={early!r} is invalid: need >= 0")
+            if not isinstance(early, int) or early < 0:
+                raise InputError(f"early={early!r} is invalid: need a number of steps >= 0")
             self.data, self.every, self.early = data, every, early
             self.lanczos_steps, self.parts, self.warn_at, self.dtype = lanczos_steps, parts, warn_at, dtype
             self.records: list[Sharpness] = []
             self.warned = False
 
-        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-            """Measure after the optimizer step numbered ``state.global_step``."""
+        def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+            """Measure at the current θ with the ``P`` and ``η`` of the update about to be taken.
+
+            The record's step is ``state.global_step``, the number of updates already taken.
+            """
             step = state.global_step
-            if not (step % self.every == 0 or step <= self.early):
+            if not (step % self.every == 0 or step < self.early):
                 return
             opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
             rec = peft_sharpness(model, opt, self.data, step=step, lanczos_steps=self.lanczos_steps,
-                                 parts=self.parts, dtype=self.dtype)  # fmt: skip
+                                 parts=self.parts, dtype=self.dtype, pending=True)  # fmt: skip
             self.records.append(rec)
             js = rec.to_json()
             keys = ("lambda_max", "preconditioned", "gd_ratio", "edge_ratio", "drift_fraction", "signal_max",
@@ -604,7 +664,13 @@ def _sharpness_callback() -> type:
             state.log_history.append({"step": step, **entry})
             for w in rec.warnings:
                 warnings.warn(w, stacklevel=2)
-            if not self.warned and math.isfinite(rec.edge_ratio) and rec.edge_ratio >= self.warn_at:
+            # step 0: v_A = 0 (B = 0 makes ∇_A L = 0), P_A = ε: the frozen-P edge says nothing yet
+            if (
+                step > 0
+                and not self.warned
+                and math.isfinite(rec.edge_ratio)
+                and rec.edge_ratio >= self.warn_at
+            ):
                 self.warned = True
                 warnings.warn(
                     f"step {step}: η·λ_max(P⁻¹H_θ) is {rec.edge_ratio:.0%} of Adam's edge "

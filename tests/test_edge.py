@@ -200,6 +200,22 @@ def test_torch_adam_state_is_what_adamw_applies():
     assert_close(step, -0.1 * m_hat / P, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_pending_state_is_the_one_the_step_then_uses(amsgrad):
+    """``pending=True`` before ``opt.step()`` = the state ``opt.step()`` writes (first step included)."""
+    gen = torch.Generator().manual_seed(1)
+    w = {"a": torch.nn.Parameter(torch.randn(4, 3, generator=gen))}
+    opt = torch.optim.AdamW(list(w.values()), lr=0.05, betas=(0.9, 0.99), amsgrad=amsgrad, weight_decay=0.0)
+    for step in range(4):
+        opt.zero_grad()
+        ((w["a"] ** 3).sum() * (1 + step)).backward()
+        v, t, _ = torch_adam_state(opt, w, pending=True)
+        opt.step()
+        after, t_after, _ = torch_adam_state(opt, w)
+        assert t == t_after == step + 1
+        assert_close(v["a"], after["a"], rtol=1e-14, atol=0.0)
+
+
 def test_torch_adam_state_refusals():
     w = {"a": torch.nn.Parameter(torch.ones(2))}
     sgd = torch.optim.SGD(list(w.values()), lr=0.1)
@@ -208,6 +224,13 @@ def test_torch_adam_state_refusals():
     other = torch.optim.Adam([torch.nn.Parameter(torch.ones(2))])
     with pytest.raises(InputError, match="does not hold parameter 'a'"):
         torch_adam_state(other, w)
+    coupled = torch.optim.Adam(list(w.values()), weight_decay=0.1)
+    with pytest.raises(InputError, match="coupled weight_decay"):
+        torch_adam_state(coupled, w, pending=True)
+    with pytest.raises(InputError, match="maximize"):
+        torch_adam_state(torch.optim.Adam(list(w.values()), maximize=True), w, pending=True)
+    with pytest.raises(InputError, match="no .grad"):
+        torch_adam_state(torch.optim.Adam(list(w.values())), w, pending=True)
     with pytest.raises(InputError, match="at least one step"):
         adam_preconditioner(
             {"a": torch.ones(2)}, 0, __import__("signal_drift").operators.ParamLayout.from_shapes({"a": (2,)})
@@ -222,32 +245,69 @@ def test_preconditioner_refusals():
         PreconditionedOperator(op, torch.ones(4))
 
 
-def _rec(step, rho, f, lr=0.01, beta1=0.9):
-    pre = rho * adam_edge(beta1) / lr
-    return Sharpness(step, lr, beta1, 1.0, 0.0, pre, 0.0, pre * (1 - f), pre * f, math.nan, math.nan, 1)
+def _rec(step, rho, f=0.5, rho_s=math.nan, rho_d=math.nan, lr=0.01, beta1=0.9):
+    """A record with edge ratio ρ, drift fraction f and the ratios of the signal and drift maxima."""
+    e = adam_edge(beta1) / lr
+    pre = rho * e
+    return Sharpness(step, lr, beta1, 1.0, 0.0, pre, 0.0, pre * (1 - f), pre * f, rho_s * e, rho_d * e, 1)
 
 
 def test_predict_breakdown_formulas():
-    recs = [_rec(0, 5.0, 0.9), _rec(10, 0.2, 0.5), _rec(20, 0.25, 0.6)]  # step 0 is left out
+    recs = [
+        _rec(0, 5.0, rho_s=1.0, rho_d=5.0),
+        _rec(10, 0.2, rho_s=0.1, rho_d=0.15),
+        _rec(20, 0.25, rho_s=0.05, rho_d=0.3),
+    ]
     b = predict_breakdown(recs, {1: False, 2: False, 4: True, 8: True}, {1: False, 4: False, 16: False})
-    assert b.records_used == [10, 20]
+    assert b.records_used == [10, 20] and b.step_of_max == 20  # step 0 (P_A = ε) is left out
     assert b.predicted_eta == pytest.approx(4.0)  # 1 / 0.25
-    # α-path: ρ (k (1 − f) + f) = 1 at k = (1 − ρ f)/(ρ (1 − f)); the smaller over the records
-    assert b.predicted_alpha == pytest.approx(min((1 - 0.2 * 0.5) / 0.1, (1 - 0.25 * 0.6) / 0.1))
+    # α-path: k ρ_S − ρ_D ≤ ratio ≤ k ρ_S + ρ_D crosses 1 in [(1 − ρ_D)/ρ_S, (1 + ρ_D)/ρ_S]; earliest record wins
+    assert b.predicted_alpha == pytest.approx([min(0.85 / 0.1, 0.7 / 0.05), min(1.15 / 0.1, 1.3 / 0.05)])
     assert (b.observed_eta, b.last_stable_eta) == (4, 2)
     assert (b.observed_alpha, b.last_stable_alpha) == (None, 16)
     assert b.within_2_eta  # 4 ∈ (2, 4]
-    assert b.within_2_alpha  # 8.5·2 > 16: no breakdown up to 16 is consistent
-    for rho, f in [(0.2, 0.5), (0.25, 0.6)]:  # the α prediction puts that record exactly on the edge
-        k = (1 - rho * f) / (rho * (1 - f))
-        assert rho * (k * (1 - f) + f) == pytest.approx(1.0)
+    assert b.within_2_alpha  # 2 · 11.5 > 16: no breakdown up to 16 is consistent
     early = predict_breakdown(recs, {1: False, 2: True}, {1: False}, max_step=10)
     assert early.records_used == [10] and early.predicted_eta == pytest.approx(5.0)
-    far = predict_breakdown([_rec(5, 0.01, 0.0)], {1: False, 2: True}, {1: False, 2: True})
+    far = predict_breakdown(
+        [_rec(5, 0.01, rho_s=0.001, rho_d=0.001)], {1: False, 2: True}, {1: False, 2: True}
+    )
     assert not far.within_2_eta and not far.within_2_alpha
+    none = predict_breakdown([_rec(5, 0.1)], {1: False}, {1: False})  # no signal/drift maxima: no α range
+    assert none.predicted_alpha is None and none.to_json()["predicted_alpha"] is None
     assert observed_breakdown({1: False, 2: True, 4: False}) == (2, 1)
     with pytest.raises(InputError, match="no converged preconditioned sharpness"):
-        predict_breakdown([_rec(0, 0.5, 0.1)], {}, {})
+        predict_breakdown([_rec(0, 0.5)], {}, {})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_alpha_range_brackets_the_true_crossing(seed):
+    """The α-path crossing of η·λ_max(k S̃ + D̃) = 38, found by bisection on dense matrices, lies in the range.
+
+    S̃ low-rank PSD, D̃ block off-diagonal (as LoRA's drift is, between A and B): the range comes
+    from the records' λ_max(S̃) and λ_max(D̃) alone.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = 24
+    G = torch.randn(n, 3, generator=gen)
+    S = G @ G.T
+    X = torch.randn(n // 2, n // 2, generator=gen)
+    D = torch.zeros(n, n)
+    D[: n // 2, n // 2 :], D[n // 2 :, : n // 2] = 2 * X, 2 * X.T
+    lr = 0.67 * 38.0 / float(torch.linalg.eigvalsh(S + D)[-1])  # base run at ρ = 0.67
+    rec = sharpness(_op(S + D), _op(D), torch.ones(n), lr, signal=_op(S), step=3, lanczos_steps=200)
+    b = predict_breakdown([rec], {1: False}, {1: False})
+    lo, hi = b.predicted_alpha
+
+    def ratio(k):
+        return lr * float(torch.linalg.eigvalsh(k * S + D)[-1]) / 38.0
+
+    a, z = 1.0, 1e6
+    for _ in range(200):
+        m = (a * z) ** 0.5
+        a, z = (m, z) if ratio(m) < 1 else (a, m)
+    assert lo <= a <= hi, (lo, a, hi)
+    assert 0 < hi < math.inf
 
 
 # -- PEFT models and transformers.Trainer ----------------------------------------------------------
@@ -358,15 +418,16 @@ def test_sharpness_callback_with_a_real_trainer(offline_base, tmp_path):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
     with pytest.warns(UserWarning, match="of Adam's edge") as caught:
         trainer.train()
-    assert sum("of Adam's edge" in str(w.message) for w in caught) == 1  # warned once
-    assert [r.step for r in cb.records] == [1, 2, 4]
-    # η is the optimizer's current rate, the scheduler's value for the next update (linear decay to 0)
-    assert [r.lr for r in cb.records] == pytest.approx([5e-3 * 3 / 4, 5e-3 * 2 / 4, 0.0])
+    warned = [str(w.message) for w in caught if "of Adam's edge" in str(w.message)]
+    assert len(warned) == 1 and warned[0].startswith("step 2:")  # once, and never at step 0 (P_A = ε)
+    assert [r.step for r in cb.records] == [0, 2]  # before updates 0 (early) and 2 (every 2)
+    # η is the rate the update being taken uses (linear decay from 5e-3 over 4 updates)
+    assert [r.lr for r in cb.records] == pytest.approx([5e-3, 5e-3 * 2 / 4])
     for r in cb.records:
         assert math.isfinite(r.preconditioned) and r.preconditioned > 0 and math.isfinite(r.drift_fraction)
         assert r.edge_ratio == pytest.approx(r.lr * r.preconditioned / 38.0)
     logged = [h for h in trainer.state.log_history if "sharpness/edge_ratio" in h]
-    assert [h["step"] for h in logged] == [1, 2, 4]
+    assert [h["step"] for h in logged] == [0, 2]
     assert logged[-1]["sharpness/edge_ratio"] == cb.records[-1].edge_ratio
     with pytest.raises(InputError, match="every"):
         SharpnessCallback(torch.stack(rows[:2]), every=0)

@@ -484,11 +484,17 @@ EDGE_PREDICTION_DEFINITIONS = {
 
 
 def _max_ratio(recs: Sequence[Sharpness]) -> dict:
-    """The largest edge and GD ratios of a run at steps >= 1 (step 0 has P_A = ε)."""
+    """The largest edge and GD ratios of a run at steps >= 1 (step 0 has P_A = ε), unconverged left out."""
     later = [r for r in recs if r.step >= 1]
+
+    def top(xs: list[float]) -> float:
+        xs = [x for x in xs if math.isfinite(x)]
+        return max(xs) if xs else math.nan
+
     return {
-        "edge_ratio": max((r.edge_ratio for r in later), default=math.nan),
-        "gd_ratio": max((r.gd_ratio for r in later), default=math.nan),
+        "edge_ratio": top([r.edge_ratio for r in later]),
+        "gd_ratio": top([r.gd_ratio for r in later]),
+        "unconverged": sum(not math.isfinite(r.preconditioned) for r in later),
     }
 
 

@@ -94,10 +94,12 @@ class TrainConfig:
         precision: auto (bf16 on a CUDA GPU with native bf16, compute capability 8.0+, else fp32),
             fp32 or bf16.
         monitor_every: log per-layer signal/drift every N steps (0: off).
-        sharpness_every: every N steps, λ_max(H_θ), Adam's preconditioned sharpness with AdamW's own
-            state, the edge ratio and the drift share (:func:`signal_drift.edge.peft_sharpness`, in
-            float64 on ``sharpness_batch`` fixed training windows; 0: off). On rank 0 only.
-        sharpness_early: the same after each of the first N steps too.
+        sharpness_every: before every N-th update (steps 0, N, 2N, ...), λ_max(H_θ), Adam's
+            preconditioned sharpness with the P and η of that update (AdamW's state with the step's
+            gradient folded in), the edge ratios and the drift share
+            (:func:`signal_drift.edge.peft_sharpness`, in float64 on ``sharpness_batch`` fixed
+            training windows, split over the torchrun processes; 0: off).
+        sharpness_early: the same before each of the first N updates too.
         sharpness_batch: windows the sharpness is measured on (the cost of each product).
         sharpness_lanczos: cap on Lanczos steps per eigenvalue (the cost of each record).
         calibration: calibration.json of ``python -m signal_drift.calibrate``, PATH[:lambda|:trace].
@@ -260,6 +262,10 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
 
     cfg.validate()
     dist = setup()
+    if (cfg.sharpness_every or cfg.sharpness_early) and cfg.sharpness_batch % dist.world:
+        raise InputError(
+            f"--sharpness-batch={cfg.sharpness_batch} must be a multiple of the {dist.world} processes"
+        )
     if cfg.batch_size % dist.world:
         raise InputError(f"--batch-size={cfg.batch_size} must be a multiple of the {dist.world} processes")
     out = Path(cfg.out)
@@ -336,9 +342,11 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
     ddp = dist.wrap(NextTokenLoss(model, cfg.loss_chunk))  # DDP's forward is the loss
     val_ids = val_ids.to(dist.device)
     sharp_ids = None
-    if (cfg.sharpness_every or cfg.sharpness_early) and dist.main:
-        sharp_ids = sample_windows(train_ids, cfg.sharpness_batch, cfg.seq_len,
-                                   torch.Generator().manual_seed(cfg.seed + 17)).to(dist.device)  # fmt: skip
+    if cfg.sharpness_every or cfg.sharpness_early:  # every rank measures on its share (products all-reduced)
+        windows = sample_windows(
+            train_ids, cfg.sharpness_batch, cfg.seq_len, torch.Generator().manual_seed(cfg.seed + 17)
+        )
+        sharp_ids = dist.shard(windows).to(dist.device)
 
     def evaluate() -> float:
         with _autocast(precision, dist.device):
@@ -374,27 +382,26 @@ def train(cfg: TrainConfig, progress: bool = False, log=print) -> dict:
                 f"training diverged at step {step + 1} (loss {value:.4g}); metrics kept in {out}", step + 1
             )
         watch = monitor is not None and (step == 0 or (step + 1) % cfg.monitor_every == 0)
+        due = (cfg.sharpness_every and step % cfg.sharpness_every == 0) or step < cfg.sharpness_early
+        if sharp_ids is not None and due:
+            # at θ before this update, with the P and η of this update (its gradient folded into v)
+            try:
+                rec = peft_sharpness(model, opt, sharp_ids, step=step, lanczos_steps=cfg.sharpness_lanczos,
+                                     pending=True, distributed=dist.world > 1)  # fmt: skip
+            except InputError as err:  # a measurement that cannot be made must not stop training
+                metrics.setdefault("sharpness_skipped", []).append([step, str(err)])
+                if dist.main:
+                    log(f"warning: sharpness at step {step} not measured: {err}")
+            else:
+                metrics["sharpness"].append(rec.to_json())
+                for w in rec.warnings if dist.main else ():
+                    log(f"warning: {w}")
         if watch:
             monitor.before_step()
         opt.step()
         if watch:
             monitor.after_step(step + 1)
         metrics["train_loss"].append((step + 1, value))
-        due = (
-            cfg.sharpness_every and (step + 1) % cfg.sharpness_every == 0
-        ) or step + 1 <= cfg.sharpness_early
-        if sharp_ids is not None and due:
-            try:
-                rec = peft_sharpness(
-                    model, opt, sharp_ids, step=step + 1, lanczos_steps=cfg.sharpness_lanczos
-                )
-            except InputError as err:  # a measurement that cannot be made must not stop training
-                metrics.setdefault("sharpness_skipped", []).append([step + 1, str(err)])
-                log(f"warning: sharpness at step {step + 1} not measured: {err}")
-            else:
-                metrics["sharpness"].append(rec.to_json())
-                for w in rec.warnings:
-                    log(f"warning: {w}")
         if dist.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             metrics["heldout_nll"].append((step + 1, evaluate()))
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:

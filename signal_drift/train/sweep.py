@@ -85,7 +85,7 @@ class TrainSweepConfig:
     pretrain_steps: int = 300
     sharpness_every: int = 25
     sharpness_early: int = 10
-    sharpness_lanczos: int = 60
+    sharpness_lanczos: int = 80
     seeds: tuple[int, ...] = ()
     seed: int = 0
     out: str = "out/train_sweep"
@@ -139,22 +139,27 @@ def path_cells(cfg: TrainSweepConfig, model_dir: str) -> list[dict]:
     first = cfg.replicates[0]
     for seed, r, k in ((s, r, k) for s in cfg.replicates for r in cfg.ranks for k in cfg.multipliers):
         a0 = cfg.alpha0(r)
-        if True:
-            for alpha, lr in ((a0, k * cfg.base_lr), (k * a0, cfg.base_lr)):
-                cell = {"model": model_dir, "data": cfg.data, "rank": r, "alpha": float(alpha),
-                        "lr": float(lr), "gamma": cfg.gamma, "steps": cfg.steps,
-                        "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": seed}  # fmt: skip
-                if k == 1 and seed == first and (cfg.sharpness_every or cfg.sharpness_early):  # the base run
-                    cell |= {"sharpness_every": cfg.sharpness_every, "sharpness_early": cfg.sharpness_early,
-                             "sharpness_lanczos": cfg.sharpness_lanczos}  # fmt: skip
-                if cell_key(cell) not in seen:
-                    seen.add(cell_key(cell))
-                    cells.append(cell)
+        for alpha, lr in ((a0, k * cfg.base_lr), (k * a0, cfg.base_lr)):
+            cell = {"model": model_dir, "data": cfg.data, "rank": r, "alpha": float(alpha),
+                    "lr": float(lr), "gamma": cfg.gamma, "steps": cfg.steps,
+                    "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": seed}  # fmt: skip
+            if k == 1 and seed == first and (cfg.sharpness_every or cfg.sharpness_early):  # the base run
+                cell |= {"sharpness_every": cfg.sharpness_every, "sharpness_early": cfg.sharpness_early,
+                         "sharpness_lanczos": cfg.sharpness_lanczos}  # fmt: skip
+            if cell_key(cell) not in seen:
+                seen.add(cell_key(cell))
+                cells.append(cell)
     return cells
 
 
 def _cell_dir(cell: dict) -> str:
-    return f"r{cell['rank']}_alpha{cell['alpha']:g}_lr{cell['lr']:g}_seed{cell['seed']}"
+    """The run's directory: every setting that changes its records (a changed one must not resume it)."""
+    sharp = "".join(
+        f"_{k[10:]}{cell[k]}"
+        for k in ("sharpness_every", "sharpness_early", "sharpness_lanczos")
+        if k in cell
+    )
+    return f"r{cell['rank']}_alpha{cell['alpha']:g}_lr{cell['lr']:g}_seed{cell['seed']}{sharp}"
 
 
 def _run_cell(cell: dict, out: Path, memory: dict | None = None) -> dict:
@@ -310,13 +315,13 @@ def over_seeds_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
     from ..replicates import best_on_path, over_seeds, paired_difference
     from ..sweep import _verdict
 
-    seeds, ks = list(cfg.replicates), [float(k) for k in cfg.multipliers]
+    seeds, ks = list(cfg.replicates), sorted(float(k) for k in cfg.multipliers)
     out = {}
     later = {s: [] for s in seeds}  # per seed: did the α-path break down later, at each rank where η broke?
     diffs = {s: [] for s in seeds}  # per seed: best α-path NLL − best η-path NLL, at each rank
     for r in cfg.ranks:
         a0 = cfg.alpha0(r)
-        tab = {p: [[math.nan] * len(ks) for _ in seeds] for p in ("eta", "alpha")}
+        tab = {p: [[None] * len(ks) for _ in seeds] for p in ("eta", "alpha")}  # None: not run (yet)
         before = [math.nan] * len(seeds)
         for rec in records:
             c = rec["cell"]
@@ -329,6 +334,12 @@ def over_seeds_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
                         tab[p][i][j] = rec["heldout_nll"]
             if "heldout_nll_before" in rec:
                 before[i] = rec["heldout_nll_before"]
+        complete = [i for i in range(len(seeds)) if all(v is not None for p in tab for v in tab[p][i])]
+        if not complete:
+            out[str(r)] = {"skipped": "no seed has every cell of both paths yet"}
+            continue
+        tab = {p: [t[i] for i in complete] for p, t in tab.items()}  # a seed missing a cell is left out
+        before, seeds_r = [before[i] for i in complete], [seeds[i] for i in complete]
         paths = {p: best_on_path(t, ks) for p, t in tab.items()}
         broke = {
             p: [_first_broken(ks, row, b) for row, b in zip(t, before, strict=True)] for p, t in tab.items()
@@ -338,7 +349,7 @@ def over_seeds_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
             d = paired_difference(best_a, best_e).to_json()
         except InputError as err:
             d = {"skipped": str(err)}
-        for s_, be, ba, a, e in zip(seeds, broke["eta"], broke["alpha"], best_a, best_e, strict=True):
+        for s_, be, ba, a, e in zip(seeds_r, broke["eta"], broke["alpha"], best_a, best_e, strict=True):
             if be is not None:  # comparable only where the η-path broke down inside the grid
                 later[s_].append(ba is None or ba > be)
             if math.isfinite(a - e):
@@ -352,6 +363,7 @@ def over_seeds_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
             "best_alpha_minus_best_eta": d,
             "breakdown_k": broke,
             "heldout_nll_before": before,
+            "seeds": seeds_r,
         }
     per_seed = [sum(v) / len(v) for v in diffs.values() if v]
     pooled = (
@@ -365,7 +377,7 @@ def over_seeds_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
     if not total:
         tolerates = "not resolved at this budget (no η-path breakdown inside the grid)"
     else:
-        head = "reproduced" if p_sign < 0.05 else "not resolved at this budget"
+        head = "reproduced" if p_sign < 0.05 else "not resolved at this budget (a sign test needs 5 seeds)"
         tolerates = (f"{head}: the α-path broke down later (or not at all) at every rank for {n_later} of "
                      f"{total} seeds (one-sided sign test over seeds, p = {p_sign:.3g})")  # fmt: skip
     return {
@@ -406,13 +418,10 @@ def _edge(records: Sequence[dict], cfg: TrainSweepConfig, r: int) -> dict | None
     }  # fmt: skip
     recs = [from_json(x) for x in base["sharpness"]]
     out = {"sharpness": columns(recs), "heldout_nll_before": before}
-    early = max(base["cell"].get("sharpness_early", 0), 2)
+    early = max(base["cell"].get("sharpness_early", 0) - 1, 1)
     for name, last in (("early", early), ("all_steps", None)):
         try:
-            # step 1's v holds one gradient with ∇_A L = 0 (B = 0): P_A = ε, the frozen-P edge does not apply
-            out[name] = predict_breakdown(
-                recs, outcomes["eta"], outcomes["alpha"], min_step=2, max_step=last
-            ).to_json()
+            out[name] = predict_breakdown(recs, outcomes["eta"], outcomes["alpha"], max_step=last).to_json()
         except InputError as err:
             out[name] = {"error": str(err)}
     return out

@@ -149,22 +149,21 @@ def test_base_runs_predict_each_paths_edge(sweep):
     assert set(result.analysis.edge) == {"2", "4"}
     for e in result.analysis.edge.values():
         c = e["sharpness"]
-        assert c["step"] == [1, 2, 3] and all(x > 0 for x in c["edge_ratio"])
+        assert c["step"] == [0, 1, 2] and all(x > 0 for x in c["edge_ratio"])
         pred = e["early"]
-        assert pred["records_used"] == [2, 3]  # step 1: v_A = 0 exactly (∇_A L = 0 at B = 0), P_A = ε
+        assert pred["records_used"] == [1, 2]  # step 0: v_A = 0 exactly (∇_A L = 0 at B = 0), P_A = ε
         assert pred["predicted_eta"] == pytest.approx(1 / max(c["edge_ratio"][1:]))
-        rho, f = np.asarray(c["edge_ratio"][1:]), np.asarray(c["drift_fraction"][1:])
-        k_alpha = np.where(
-            f < 1, (1 - rho * f) / (rho * (1 - f)), np.inf
-        )  # no crossing where the signal share <= 0
-        assert pred["predicted_alpha"] == pytest.approx(float(np.min(k_alpha)))
+        edge = 38.0 / np.asarray(c["lr"][1:])
+        rs, rd = np.asarray(c["signal_max"][1:]) / edge, np.asarray(c["drift_max"][1:]) / edge
+        lo, hi = pred["predicted_alpha"]
+        assert lo == pytest.approx(float(np.min(np.maximum((1 - rd) / rs, 0)))) and hi == pytest.approx(
+            float(np.min((1 + rd) / rs))
+        )
         assert set(pred) >= {"observed_eta", "observed_alpha", "within_2_eta", "within_2_alpha"}
         assert math.isfinite(e["heldout_nll_before"])
     assert (Path(cfg.out) / "edge.png").stat().st_size > 0
-    assert (
-        json.loads((Path(cfg.out) / "sweep.json").read_text())["edge"]["2"]["early"]
-        == result.analysis.edge["2"]["early"]
-    )
+    saved = json.loads((Path(cfg.out) / "sweep.json").read_text())["edge"]["2"]["early"]
+    assert saved == result.analysis.edge["2"]["early"]
 
 
 def test_a_rerun_resumes_every_finished_cell(sweep):

@@ -51,19 +51,27 @@ def test_every_step_is_split_into_signal_and_drift_per_layer(tmp_path, base):
 
 
 def test_adam_sharpness_is_recorded_along_training(tmp_path, base):
-    """Records after steps 1, 2 (early) and 4 (every 4), with AdamW's own η and β₁; a resume may change them."""
+    """Records before updates 0, 1 (early) and 4 (every 4), with AdamW's own η and β₁.
+
+    That the pending P equals the one AdamW then applies, and its mapping onto θ, are checked in
+    tests/test_edge.py.
+    """
     cfg = dict(model=str(base), steps=4, lr=1e-3, out=str(tmp_path), sharpness_every=4, sharpness_early=2,
                sharpness_lanczos=80, **SMALL)  # fmt: skip
     m = train(TrainConfig(**cfg), log=quiet)
     recs = m["sharpness"]
-    assert [r["step"] for r in recs] == [1, 2, 4]
+    assert [r["step"] for r in recs] == [0, 1]
     for r in recs:
         assert r["lr"] == 1e-3 and r["beta1"] == 0.9
         assert math.isfinite(r["preconditioned"]) and r["preconditioned"] > 0
         assert r["edge_ratio"] == pytest.approx(1e-3 * r["preconditioned"] / 38.0)
         assert r["signal_share"] + r["drift_share"] == pytest.approx(r["preconditioned"], rel=1e-5)
-    m2 = train(TrainConfig(**(cfg | {"steps": 5, "sharpness_every": 5})), log=quiet)  # resumes at step 4
-    assert [r["step"] for r in m2["sharpness"]] == [1, 2, 4, 5]
+    m2 = train(
+        TrainConfig(**(cfg | {"steps": 5})), log=quiet
+    )  # resumes at step 4: the record before update 4
+    assert [r["step"] for r in m2["sharpness"]] == [0, 1, 4]
+    with pytest.raises(InputError, match="sharpness_batch|sharpness-batch"):
+        TrainConfig(sharpness_batch=0).validate()
 
 
 def test_bf16_autocast_trains(tmp_path, base):
