@@ -49,6 +49,7 @@ __all__ = [
     "sharpness",
     "columns",
     "from_json",
+    "from_columns",
     "Breakdown",
     "predict_breakdown",
     "observed_breakdown",
@@ -341,7 +342,7 @@ def sharpness(
 
 
 #: The per-record columns of a run's sharpness table in the JSON files.
-COLUMNS = ("step", "lr", "lambda_max", "preconditioned", "signal_share", "drift_share", "signal_max",
+COLUMNS = ("step", "lr", "beta1", "lambda_max", "preconditioned", "signal_share", "drift_share", "signal_max",
            "drift_max", "gd_ratio", "edge_ratio", "drift_fraction", "matvecs")  # fmt: skip
 
 
@@ -349,6 +350,17 @@ def columns(records: Sequence[Sharpness | Mapping]) -> dict[str, list]:
     """A run's records as ``{column: [value per record]}`` (:data:`COLUMNS`); dicts: ``to_json()``'s."""
     rows = [r.to_json() if isinstance(r, Sharpness) else r for r in records]
     return {c: [row.get(c, math.nan) for row in rows] for c in COLUMNS}
+
+
+def from_columns(cols: Mapping[str, Sequence]) -> list[Sharpness]:
+    """The records of a :func:`columns` table (``beta1`` 0.9 where the table predates that column)."""
+    names = [n for n in Sharpness.__dataclass_fields__ if n != "warnings"]
+    n = len(cols["step"])
+    rows = [
+        {k: (cols[k][i] if k in cols else (0.9 if k == "beta1" else math.nan)) for k in names}
+        for i in range(n)
+    ]
+    return [Sharpness(**row) for row in rows]
 
 
 def from_json(row: Mapping) -> Sharpness:

@@ -39,7 +39,7 @@ from ..decomposition import (
     decomposed_lora_hessian,
     pullback,
 )
-from ..edge import Sharpness, adam_preconditioner, columns, predict_breakdown, sharpness
+from ..edge import Sharpness, adam_preconditioner, columns, from_columns, predict_breakdown, sharpness
 from ..hessian import fft_hessian
 from ..lora import LoraProblem, attach_lora, init_theta
 from ..model import make_mlp, make_task
@@ -58,6 +58,7 @@ __all__ = [
     "DynamicsResult",
     "run_dynamics",
     "broke_down",
+    "edge_summary",
 ]
 
 TensorDict = dict[str, torch.Tensor]
@@ -120,6 +121,7 @@ class Run:
         finite = [x for x in self.loss if math.isfinite(x)]
         sdr = [x for x in self.sdr if math.isfinite(x)]
         return {
+            "initial_loss": self.loss[0] if self.loss else float("nan"),
             "final_loss": self.loss[-1] if not self.diverged else float("nan"),
             "best_loss": min(finite) if finite else float("nan"),
             "diverged": self.diverged,
@@ -443,15 +445,7 @@ def run_dynamics(cfg: DynamicsConfig, progress: bool = False) -> DynamicsResult:
         path: {f"{k:g}": columns(r.sharpness) for k, r in runs[path].items() if r.sharpness} for path in runs
     }
     summary["sharpness_definitions"] = SHARPNESS_DEFINITIONS
-    summary["edge_prediction"] = {
-        "early": _edge_prediction(runs, ks, 1, max(cfg.curvature_early - 1, 1)),
-        "all_steps": _edge_prediction(runs, ks, 1, None),
-        "definitions": EDGE_PREDICTION_DEFINITIONS,
-    }
-    summary["max_edge_ratio"] = {
-        path: {f"{k:g}": _max_ratio(r.sharpness) for k, r in runs[path].items() if r.sharpness}
-        for path in runs
-    }
+    summary.update(edge_summary(summary))
     return DynamicsResult(summary, runs)
 
 
@@ -476,7 +470,11 @@ def broke_down(run: Run) -> bool:
 #: How ``edge_prediction`` in ``dynamics.json`` is made (see :func:`signal_drift.edge.predict_breakdown`).
 EDGE_PREDICTION_DEFINITIONS = {
     "early": "from the base run's records at steps 1 … curvature_early−1, where B ≈ 0 and the α-path "
-    "scaling (signal ×k, drift ×1 after preconditioning) applies",
+    "scaling (signal ×k, drift ×1 after preconditioning) applies; the frozen-P edge 38 is asymptotic "
+    "(momentum needs ~1/(1−β₁) steps, v̂ moves fast), so these steps are also where it is least exact",
+    "eta": "k_η = 1/max ρ: exact for P frozen at the base run's",
+    "alpha": "[lo, hi] = Weyl range of the crossing of k·S̃ + D̃ from λ_max(S̃), λ_max(D̃) (D̃ has a symmetric "
+    "spectrum: block off-diagonal between A and B)",
     "all_steps": "from every base-run record at step >= 1; later records reflect Adam's adaptation of v "
     "to the base run's own trajectory",
     "observed": "the first multiplier whose run diverged or ended above its starting loss",
@@ -498,13 +496,37 @@ def _max_ratio(recs: Sequence[Sharpness]) -> dict:
     }
 
 
-def _edge_prediction(runs, ks, min_step: int, max_step: int | None) -> dict | None:
-    base = runs["eta_scaling"].get(1.0)
-    if base is None or not base.sharpness:
-        return None
-    eta = {k: broke_down(runs["eta_scaling"][k]) for k in ks}
-    alpha = {k: broke_down(runs["alpha_scaling"][k]) for k in ks if k in runs["alpha_scaling"]}
-    try:
-        return predict_breakdown(base.sharpness, eta, alpha, min_step=min_step, max_step=max_step).to_json()
-    except InputError as err:
-        return {"error": str(err)}
+def edge_summary(summary: Mapping) -> dict:
+    """``edge_prediction``, ``max_edge_ratio`` and ``broke_down`` from a ``dynamics.json`` summary.
+
+    Everything comes from the summary itself (the base run's ``sharpness`` columns and each run's
+    outcome), so a committed ``dynamics.json`` can be re-analysed without re-running it: the same
+    function :func:`run_dynamics` calls.
+    """
+    sharp = summary.get("sharpness", {})
+    broken = {
+        p: {
+            k: bool(row["diverged"] or not row["final_loss"] <= row["initial_loss"])
+            for k, row in summary[p].items()
+        }
+        for p in ("eta_scaling", "alpha_scaling")
+    }
+    out = {"broke_down": broken, "max_edge_ratio": {
+        p: {k: _max_ratio(from_columns(cols)) for k, cols in runs.items()} for p, runs in sharp.items()
+    }}  # fmt: skip
+    base = sharp.get("eta_scaling", {}).get("1")
+    if not base:
+        return out | {"edge_prediction": None}
+    recs = from_columns(base)
+    eta = {float(k): b for k, b in broken["eta_scaling"].items()}
+    alpha = {float(k): b for k, b in broken["alpha_scaling"].items()} | {
+        1.0: broken["eta_scaling"].get("1", False)
+    }
+    early = max(summary["config"].get("curvature_early", 0) - 1, 1)
+    pred = {}
+    for name, last in (("early", early), ("all_steps", None)):
+        try:
+            pred[name] = predict_breakdown(recs, eta, alpha, min_step=1, max_step=last).to_json()
+        except InputError as err:
+            pred[name] = {"error": str(err)}
+    return out | {"edge_prediction": pred | {"definitions": EDGE_PREDICTION_DEFINITIONS}}

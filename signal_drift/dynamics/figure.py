@@ -156,15 +156,14 @@ def plot_fig2(summary: dict, runs: dict, out_dir: str | Path) -> Path:
     path = out / "fig2.png"
     save_figure(fig, path)
     if summary.get("sharpness", {}).get("eta_scaling"):
-        from ..plotting import plot_edge
-
-        broken = {p: {f"{k:g}": _broke(r) for k, r in runs[p].items()} for p in runs}
-        head = f"Adam's stability edge along both paths — MLP d={c['dim']}, r={c['rank']}, η0={c['lr0']:g}"
-        plot_edge(summary["sharpness"], broken, out / "edge.png", head)
+        plot_edge_png(summary, out)
     return path
 
 
-def _broke(run) -> bool:
-    from . import broke_down
+def plot_edge_png(summary: dict, out_dir: str | Path) -> Path:
+    """Write ``edge.png`` from a ``dynamics.json`` summary alone (its ``sharpness`` and ``broke_down``)."""
+    from ..plotting import plot_edge
 
-    return broke_down(run)
+    c = summary["config"]
+    head = f"Adam's stability edge along both paths — MLP d={c['dim']}, r={c['rank']}, η0={c['lr0']:g}"
+    return plot_edge(summary["sharpness"], summary["broke_down"], Path(out_dir) / "edge.png", head)
