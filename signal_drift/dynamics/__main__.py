@@ -20,6 +20,8 @@ def _fmt(x: float | None) -> str:
 
 
 def _k(x) -> str:
+    if isinstance(x, list):
+        return f"[{_k(x[0])}, {_k(x[1])}]"
     return "none in the grid" if x is None else ("∞" if x == "inf" else f"{float(x):.3g}")
 
 
@@ -73,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pa, oa = _k(pred["predicted_alpha"]), _k(pred["observed_alpha"])
             print(
                 f"  Adam's edge, predicted from the base run ({name}): η-path breaks at k ≈ {pe} "
-                f"(observed {oe}), α-path at k ≈ {pa} (observed {oa}); drift share "
+                f"(observed {oe}), α-path at k in {pa} (observed {oa}); drift share "
                 f"{pred['drift_fraction']:.2f} at the max ratio"
             )
     te, ta = summary["trajectory_sdr_slope_eta"], summary["trajectory_sdr_slope_alpha"]
