@@ -33,7 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = [c | {"test_samples": cfg.test_samples} for c in cfg.cells()]
     records = run_grid(cells, mlp_cell, out / "sweep.jsonl", progress=sys.stderr.isatty(), log=print)
     seeds = cfg.replicates
-    analysis = analyse([r for r in records if r["cell"]["seed"] == seeds[0]])  # the first seed, as before
+    first = [r for r in records if r["cell"]["seed"] == seeds[0]]
+    analysis = analyse(first)  # the first seed, as before
     result = {"config": config_dict(cfg), **analysis.to_json()}
     if len(seeds) > 1:
         result["over_seeds"] = findings_over_seeds(records, seeds)
@@ -41,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not a.no_plot:
         from .figure import plot_fig1
 
-        plot_fig1(result, records, out)
+        plot_fig1(result, first, out)
     print(f"signal-drift sweep: {len(records)} cells (r × α × η) on the d={cfg.dim} MLP -> {out}/")
     for r, per in analysis.eta_star.items():
         trend = ", ".join(f"α={al}: η*={lr:g}" for al, lr in per.items())

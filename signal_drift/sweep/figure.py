@@ -51,22 +51,31 @@ def plot_fig1(analysis: dict, records: list[dict], out_dir: str | Path) -> Path:
         )
     ax.set_xlabel("learning rate η")
     ax.set_ylabel(metric.replace("_", " "))
-    ax.set_title(f"(a) loss vs η per α (r={r_mid}); gaps: diverged")
+    ax.set_title(f"(a) loss vs η per α (r={r_mid}, seed {records[0]['cell'].get('seed', 0)}); gaps: diverged")
     ax.legend(fontsize=7)
     ax = axes[1]
+    seeds = analysis.get("over_seeds")
     for i, r in enumerate(ranks):
-        best = analysis["best_loss"].get(str(r), {})
-        xs = [float(a) for a in best]
-        ax.semilogx(
-            xs,
-            list(best.values()),
-            "o-",
-            color=plt.get_cmap("plasma")(i / max(len(ranks) - 1, 1)),
-            label=f"r={r}",
-        )
+        color = plt.get_cmap("plasma")(i / max(len(ranks) - 1, 1))
+        if seeds:  # mean over seeds with its 95 % Student-t interval
+            cells = seeds["cells"].get(str(r), {})
+            xs = [float(a) for a in cells]
+            m = np.array([c["mean"] for c in cells.values()])
+            lo = np.array([c["interval"]["low"] if c["interval"] else np.nan for c in cells.values()])
+            hi = np.array([c["interval"]["high"] if c["interval"] else np.nan for c in cells.values()])
+            ax.errorbar(xs, m, yerr=[m - lo, hi - m], fmt="o-", color=color, capsize=2, label=f"r={r}")
+            ax.set_xscale("log")
+        else:
+            best = analysis["best_loss"].get(str(r), {})
+            ax.semilogx([float(a) for a in best], list(best.values()), "o-", color=color, label=f"r={r}")
     ax.set_xlabel("α")
     ax.set_ylabel(f"best {metric.replace('_', ' ')} over η")
-    ax.set_title("(b) best loss against α (Finding I)")
+    ax.set_title(
+        f"(b) best loss against α (Finding I): mean and 95 % interval over {len(seeds['seeds'])} seeds"
+        if seeds
+        else "(b) best loss against α (Finding I)",
+        fontsize=9 if seeds else None,
+    )
     ax.legend(fontsize=7)
     ax = axes[2]
     rs = alpha_star_panel(ax, analysis, "α*(r) (grid argmin)")
