@@ -549,6 +549,19 @@ def findings_seeds(root: Path) -> str:
         notes.append(
             f"MLP seeds study not finished ({_progress(root, 'sweep_dim32/sweep.jsonl', [0, 1, 2])})"
         )
+    dyn = _load(root, "dynamics_dim64/dynamics.json").get("over_seeds")
+    if dyn:
+        later = dyn["alpha_breaks_later"]
+        rows.append(
+            f"| II: α-scaling reaches a lower loss | MLP d = 64 (`dynamics`) | best α-path − best η-path final "
+            f"loss: {_iv(dyn['best_alpha_minus_best_eta'], '+.4f')} ({len(dyn['seeds'])} seeds) | "
+            f"{dyn['verdicts']['finding_2_alpha_reaches_lower_loss']} |"
+        )
+        rows.append(
+            f"| II: α-scaling tolerates larger k | MLP d = 64 | breakdown k per seed: η-path "
+            f"{dyn['breakdown_k']['eta']}, α-path {dyn['breakdown_k']['alpha']} | "
+            f"{dyn['verdicts']['finding_2_alpha_tolerates_larger_k']} |"
+        )
     t = _load(root, "train_sweep/sweep.json")
     o = t.get("over_seeds")
     if o:

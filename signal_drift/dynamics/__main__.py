@@ -78,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"(observed {oe}), α-path at k in {pa} (observed {oa}); drift share "
                 f"{pred['drift_fraction']:.2f} at the max ratio"
             )
+    if "over_seeds" in summary:
+        for name, v in summary["over_seeds"]["verdicts"].items():
+            print(f"  over seeds {summary['over_seeds']['seeds']}: {name}: {v}")
     te, ta = summary["trajectory_sdr_slope_eta"], summary["trajectory_sdr_slope_alpha"]
     print(f"  trajectory SDR slopes (findings, no exact prediction): η-path {te}, α-path {ta}")
     print(

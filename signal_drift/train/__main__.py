@@ -89,10 +89,12 @@ def sweep_main(argv: Sequence[str]) -> int:
     for r, e in result.analysis.edge.items():
         p = e.get("early", {})
         if "predicted_eta" in p:
+            a = p["predicted_alpha"]
+            rng = "n/a" if a is None else f"[{float(a[0]):.3g}, {float(a[1]):.3g}]"
             print(
                 f"  r={r}: Adam's edge from the base run predicts the η-path to break at k ≈ "
-                f"{p['predicted_eta']:.3g}, the α-path at k ≈ {float(p['predicted_alpha']):.3g}; observed "
-                f"{p['observed_eta']} and {p['observed_alpha']}"
+                f"{p['predicted_eta']:.3g}, the α-path at k in {rng}; observed {p['observed_eta']} and "
+                f"{p['observed_alpha']}"
             )
     return 0
 
