@@ -138,7 +138,7 @@ def plot_base_edge(summary: dict, path: str | Path) -> Path:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.3))
     for i, (r, e) in enumerate(sorted(summary["edge"].items(), key=lambda kv: int(kv[0]))):
         c = e["sharpness"]
-        x = np.asarray(c["step"], float)
+        x = np.asarray(c["step"], float) + 1  # step 0 (before the first update) at 1
         for key, style, lab in (
             ("edge_ratio", "o-", "Adam: η·λ_max(P⁻¹H_θ)/38"),
             ("gd_ratio", "s:", "GD: η·λ_max(H_θ)/2"),
@@ -150,12 +150,12 @@ def plot_base_edge(summary: dict, path: str | Path) -> Path:
         ok = np.isfinite(f)
         bx.semilogx(x[ok], f[ok], "o-", color=f"C{i}", ms=3, lw=1, label=f"r={r}")
     ax.axhline(1.0, color="k", lw=1)
-    ax.set_xlabel("step")
+    ax.set_xlabel("step + 1 (step 0: v_A = 0, P_A = ε)")
     ax.set_title(
         "base run (α0, η_FFT): ratio to each optimizer's edge (unconverged values not drawn)", fontsize=9
     )
     ax.legend(fontsize=7)
-    bx.set_xlabel("step")
+    bx.set_xlabel("step + 1")
     bx.set_ylabel("drift share of λ_max(P⁻¹H_θ)")
     bx.set_title("drift's share at the top preconditioned eigenvector", fontsize=9)
     bx.legend(fontsize=7)
