@@ -87,7 +87,8 @@ def test_torchrun_two_processes_equal_one(tmp_path, base):
     and takes the loss over slices of 24 tokens (``--loss-chunk``: DDP wraps the loss).
     """
     flags = ["--model", str(base), "--steps", "4", "--lr", "1e-3", "--batch-size", "8", "--seq-len", "32",
-             "--eval-every", "2", "--checkpoint-every", "2", "--rank", "4", "--monitor-every", "0"]  # fmt: skip
+             "--eval-every", "2", "--checkpoint-every", "2", "--rank", "4", "--monitor-every", "0",
+             "--sharpness-early", "2", "--sharpness-batch", "4", "--sharpness-lanczos", "80"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # the CPU (gloo, fp32) twin
     r = subprocess.run([sys.executable, "-m", "signal_drift.train", *flags, "--out", str(tmp_path / "one")],
                        capture_output=True, text=True, env=env)  # fmt: skip
@@ -105,6 +106,13 @@ def test_torchrun_two_processes_equal_one(tmp_path, base):
     torch.testing.assert_close(
         torch.tensor(two["heldout_nll"]), torch.tensor(one["heldout_nll"]), rtol=1e-5, atol=1e-6
     )
+    # Adam's sharpness measured by both processes on their halves of the windows, products all-reduced
+    for key in ("preconditioned", "lambda_max", "drift_share", "edge_ratio"):
+        got = torch.tensor([r[key] for r in two["sharpness"]], dtype=torch.float64)
+        want = torch.tensor([r[key] for r in one["sharpness"]], dtype=torch.float64)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=0.0, equal_nan=True)
+        assert torch.isfinite(want).any()
+    assert [r["step"] for r in two["sharpness"]] == [0, 1]
 
 
 def test_resume_continues_exactly_where_it_stopped(tmp_path, base):
