@@ -13,7 +13,7 @@ from cases import assert_cli_refuses
 from signal_drift.io import read_jsonl
 from signal_drift.sweep import analyse, fit_power_law, run_grid
 
-ARGS = ["--dim", "4", "--depth", "2", "--samples", "16", "--test-samples", "16", "--steps", "250",
+ARGS = ["--dim", "4", "--depth", "2", "--samples", "16", "--test-samples", "16", "--steps", "1000",
         "--ranks", "1", "2", "--alphas", "1", "4", "--lrs", "1e-3", "1e-2", "--no-plot"]  # fmt: skip
 N_CELLS = 8
 
