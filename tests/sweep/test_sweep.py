@@ -13,7 +13,7 @@ from cases import assert_cli_refuses
 from signal_drift.io import read_jsonl
 from signal_drift.sweep import analyse, fit_power_law, run_grid
 
-ARGS = ["--dim", "4", "--depth", "2", "--samples", "16", "--test-samples", "16", "--steps", "1000",
+ARGS = ["--dim", "4", "--depth", "2", "--samples", "16", "--test-samples", "16", "--steps", "250",
         "--ranks", "1", "2", "--alphas", "1", "4", "--lrs", "1e-3", "1e-2", "--no-plot"]  # fmt: skip
 N_CELLS = 8
 
@@ -108,7 +108,10 @@ def _lines(path):
 def test_sweep_killed_mid_way_keeps_finished_cells_and_resumes(tmp_path, sig):
     out = tmp_path / "s"
     cmd = [sys.executable, "-m", "signal_drift.sweep", *ARGS, "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell's background job inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored:
+    # give the child the default disposition, as an interactive Ctrl-C would find it
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     while len(_lines(out / "sweep.jsonl")) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
