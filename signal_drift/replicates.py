@@ -42,6 +42,7 @@ __all__ = [
     "refine_argmin",
     "fit_power_law_seeds",
     "table",
+    "sign_test",
 ]
 
 
@@ -237,3 +238,31 @@ def table(
         row = out.setdefault(key(c), [math.nan] * len(seeds))
         row[pos[c["seed"]]] = rec.get(metric, math.nan)
     return out
+
+
+def sign_test(later: Sequence[bool], unit: str = "seeds") -> dict:
+    """One-sided sign test that the α-path breaks down later than the η-path, and its verdict.
+
+    Args:
+        later: per replicate (a seed) whether the α-path broke down later (or not at all) than the
+            η-path; only replicates where the η-path broke down inside the grid belong here.
+        unit: what a replicate is, for the verdict's wording.
+
+    Returns:
+        ``{"n", "later", "p", "verdict"}``; ``p`` is ``P(X ≥ later)`` for ``X ~ Bin(n, ½)`` (None
+        with no replicate). Fewer than 5 replicates cannot reach ``p < 0.05``.
+
+    >>> sign_test([True] * 5)["p"]
+    0.03125
+    """
+    from scipy import stats
+
+    n, k = len(later), int(sum(bool(x) for x in later))
+    if not n:
+        return {"n": 0, "later": 0, "p": None,
+                "verdict": "not resolved at this budget (no η-path breakdown inside the grid)"}  # fmt: skip
+    p = float(stats.binom.sf(k - 1, n, 0.5))
+    head = "reproduced" if p < 0.05 else "not resolved at this budget (a sign test needs 5 seeds)"
+    return {"n": n, "later": k, "p": p,
+            "verdict": f"{head}: the α-path broke down later (or not at all) at {k} of {n} {unit} "
+                       f"(one-sided sign test, p = {p:.3g})"}  # fmt: skip

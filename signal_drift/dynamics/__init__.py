@@ -498,9 +498,7 @@ def paths_over_seeds(outcomes: Sequence[Mapping], seeds: Sequence[int]) -> dict:
         final losses), per seed the best k and first broken k of each path, and the verdicts
         (the α-path breaking down later at every seed: one-sided sign test over seeds).
     """
-    from scipy import stats as st
-
-    from ..replicates import paired_difference
+    from ..replicates import paired_difference, sign_test
     from ..sweep import _verdict
 
     best, broke = {"eta": [], "alpha": []}, {"eta": [], "alpha": []}
@@ -515,24 +513,17 @@ def paths_over_seeds(outcomes: Sequence[Mapping], seeds: Sequence[int]) -> dict:
     except InputError:
         d = None
     pairs = [(be, ba) for be, ba in zip(broke["eta"], broke["alpha"], strict=True) if be is not None]
-    later = sum(ba is None or ba > be for be, ba in pairs)
-    p_sign = float(st.binom.sf(later - 1, len(pairs), 0.5)) if pairs else None
-    if not pairs:
-        tolerates = "not resolved at this budget (no η-path breakdown inside the grid)"
-    else:
-        head = "reproduced" if p_sign < 0.05 else "not resolved at this budget (a sign test needs 5 seeds)"
-        tolerates = (f"{head}: the α-path broke down later (or not at all) at {later} of {len(pairs)} seeds "
-                     f"(one-sided sign test, p = {p_sign:.3g})")  # fmt: skip
+    sign = sign_test([ba is None or ba > be for be, ba in pairs])
     return {
         "seeds": list(seeds),
         "best_loss": {p: [v for v, _ in b] for p, b in best.items()},
         "best_k": {p: [k for _, k in b] for p, b in best.items()},
         "breakdown_k": broke,
         "best_alpha_minus_best_eta": d,
-        "alpha_breaks_later": {"seeds": len(pairs), "later": later, "sign_test_p": p_sign},
+        "alpha_breaks_later": {"seeds": sign["n"], "later": sign["later"], "sign_test_p": sign["p"]},
         "verdicts": {
             "finding_2_alpha_reaches_lower_loss": _verdict(d, 0.0, -1),
-            "finding_2_alpha_tolerates_larger_k": tolerates,
+            "finding_2_alpha_tolerates_larger_k": sign["verdict"],
         },
     }
 

@@ -309,10 +309,8 @@ def over_seeds_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
         ``{"seeds", "ranks": {r: {...}}, "alpha_breaks_later", "best_alpha_minus_best_eta",
         "verdicts"}``.
     """
-    from scipy import stats as st
-
     from ..intervals import mean_interval
-    from ..replicates import best_on_path, over_seeds, paired_difference
+    from ..replicates import best_on_path, over_seeds, paired_difference, sign_test
     from ..sweep import _verdict
 
     seeds, ks = list(cfg.replicates), sorted(float(k) for k in cfg.multipliers)
@@ -371,23 +369,16 @@ def over_seeds_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
         if len(per_seed) > 1
         else None
     )
-    comparable = [all(v) for v in later.values() if v]
-    n_later, total = sum(comparable), len(comparable)
-    p_sign = float(st.binom.sf(n_later - 1, total, 0.5)) if total else None
-    if not total:
-        tolerates = "not resolved at this budget (no η-path breakdown inside the grid)"
-    else:
-        head = "reproduced" if p_sign < 0.05 else "not resolved at this budget (a sign test needs 5 seeds)"
-        tolerates = (f"{head}: the α-path broke down later (or not at all) at every rank for {n_later} of "
-                     f"{total} seeds (one-sided sign test over seeds, p = {p_sign:.3g})")  # fmt: skip
+    # a seed counts when the α-path broke down later at every rank where the η-path broke down
+    sign = sign_test([all(v) for v in later.values() if v], unit="seeds (at every rank)")
     return {
         "seeds": seeds,
         "ranks": out,
-        "alpha_breaks_later": {"seeds": total, "later": n_later, "sign_test_p": p_sign},
+        "alpha_breaks_later": {"seeds": sign["n"], "later": sign["later"], "sign_test_p": sign["p"]},
         "best_alpha_minus_best_eta": pooled,
         "verdicts": {
             "finding_2_alpha_reaches_lower_loss": _verdict(pooled, 0.0, -1),
-            "finding_2_alpha_tolerates_larger_k": tolerates,
+            "finding_2_alpha_tolerates_larger_k": sign["verdict"],
         },
     }
 
