@@ -163,13 +163,13 @@ def fig2_table(root: Path) -> str:
                 and not any(c["diverged"] for c in d["alpha_scaling"].values())
                 else "not reproduced"
             )
-            + " at seed 0; over 3 seeds: see the seeds table",
+            + " at seed 0; over seeds: see the seeds table",
         ),
         (
             "Finding II: α-scaling reaches lower loss",
             f"best η-path {le:.3f} (k = {ke}) vs best α-path {la:.3f} (k = {ka})",
             ("reproduced" if la < le else "**not reproduced**")
-            + " at seed 0; over 3 seeds: see the seeds table",
+            + " at seed 0; over seeds: see the seeds table",
         ),
         (
             "λ_max(H_θ) along both paths (Lanczos)",
@@ -202,7 +202,7 @@ def fig2_table(root: Path) -> str:
             "reproduced (one seed)"
             if min(sw["best_loss"][r4], key=sw["best_loss"][r4].get) == list(sw["best_loss"][r4])[-1]
             else f"**not reproduced**: the best α is {min(sw['best_loss'][r4], key=sw['best_loss'][r4].get)}, not the"
-            " largest (seed 0; over 3 seeds: see the seeds table)",
+            " largest (seed 0; over seeds: see the seeds table)",
         )
     )
     fit = sw["fit"]
@@ -215,7 +215,7 @@ def fig2_table(root: Path) -> str:
             "Finding III: α* = c·r^k with k ≈ ½",
             f"α*(r) = {a_star}; fit over r = {', '.join(fit['ranks'])}: k = {fit['k']:.2f}, the grid cells allow"
             f" k ∈ [{fit['k_grid_range'][0]:.2f}, {fit['k_grid_range'][1]:.2f}]",
-            "**not identifiable at seed 0**: with η tuned per α the optimum over α is nearly flat at MLP scale; over 3 "
+            "**not identifiable at seed 0**: with η tuned per α the optimum over α is nearly flat at MLP scale; over "
             "seeds: see the seeds table",
         )
     )
