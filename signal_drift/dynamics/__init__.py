@@ -371,25 +371,8 @@ def run_dynamics(cfg: DynamicsConfig, progress: bool = False) -> DynamicsResult:
     """
     cfg.validate()
     torch.set_default_dtype(torch.float64)
-    model = make_mlp(cfg.dim, cfg.depth, seed=cfg.seed)
-    task = make_task(cfg.dim, cfg.samples, seed=cfg.seed)
-    alpha0 = float(cfg.rank) if cfg.alpha0 is None else cfg.alpha0
-    problem = attach_lora(model, task.X, task.y, rank=cfg.rank, alpha=alpha0)
-    theta0 = init_theta(problem, cfg.seed)
     ks = sorted(set(float(k) for k in cfg.multipliers))
-    ckpts = sorted({cfg.steps // 4, cfg.steps // 2, (3 * cfg.steps) // 4})
-    runs: dict[str, dict[float, Run]] = {"eta_scaling": {}, "alpha_scaling": {}}
-    jobs = [("eta_scaling", k) for k in ks] + [("alpha_scaling", k) for k in ks if k != 1.0]
-    for path, k in tqdm(jobs, desc="runs", disable=not progress):
-        alpha, lr = (alpha0, k * cfg.lr0) if path == "eta_scaling" else (k * alpha0, cfg.lr0)
-        runs[path][k] = train_lora(
-            problem.with_alpha(alpha), theta0, steps=cfg.steps, lr=lr, optimizer=cfg.optimizer,
-            curvature_every=cfg.curvature_every, curvature_early=cfg.curvature_early,
-            lanczos_steps=cfg.lanczos_steps, lanczos_tol=cfg.lanczos_tol,
-            checkpoints=ckpts if (path, k) == ("eta_scaling", 1.0) else (), desc=f"{path} k={k:g}",
-        )  # fmt: skip
-    if 1.0 in runs["eta_scaling"]:
-        runs["alpha_scaling"][1.0] = runs["eta_scaling"][1.0]
+    problem, alpha0, runs = _paths(cfg, cfg.seed, ks, measure=True, progress=progress)
     base = runs["eta_scaling"].get(1.0)
     points = sorted(base.checkpoints) if base else []
     probes = [sdr_probes(problem, base.checkpoints[c], alpha0, cfg.lr0, ks, cfg.optimizer) for c in points]
@@ -457,26 +440,41 @@ def run_dynamics(cfg: DynamicsConfig, progress: bool = False) -> DynamicsResult:
     if cfg.seeds:
         outcomes = [_outcomes(runs)]
         for sd in tqdm(cfg.seeds, desc="seeds", disable=not progress):
-            outcomes.append(_outcomes(_paths_at_seed(cfg, sd, ks)))
+            outcomes.append(_outcomes(_paths(cfg, sd, ks, measure=False)[2]))
         summary["over_seeds"] = paths_over_seeds(outcomes, [cfg.seed, *cfg.seeds])
     return DynamicsResult(summary, runs)
 
 
-def _paths_at_seed(cfg: DynamicsConfig, seed: int, ks: Sequence[float]) -> dict[str, dict[float, Run]]:
-    """Both paths at another seed (task, base, A init), without curvature records."""
+def _paths(
+    cfg: DynamicsConfig, seed: int, ks: Sequence[float], *, measure: bool, progress: bool = False
+) -> tuple[LoraProblem, float, dict[str, dict[float, Run]]]:
+    """Both paths at ``seed`` (task, base MLP, A init): ``(problem at α0, α0, runs)``.
+
+    With ``measure``, the curvature records and the base run's checkpoints for the probes (the
+    main seed); without, the trajectories alone (the extra seeds of Finding II).
+    """
     model = make_mlp(cfg.dim, cfg.depth, seed=seed)
     task = make_task(cfg.dim, cfg.samples, seed=seed)
     alpha0 = float(cfg.rank) if cfg.alpha0 is None else cfg.alpha0
     problem = attach_lora(model, task.X, task.y, rank=cfg.rank, alpha=alpha0)
     theta0 = init_theta(problem, seed)
+    ckpts = sorted({cfg.steps // 4, cfg.steps // 2, (3 * cfg.steps) // 4}) if measure else []
+    curv = (
+        {"curvature_every": cfg.curvature_every, "curvature_early": cfg.curvature_early,
+         "lanczos_steps": cfg.lanczos_steps, "lanczos_tol": cfg.lanczos_tol}
+        if measure else {}
+    )  # fmt: skip
     runs: dict[str, dict[float, Run]] = {"eta_scaling": {}, "alpha_scaling": {}}
-    for path, k in [("eta_scaling", k) for k in ks] + [("alpha_scaling", k) for k in ks if k != 1.0]:
+    jobs = [("eta_scaling", k) for k in ks] + [("alpha_scaling", k) for k in ks if k != 1.0]
+    for path, k in tqdm(jobs, desc=f"runs (seed {seed})", disable=not progress):
         alpha, lr = (alpha0, k * cfg.lr0) if path == "eta_scaling" else (k * alpha0, cfg.lr0)
         runs[path][k] = train_lora(
-            problem.with_alpha(alpha), theta0, steps=cfg.steps, lr=lr, optimizer=cfg.optimizer
-        )
-    runs["alpha_scaling"][1.0] = runs["eta_scaling"][1.0]
-    return runs
+            problem.with_alpha(alpha), theta0, steps=cfg.steps, lr=lr, optimizer=cfg.optimizer,
+            checkpoints=ckpts if (path, k) == ("eta_scaling", 1.0) else (), desc=f"{path} k={k:g}", **curv,
+        )  # fmt: skip
+    if 1.0 in runs["eta_scaling"]:
+        runs["alpha_scaling"][1.0] = runs["eta_scaling"][1.0]
+    return problem, alpha0, runs
 
 
 def _outcomes(runs: dict[str, dict[float, Run]]) -> dict:
@@ -543,7 +541,12 @@ SHARPNESS_DEFINITIONS = {
 
 def broke_down(run: Run) -> bool:
     """Diverged, or ended with a loss above the loss before fine-tuning."""
-    return run.diverged or not run.loss[-1] <= run.loss[0]
+    return _broke(run.summary())
+
+
+def _broke(row: Mapping) -> bool:
+    """:func:`broke_down` from a run's :meth:`Run.summary` (a ``dynamics.json`` row)."""
+    return bool(row["diverged"] or not row["final_loss"] <= row["initial_loss"])
 
 
 #: How ``edge_prediction`` in ``dynamics.json`` is made (see :func:`signal_drift.edge.predict_breakdown`).
@@ -583,13 +586,7 @@ def edge_summary(summary: Mapping) -> dict:
     function :func:`run_dynamics` calls.
     """
     sharp = summary.get("sharpness", {})
-    broken = {
-        p: {
-            k: bool(row["diverged"] or not row["final_loss"] <= row["initial_loss"])
-            for k, row in summary[p].items()
-        }
-        for p in ("eta_scaling", "alpha_scaling")
-    }
+    broken = {p: {k: _broke(row) for k, row in summary[p].items()} for p in ("eta_scaling", "alpha_scaling")}
     out = {"broke_down": broken, "max_edge_ratio": {
         p: {k: _max_ratio(from_columns(cols)) for k, cols in runs.items()} for p, runs in sharp.items()
     }}  # fmt: skip
