@@ -53,6 +53,7 @@ __all__ = [
     "Breakdown",
     "predict_breakdown",
     "observed_breakdown",
+    "format_k",
     "peft_sharpness",
     "SharpnessCallback",  # noqa: F822 - built on first access (module __getattr__)
 ]
@@ -426,6 +427,20 @@ class Breakdown:
             return [enc(x) for x in v] if isinstance(v, list) else v
 
         return {k: enc(v) for k, v in asdict(self).items()}
+
+
+def format_k(x, none: str = "n/a") -> str:
+    """A multiplier of :meth:`Breakdown.to_json` for tables and CLIs: ``[lo, hi]`` for a range, ``∞``.
+
+    >>> format_k([645.2, "inf"]), format_k(3.917), format_k(None, "none in the grid")
+    ('[645, ∞]', '3.92', 'none in the grid')
+    """
+    if x is None:
+        return none
+    if isinstance(x, list):
+        return f"[{format_k(x[0])}, {format_k(x[1])}]"
+    x = float(x)
+    return "∞" if math.isinf(x) else f"{x:.3g}"
 
 
 def observed_breakdown(outcomes: Mapping[float, bool]) -> tuple[float | None, float | None]:

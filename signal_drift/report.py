@@ -448,14 +448,6 @@ def lm_fig8_table(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _k(x) -> str:
-    return "∞" if x in ("inf", None) or (isinstance(x, float) and math.isinf(x)) else f"{x:.3g}"
-
-
-def _range(a) -> str:
-    return "n/a" if a is None else f"[{_k(a[0])}, {_k(a[1])}]"
-
-
 def _observed(first, stable) -> str:
     """The interval the grid leaves for the breakdown multiplier."""
     if first is None:
@@ -468,11 +460,12 @@ def _yes(b: bool) -> str:
 
 
 def _edge_row(name: str, pred: dict, steps: str) -> str:
-    a = pred["predicted_alpha"]
-    alpha = "n/a" if a is None else f"[{_k(a[0])}, {_k(a[1])}]"
+    from .edge import format_k
+
+    alpha = format_k(pred["predicted_alpha"])
     return (
         f"| {name} | {steps} | {pred['max_edge_ratio']:.3g} | {pred['drift_fraction']:.2f} | "
-        f"{_k(pred['predicted_eta'])} | {_observed(pred['observed_eta'], pred['last_stable_eta'])} | "
+        f"{format_k(pred['predicted_eta'])} | {_observed(pred['observed_eta'], pred['last_stable_eta'])} | "
         f"{_yes(pred['within_2_eta'])} | {alpha} | "
         f"{_observed(pred['observed_alpha'], pred['last_stable_alpha'])} | {_yes(pred['within_2_alpha'])} |"
     )
@@ -480,6 +473,8 @@ def _edge_row(name: str, pred: dict, steps: str) -> str:
 
 def edge_table(root: Path) -> str:
     """Adam's edge: the breakdown multiplier each path's base run predicts, beside the observed one."""
+    from .edge import format_k
+
     head = [
         "| model | base-run records used | max η·λ_max(P⁻¹H_θ)/38 | drift share there | predicted k, η-path "
         "| observed, η-path | within ×2 | predicted range of k, α-path | observed, α-path | within ×2 |",
@@ -491,7 +486,9 @@ def edge_table(root: Path) -> str:
         ep = d["edge_prediction"]
         e, a = ep["early"], ep["all_steps"]
         rows.append(_edge_row(f"MLP d = {dim}", e, f"steps {e['records_used'][0]}–{e['records_used'][-1]}"))
-        late.append(f"MLP d = {dim}: k_η ≈ {_k(a['predicted_eta'])}, k_α in {_range(a['predicted_alpha'])}")
+        late.append(
+            f"MLP d = {dim}: k_η ≈ {format_k(a['predicted_eta'])}, k_α in {format_k(a['predicted_alpha'])}"
+        )
     t = _load(root, "train_sweep/sweep.json")
     for r, e in sorted(t.get("edge", {}).items(), key=lambda kv: int(kv[0])):
         p, a = e["early"], e["all_steps"]
@@ -500,7 +497,9 @@ def edge_table(root: Path) -> str:
         rows.append(
             _edge_row(f"offline Llama r = {r}", p, f"steps {p['records_used'][0]}–{p['records_used'][-1]}")
         )
-        late.append(f"Llama r = {r}: k_η ≈ {_k(a['predicted_eta'])}, k_α in {_range(a['predicted_alpha'])}")
+        late.append(
+            f"Llama r = {r}: k_η ≈ {format_k(a['predicted_eta'])}, k_α in {format_k(a['predicted_alpha'])}"
+        )
     return (
         "\n".join(head + rows)
         + "\n\nFrom every record of the base run instead (later steps included): "

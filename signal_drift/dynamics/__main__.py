@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._errors import run_cli
+from ..edge import format_k
 from ..io import atomic_write_text
 from ..settings import ConfigParser
 from . import DynamicsConfig, run_dynamics
@@ -20,9 +21,7 @@ def _fmt(x: float | None) -> str:
 
 
 def _k(x) -> str:
-    if isinstance(x, list):
-        return f"[{_k(x[0])}, {_k(x[1])}]"
-    return "none in the grid" if x is None else ("∞" if x == "inf" else f"{float(x):.3g}")
+    return format_k(x, none="none in the grid")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._errors import DivergenceError, run_cli
+from ..edge import format_k
 from ..settings import ConfigParser
 from ..sweep import describe_alpha_star
 from . import TrainConfig, train
@@ -89,11 +90,10 @@ def sweep_main(argv: Sequence[str]) -> int:
     for r, e in result.analysis.edge.items():
         p = e.get("early", {})
         if "predicted_eta" in p:
-            a = p["predicted_alpha"]
-            rng = "n/a" if a is None else f"[{float(a[0]):.3g}, {float(a[1]):.3g}]"
+            rng = format_k(p["predicted_alpha"])
             print(
                 f"  r={r}: Adam's edge from the base run predicts the η-path to break at k ≈ "
-                f"{p['predicted_eta']:.3g}, the α-path at k in {rng}; observed {p['observed_eta']} and "
+                f"{format_k(p['predicted_eta'])}, the α-path at k in {rng}; observed {p['observed_eta']} and "
                 f"{p['observed_alpha']}"
             )
     return 0
