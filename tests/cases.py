@@ -266,3 +266,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class StopBuild(Exception):
+    """Raised by :func:`record_build_device`'s stand-in, before any model is loaded."""
+
+
+def record_build_device(monkeypatch, module) -> list:
+    """Replace ``module.build_base_model`` by a stand-in that records its ``device`` and stops the run.
+
+    CUDA is reported available (mocked); the caller runs the command under
+    ``pytest.raises(StopBuild)`` and reads the devices from the returned list.
+    """
+    seen: list = []
+
+    def build(*args, device=None, **kwargs):
+        seen.append(device)
+        raise StopBuild
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(module, "build_base_model", build)
+    return seen

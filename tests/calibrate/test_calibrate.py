@@ -364,22 +364,13 @@ def test_float32_calibration_warns_about_precision():
         calibrate_model(case.problem, {n: a.float() for n, a in case.A.items()}, probes=4, lanczos_steps=20)
 
 
-class _Stop(Exception):
-    pass
-
-
 def test_the_offline_base_is_pretrained_on_the_gpu_it_is_measured_on(tmp_path, monkeypatch):
     """With CUDA visible (mocked), the default model is pre-trained there, not on the CPU."""
+    from cases import StopBuild, record_build_device
+
     from signal_drift import calibrate as calibrate_module
 
-    seen = []
-
-    def build(*args, device=None, **kwargs):
-        seen.append(device)
-        raise _Stop  # before anything is loaded
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(calibrate_module, "build_base_model", build)
-    with pytest.raises(_Stop):
+    seen = record_build_device(monkeypatch, calibrate_module)
+    with pytest.raises(StopBuild):
         calibrate_module.calibrate(calibrate_module.CalibrateConfig(out=str(tmp_path)), log=lambda _: None)
     assert seen == [torch.device("cuda")]

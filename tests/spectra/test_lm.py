@@ -269,22 +269,13 @@ def test_cli_reads_a_peft_adapter_and_refuses_bad_input(model_dir, tmp_path):
     )
 
 
-class _Stop(Exception):
-    pass
-
-
 def test_the_offline_base_is_pretrained_on_the_configured_device(tmp_path, monkeypatch):
     """--device cuda (CUDA mocked): the default model is pre-trained there, not on the CPU."""
+    from cases import StopBuild, record_build_device
+
     import signal_drift.lm
 
-    seen = []
-
-    def build(*args, device=None, **kwargs):
-        seen.append(device)
-        raise _Stop  # before anything is loaded
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(signal_drift.lm, "build_base_model", build)
-    with pytest.raises(_Stop):
+    seen = record_build_device(monkeypatch, signal_drift.lm)
+    with pytest.raises(StopBuild):
         run_lm_spectra(LMSpectraConfig(device="cuda"), tmp_path, log=lambda _: None)
     assert seen == ["cuda"]
