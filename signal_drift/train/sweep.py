@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .._errors import DivergenceError, InputError, check_positive_float, check_positive_int
-from ..edge import columns, from_json, predict_breakdown
+from ..edge import columns, from_json, observed_breakdown, predict_breakdown
 from ..io import atomic_write_text
 from ..lm import build_base_model, check_model_dir
 from ..sweep import SweepAnalysis, analyse, cell_key, run_grid
@@ -383,9 +383,14 @@ def over_seeds_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
     }
 
 
+def _broke(nll: float, before: float) -> bool:
+    """A run broke down: it diverged (NaN) or ended above the held-out NLL before fine-tuning."""
+    return not nll <= before
+
+
 def _first_broken(ks: Sequence[float], row: Sequence[float], before: float) -> float | None:
-    """The first multiplier whose run diverged (NaN) or ended above the NLL before fine-tuning."""
-    return next((k for k, v in zip(ks, row, strict=True) if not v <= before), None)
+    """The first multiplier whose run broke down (:func:`_broke`), or None."""
+    return observed_breakdown({k: _broke(v, before) for k, v in zip(ks, row, strict=True)})[0]
 
 
 def _edge(records: Sequence[dict], cfg: TrainSweepConfig, r: int) -> dict | None:
@@ -400,7 +405,7 @@ def _edge(records: Sequence[dict], cfg: TrainSweepConfig, r: int) -> dict | None
 
     def broke(alpha: float, lr: float) -> bool | None:
         rec = next((rec for rec in records if _is_cell(rec["cell"], r, alpha, lr)), None)
-        return None if rec is None else not rec["heldout_nll"] <= before  # NaN (diverged) counts
+        return None if rec is None else _broke(rec["heldout_nll"], before)
 
     outcomes = {
         p: {k: b for k in cfg.multipliers if (b := broke(*((a0, k * cfg.base_lr) if p == "eta" else
