@@ -1,8 +1,8 @@
-"""Shared figure helpers: the Agg backend, atomic PNG writes and the α*(r) panel.
+"""Shared figure helpers: the Agg backend, atomic PNG writes and the α*(r) panels.
 
-Each experiment draws its own figures (``signal_drift.<experiment>.figure``); the α*(r) panel is
-shared by Figure 1 (:mod:`signal_drift.sweep.figure`) and the training sweep
-(:mod:`signal_drift.train.figure`).
+Each experiment draws its own figures (``signal_drift.<experiment>.figure``); the α*(r) panels
+(one seed with grid cells, and over seeds with intervals) are shared by Figure 1
+(:mod:`signal_drift.sweep.figure`) and the training sweep (:mod:`signal_drift.train.figure`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["save_figure", "alpha_star_panel", "plot_edge"]
+__all__ = ["save_figure", "alpha_star_panel", "alpha_star_seeds_panel", "plot_edge"]
 
 
 def save_figure(fig, path: Path) -> None:
@@ -58,6 +59,46 @@ def alpha_star_panel(ax, analysis: dict, label: str) -> np.ndarray:
     ax.set_xscale("log")
     ax.set_yscale("log")
     return np.asarray([float(r) for r in st])
+
+
+def alpha_star_seeds_panel(ax, f3: dict) -> np.ndarray:
+    """Plot Finding III over seeds; return the ranks.
+
+    α*(r) per seed, their geometric mean with its 95 % interval, and the Eq. 3 fit with the
+    Student-t interval of ``k``.
+
+    Args:
+        ax: the axes.
+        f3: :func:`~signal_drift.sweep.alpha_star_over_seeds` (or ``findings_over_seeds``) output.
+    """
+    per, gm = f3["alpha_star"], f3.get("alpha_star_geometric_mean", {})
+    rs = np.asarray([float(r) for r in per])
+    for i, (r, vals) in enumerate(per.items()):
+        v = np.asarray(vals, float)
+        ax.plot(np.full(v.shape, float(r)), v, ".", color="0.6", ms=5,
+                label="α* per seed (refined between grid points)" if i == 0 else None)  # fmt: skip
+    have = [(float(r), g) for r, g in gm.items() if g]
+    if have:
+        x = np.asarray([r for r, _ in have])
+        y = np.asarray([g["estimate"] for _, g in have])
+        err = np.asarray([[g["estimate"] - g["low"], g["high"] - g["estimate"]] for _, g in have]).T
+        ax.errorbar(x, y, yerr=err, fmt="o", ms=7, capsize=4, color="C0",
+                    label="geometric mean over seeds, 95 % interval")  # fmt: skip
+    fit = f3.get("fit", {})
+    if "k" in fit:
+        k, c = fit["k"], fit["c"]
+        used = [float(r) for r, v in per.items() if np.isfinite(np.asarray(v, float)).any()]
+        xx = np.geomspace(min(used), max(used), 50)
+        band = f"{k['estimate']:.2f} [{k['low']:.2f}, {k['high']:.2f}]"
+        ax.plot(xx, c["estimate"] * xx ** k["estimate"], "-", color="C1", label=f"fit α* = c·r^k: k = {band}")
+    if len(rs):
+        xx = np.geomspace(rs.min(), rs.max(), 50) if len(rs) > 1 else rs
+        ax.plot(xx, 256 * np.sqrt(xx), ":", color="C3", label="Variant I: 256√r")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(rs, [f"{r:g}" for r in rs])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    return rs
 
 
 def plot_edge(sharpness: dict, broken: dict, path: Path, title: str) -> Path:

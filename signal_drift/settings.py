@@ -74,6 +74,10 @@ COMMON_HELP = {
     "pretrain_steps": "pre-training of the default offline model.",
     "gamma": "γ of the LoRA scale γ·α/r.",
     "out": "output folder.",
+    "workers": (
+        "run the cells in this many processes, torch's threads divided among them (finished "
+        "cells are kept on Ctrl-C; numbers equal a serial run's up to round-off)."
+    ),
 }
 
 

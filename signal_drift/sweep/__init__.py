@@ -34,6 +34,8 @@ __all__ = [
     "analyse",
     "fit_power_law",
     "describe_alpha_star",
+    "findings_over_seeds",
+    "alpha_star_over_seeds",
 ]
 
 
@@ -50,35 +52,73 @@ def run_grid(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     write: bool = True,
+    workers: int = 1,
 ) -> list[dict]:
     """Run ``fn`` on every cell not yet recorded in ``path``; return all records of ``cells``.
 
     Args:
         cells: JSON-serialisable dicts, one per grid point.
-        fn: ``fn(cell) -> result dict``; the record is ``{"key", "cell", **result}``.
+        fn: ``fn(cell) -> result dict``; the record is ``{"key", "cell", **result}``. With
+            ``workers > 1`` it must be picklable (a module-level function or a
+            :func:`functools.partial` of one).
         path: JSONL file (created if missing; appended to).
         progress: show a tqdm bar.
         log: called with a one-line note about skipped cells.
         write: append finished cells to ``path``; False on the non-writing ranks of a ``torchrun``
             job, which run every cell in step with rank 0 but leave the file to it.
+        workers: run the cells in this many spawned processes, each with ``torch``'s threads
+            divided among them (``get_num_threads() // workers``, at least 1). Cells land in
+            ``path`` as they finish (in any order); Ctrl-C stops the workers and keeps every
+            finished cell. A cell's numbers depend on its thread count only at round-off.
     """
     done = {rec["key"]: rec for rec in read_jsonl(path)}
     todo = [c for c in cells if cell_key(c) not in done]
     if log is not None and len(todo) < len(cells):
         log(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already in {path}")
-    for cell in tqdm(todo, desc="sweep", disable=not progress):
-        rec = {"key": cell_key(cell), "cell": cell, **fn(cell)}
-        if write:
-            append_jsonl(path, rec)
-        done[rec["key"]] = rec
+    results = _in_workers(fn, todo, workers) if workers > 1 and len(todo) > 1 else ((c, fn(c)) for c in todo)
+    try:
+        for cell, result in tqdm(results, total=len(todo), desc="sweep", disable=not progress):
+            rec = {"key": cell_key(cell), "cell": cell, **result}
+            if write:
+                append_jsonl(path, rec)
+            done[rec["key"]] = rec
+    finally:
+        results.close()  # stops the workers when the loop ends early (Ctrl-C, an error)
     return [done[cell_key(c)] for c in cells]
+
+
+def _worker_init(threads: int) -> None:
+    """A sweep worker: its share of the threads; Ctrl-C is the parent's to handle."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+
+
+def _call(job: tuple[Callable[[dict], dict], dict]) -> tuple[dict, dict]:
+    fn, cell = job
+    return cell, fn(cell)
+
+
+def _in_workers(fn: Callable[[dict], dict], todo: Sequence[dict], workers: int):
+    """``(cell, fn(cell))`` as each finishes in a pool of spawned processes; terminated on any error."""
+    import multiprocessing
+
+    threads = max(1, torch.get_num_threads() // workers)
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(todo)), _worker_init, (threads,))
+    try:
+        yield from pool.imap_unordered(_call, [(fn, c) for c in todo])
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
 
 
 @dataclass(frozen=True)
 class MLPSweepConfig:
     """The (r, α, η) grid on the controlled MLP (the flags of ``python -m signal_drift.sweep``).
 
-    The settings ``dim``, ``depth``, ``samples``, ``seed`` mean the same in every config
+    The settings ``dim``, ``depth``, ``samples``, ``seed``, ``workers`` mean the same in every config
     (:data:`signal_drift.settings.COMMON_HELP`).
 
     Attributes:
@@ -101,10 +141,11 @@ class MLPSweepConfig:
     lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
     seeds: tuple[int, ...] = ()
     seed: int = 0
+    workers: int = 1
 
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first invalid field."""
-        for name in ("dim", "depth", "samples", "test_samples", "steps"):
+        for name in ("dim", "depth", "samples", "test_samples", "steps", "workers"):
             check_positive_int(name, getattr(self, name))
         for r in self.ranks:
             check_positive_int("ranks", r, self.dim)
@@ -353,43 +394,131 @@ def _verdict(
     return "not resolved at this budget (the interval contains no effect)"
 
 
+def _best_over_lr(records: Sequence[dict], seeds: Sequence[int], metric: str):
+    """Per (seed, rank, α): the best ``metric`` over η and its η, and which cells were run.
+
+    Returns:
+        ``ranks``, ``alphas`` (sorted), ``best`` and ``eta`` ``[S, R, A]`` (NaN where no finite
+        value: not run, or every η diverged), ``ran`` ``[S, R, A]`` (a record exists).
+    """
+    seeds = list(seeds)
+    ranks = sorted({rec["cell"]["rank"] for rec in records})
+    alphas = sorted({rec["cell"]["alpha"] for rec in records})
+    best = np.full((len(seeds), len(ranks), len(alphas)), np.nan)
+    eta = np.full_like(best, np.nan)
+    ran = np.zeros(best.shape, bool)
+    for rec in records:
+        c = rec["cell"]
+        if c["seed"] not in seeds:
+            continue
+        i, j, k = seeds.index(c["seed"]), ranks.index(c["rank"]), alphas.index(c["alpha"])
+        ran[i, j, k] = True
+        v = rec.get(metric, math.nan)
+        if math.isfinite(v) and not v >= best[i, j, k]:
+            best[i, j, k], eta[i, j, k] = v, c["lr"]
+    return ranks, alphas, best, eta, ran
+
+
+def _finding_3(ranks: list, alphas: list, best: np.ndarray, ran: np.ndarray) -> dict:
+    """α*(r) per seed on each rank's own α grid, the Eq. 3 fit over seeds, and its verdict.
+
+    A rank's grid is every α it ran at some seed; a seed missing one of them (not run yet) has no
+    α* at that rank, while a diverged run is a cell that never wins.
+    """
+    from ..intervals import mean_interval
+    from ..replicates import fit_power_law_seeds, refine_argmin
+
+    a_star = np.full(best.shape[:2], np.nan)
+    for j in range(len(ranks)):
+        on = ran[:, j].any(axis=0)
+        grid = np.asarray(alphas)[on]
+        for i in range(best.shape[0]):
+            a = refine_argmin(grid, best[i, j, on]) if ran[i, j, on].all() and grid.size else math.nan
+            inner = math.isfinite(a) and grid[0] < a < grid[-1]  # at the grid's edge: a bound only
+            a_star[i, j] = a if inner else math.nan
+    try:
+        fit = fit_power_law_seeds([float(r) for r in ranks], a_star.tolist())
+    except InputError as err:
+        fit = {"skipped": str(err)}
+
+    def geometric(v: np.ndarray) -> dict | None:  # α* varies by factors: its interval in log space
+        v = v[np.isfinite(v)]
+        if len(v) < 2:
+            return None
+        iv = mean_interval(np.log(v), 0.95, f"Student-t over {len(v)} seeds, of log α*")
+        return iv.map(math.exp).to_json()
+
+    return {
+        "alpha_star": {str(r): [float(v) for v in a_star[:, j]] for j, r in enumerate(ranks)},
+        "alpha_star_geometric_mean": {str(r): geometric(a_star[:, j]) for j, r in enumerate(ranks)},
+        "fit": fit,
+        "verdict": (
+            _verdict(fit["k"], 0.0, target=(0.25, 0.75))
+            if "k" in fit
+            else f"not resolved at this budget ({fit['skipped']})"
+        ),
+    }
+
+
+def alpha_star_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric: str = "test_loss") -> dict:
+    """Finding III over seeds: α*(r) per seed and the Eq. 3 fit ``α* = c·r^k`` with intervals.
+
+    Per seed and rank: the best ``metric`` over η at each α, and α* refined between that rank's
+    grid points (:func:`~signal_drift.replicates.refine_argmin`; NaN where the optimum sits at
+    either end of the rank's α grid, which bounds it on one side only). Then
+    :func:`~signal_drift.replicates.fit_power_law_seeds`: ``k`` and ``c`` per seed, Student-t over
+    seeds. "reproduced" when the interval of ``k`` lies within [¼, ¾], "not reproduced" when it
+    lies outside, else "not resolved at this budget". Ranks may have different α grids (the
+    training path's α = k·r); a diverged cell is not a missing one.
+
+    Args:
+        records: ``run_grid`` records whose ``cell`` has ``seed``, ``rank``, ``alpha``, ``lr``.
+        seeds: the seeds to use (the replicates).
+        metric: the record's loss to minimise (``test_loss`` on the MLP, ``heldout_nll`` on a LM).
+
+    Returns:
+        ``{"seeds", "metric", "cells": {r: {α: over_seeds of the best loss}}, "alpha_star": {r:
+        [per seed]}, "alpha_star_geometric_mean": {r: Interval json or None}`` (Student-t over
+        seeds of ``log α*``, mapped back), ``"fit", "verdict"}``.
+    """
+    from ..replicates import over_seeds
+
+    ranks, alphas, best, _, ran = _best_over_lr(records, seeds, metric)
+    return {
+        "seeds": list(seeds),
+        "metric": metric,
+        "cells": {
+            str(r): {
+                f"{a:g}": over_seeds(list(best[:, j, k])) for k, a in enumerate(alphas) if ran[:, j, k].any()
+            }
+            for j, r in enumerate(ranks)
+        },
+        **_finding_3(ranks, alphas, best, ran),
+    }
+
+
 def findings_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric: str = "test_loss") -> dict:
     """Findings I and III with intervals over seeds (:mod:`signal_drift.replicates`).
 
-    Per seed: the best loss over η at each (r, α) and ``η*``; α*(r) refined between grid points
-    (:func:`~signal_drift.replicates.refine_argmin`; NaN where the optimum sits at the grid's edge).
-    Then, Student-t over seeds:
+    Per seed: the best loss over η at each (r, α) and ``η*``. Then, Student-t over seeds:
 
     - Finding I(a), ``η*`` falls as α grows: per seed the mean over ranks of the log–log slope of
       ``η*`` against α; reproduced when the interval is below 0.
     - Finding I(b), the best loss improves with α: per seed the mean over ranks of the slope of the
       best loss against ``log₂ α``; reproduced when the interval is below 0.
-    - Finding III, ``α* = c·r^k`` with ``k ≈ ½``: :func:`~signal_drift.replicates.fit_power_law_seeds`
-      over the refined α*; "reproduced" when the interval of ``k`` lies within [¼, ¾], "not
-      reproduced" when it lies outside.
+    - Finding III, ``α* = c·r^k`` with ``k ≈ ½``: as :func:`alpha_star_over_seeds`.
 
     Returns:
         ``{"seeds", "cells": {r: {α: over_seeds of the best loss}}, "eta_star_slope",
         "best_loss_slope", "alpha_star": {r: [per seed]}, "fit", "verdicts"}``.
     """
     from ..intervals import mean_interval
-    from ..replicates import fit_power_law_seeds, over_seeds, refine_argmin
+    from ..replicates import over_seeds
 
     seeds = list(seeds)
-    ranks = sorted({rec["cell"]["rank"] for rec in records})
-    alphas = sorted({rec["cell"]["alpha"] for rec in records})
-    best = np.full((len(seeds), len(ranks), len(alphas)), np.nan)
-    eta = np.full_like(best, np.nan)
-    for rec in records:
-        c = rec["cell"]
-        if c["seed"] not in seeds:
-            continue
-        i, j, k = seeds.index(c["seed"]), ranks.index(c["rank"]), alphas.index(c["alpha"])
-        v = rec.get(metric, math.nan)
-        if math.isfinite(v) and not v >= best[i, j, k]:
-            best[i, j, k], eta[i, j, k] = v, c["lr"]
+    ranks, alphas, best, eta, ran = _best_over_lr(records, seeds, metric)
     la = np.log2(np.asarray(alphas))
-    eta_slope, loss_slope, a_star = [], [], np.full((len(seeds), len(ranks)), np.nan)
+    eta_slope, loss_slope = [], []
     for i in range(len(seeds)):
         es, ls = [], []
         for j in range(len(ranks)):
@@ -397,9 +526,6 @@ def findings_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric: s
             if ok.sum() >= 2:
                 es.append(np.polyfit(np.log(np.asarray(alphas)[ok]), np.log(eta[i, j, ok]), 1)[0])
                 ls.append(np.polyfit(la[ok], best[i, j, ok], 1)[0])
-            a = refine_argmin(alphas, best[i, j])
-            inner = math.isfinite(a) and alphas[0] < a < alphas[-1]
-            a_star[i, j] = a if inner else math.nan
         eta_slope.append(float(np.mean(es)) if es else math.nan)
         loss_slope.append(float(np.mean(ls)) if ls else math.nan)
 
@@ -411,10 +537,7 @@ def findings_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric: s
             else None
         )
 
-    try:
-        fit = fit_power_law_seeds([float(r) for r in ranks], a_star.tolist())
-    except InputError as err:
-        fit = {"skipped": str(err)}
+    f3 = _finding_3(ranks, alphas, best, ran)
     e_iv, l_iv = iv(eta_slope), iv(loss_slope)
     return {
         "seeds": seeds,
@@ -425,12 +548,13 @@ def findings_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric: s
         },  # fmt: skip
         "eta_star_slope": {"per_seed": eta_slope, "interval": e_iv},
         "best_loss_slope": {"per_seed": loss_slope, "interval": l_iv},
-        "alpha_star": {str(r): [float(v) for v in a_star[:, j]] for j, r in enumerate(ranks)},
-        "fit": fit,
+        "alpha_star": f3["alpha_star"],
+        "alpha_star_geometric_mean": f3["alpha_star_geometric_mean"],
+        "fit": f3["fit"],
         "verdicts": {
             "finding_1_eta_star_falls": _verdict(e_iv, 0.0, -1),
             "finding_1_loss_improves_with_alpha": _verdict(l_iv, 0.0, -1),
-            "finding_3_k_is_half": _verdict(fit.get("k"), 0.0, target=(0.25, 0.75)),
+            "finding_3_k_is_half": f3["verdict"],
         },
     }
 

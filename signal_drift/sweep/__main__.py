@@ -31,7 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cells = [c | {"test_samples": cfg.test_samples} for c in cfg.cells()]
-    records = run_grid(cells, mlp_cell, out / "sweep.jsonl", progress=sys.stderr.isatty(), log=print)
+    records = run_grid(
+        cells, mlp_cell, out / "sweep.jsonl", progress=sys.stderr.isatty(), log=print, workers=cfg.workers
+    )
     seeds = cfg.replicates
     first = [r for r in records if r["cell"]["seed"] == seeds[0]]
     analysis = analyse(first)  # the first seed, as before

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..plotting import alpha_star_panel, save_figure  # noqa: E402
+from ..plotting import alpha_star_panel, alpha_star_seeds_panel, save_figure  # noqa: E402
 
 __all__ = ["plot_fig1"]
 
@@ -78,14 +78,18 @@ def plot_fig1(analysis: dict, records: list[dict], out_dir: str | Path) -> Path:
     )
     ax.legend(fontsize=7)
     ax = axes[2]
-    rs = alpha_star_panel(ax, analysis, "α*(r) (grid argmin)")
-    if len(rs):
-        ax.loglog(rs, rs, ":", color="gray", label="α = r (heuristic)")
-        ax.set_xticks(rs, [f"{r:g}" for r in rs])
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if seeds:
+        alpha_star_seeds_panel(ax, seeds)
+        ax.set_title(f"(c) optimal α against rank (Finding III), {len(seeds['seeds'])} seeds", fontsize=9)
+    else:
+        rs = alpha_star_panel(ax, analysis, "α*(r) (grid argmin)")
+        if len(rs):
+            ax.loglog(rs, rs, ":", color="gray", label="α = r (heuristic)")
+            ax.set_xticks(rs, [f"{r:g}" for r in rs])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title("(c) optimal α against rank (Finding III)")
     ax.set_xlabel("rank r")
     ax.set_ylabel("α*")
-    ax.set_title("(c) optimal α against rank (Finding III)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "fig1.png"

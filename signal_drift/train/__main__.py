@@ -70,15 +70,16 @@ def sweep_main(argv: Sequence[str]) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # a non-zero torchrun rank: rank 0 reports
         return 0
     print(f"signal-drift train sweep: {len(result.records)} runs -> {cfg.out}/sweep.json, eq2.png")
+    ran = {p: name for p, name in (("eta", "η"), ("alpha", "α")) if cfg.paths in ("both", p)}
     for r, best in result.analysis.best_k.items():
-        print(f"  r={r}: best k on the η path {best['eta']}, on the α path {best['alpha']}")
+        print(f"  r={r}: best k " + ", ".join(f"on the {name} path {best[p]}" for p, name in ran.items()))
     ap = result.analysis.alpha_path
     print("  α* at η_FFT (α-scaling path):")
     print("\n".join(describe_alpha_star(ap)))
     if ap.alpha_star_edge:
         print(f"  warning: α* of r={list(ap.alpha_star_edge)} is at the end of the path; widen --multipliers")
     o = result.analysis.over_seeds
-    if o:
+    if "best_alpha_minus_best_eta" in o:
         d = o["best_alpha_minus_best_eta"]
         band = "n/a" if d is None else f"{d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
         print(
@@ -87,6 +88,12 @@ def sweep_main(argv: Sequence[str]) -> int:
         )
         for name, v in o["verdicts"].items():
             print(f"    {name}: {v}")
+    if "finding_3" in o:
+        f3 = o["finding_3"]
+        k = f3["fit"].get("k")
+        band = "n/a" if k is None else f"{k['estimate']:.3f} [{k['low']:.3f}, {k['high']:.3f}]"
+        print(f"  over {len(o['seeds'])} seeds: Eq. 3 exponent k = {band} (95 %, Student-t over seed fits)")
+        print(f"    finding_3_k_is_half: {f3['verdict']}")
     for r, e in result.analysis.edge.items():
         p = e.get("early", {})
         if "predicted_eta" in p:

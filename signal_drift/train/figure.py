@@ -15,9 +15,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..plotting import alpha_star_panel, save_figure  # noqa: E402
+from ..plotting import alpha_star_panel, alpha_star_seeds_panel, save_figure  # noqa: E402
 
-__all__ = ["plot_train_loss", "plot_update_norms", "plot_scaling_paths", "plot_base_edge"]
+__all__ = [
+    "plot_train_loss",
+    "plot_update_norms",
+    "plot_scaling_paths",
+    "plot_alpha_star_seeds",
+    "plot_base_edge",
+]
 
 
 def plot_train_loss(metrics: dict, path: str | Path, title: str = "") -> Path:
@@ -126,6 +132,46 @@ def plot_scaling_paths(result: dict, path: str | Path) -> Path:
     ax.set_xlabel("rank r")
     ax.set_ylabel("α*")
     ax.set_title("(b) Eq. 3: optimal α against rank")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return path
+
+
+def plot_alpha_star_seeds(summary: dict, path: str | Path) -> Path:
+    """Finding III over seeds on the α path (``eq3.png``).
+
+    (a) held-out NLL against α per rank (mean and 95 % interval over seeds), (b) α*(r) per seed,
+    their geometric mean and the Eq. 3 fit.
+
+    Args:
+        summary: the ``sweep.json`` content; uses ``over_seeds.finding_3``
+            (:func:`~signal_drift.sweep.alpha_star_over_seeds`).
+        path: the PNG to write.
+    """
+    path = Path(path)
+    f3 = summary["over_seeds"]["finding_3"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    ax = axes[0]
+    ranks = list(f3["cells"])
+    for i, r in enumerate(ranks):
+        cells = f3["cells"][r]
+        x = np.asarray([float(a) for a in cells])
+        m = np.asarray([c["mean"] for c in cells.values()], float)
+        lo = np.asarray([c["interval"]["low"] if c["interval"] else np.nan for c in cells.values()])
+        hi = np.asarray([c["interval"]["high"] if c["interval"] else np.nan for c in cells.values()])
+        ax.errorbar(x, m, yerr=[m - lo, hi - m], fmt="o-", ms=4, capsize=2,
+                    color=plt.get_cmap("plasma")(i / max(len(ranks), 1)), label=f"r={r}")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("α (η fixed)")
+    ax.set_ylabel("held-out NLL (nats/token)")
+    ax.set_title(f"(a) the α path per rank: mean and 95 % interval over {len(f3['seeds'])} seeds", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    alpha_star_seeds_panel(ax, f3)
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("α*")
+    ax.set_title(f"(b) Eq. 3 over seeds: {f3['verdict']}", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)

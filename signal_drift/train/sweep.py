@@ -9,7 +9,10 @@ final held-out NLL; cells land in a resumable JSONL through :func:`~signal_drift
 α*(r) is the best α on the α-scaling path (η fixed at η_FFT), known to within its grid cell
 and flagged where it sits at either end of the path; ``α* = c·r^k`` is fitted in log–log space
 over the bracketed ranks, with the slope interval their cells allow
-(:func:`~signal_drift.sweep.analyse`, :func:`~signal_drift.sweep.fit_power_law`).
+(:func:`~signal_drift.sweep.analyse`, :func:`~signal_drift.sweep.fit_power_law`). Over seeds,
+α*(r) is refined per seed and ``k``, ``c`` get Student-t intervals over the per-seed fits
+(:func:`~signal_drift.sweep.alpha_star_over_seeds`); ``paths="alpha"`` runs the α path alone for
+that, and ``workers`` runs the cells in parallel processes.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -28,7 +34,7 @@ from .._errors import DivergenceError, InputError, check_positive_float, check_p
 from ..edge import columns, from_json, observed_breakdown, predict_breakdown
 from ..io import atomic_write_text
 from ..lm import build_base_model, check_model_dir
-from ..sweep import SweepAnalysis, analyse, cell_key, run_grid
+from ..sweep import SweepAnalysis, alpha_star_over_seeds, analyse, cell_key, run_grid
 from . import TrainConfig, train
 from ._dist import setup
 
@@ -48,13 +54,16 @@ class TrainSweepConfig:
     """Settings of :func:`run_train_sweep` (the flags of ``python -m signal_drift.train sweep``).
 
     The settings ``model``, ``data``, ``gamma``, ``batch_size``, ``seq_len``, ``pretrain_steps``,
-    ``seed``, ``out`` mean the same in every config (:data:`signal_drift.settings.COMMON_HELP`).
+    ``seed``, ``workers``, ``out`` mean the same in every config
+    (:data:`signal_drift.settings.COMMON_HELP`).
 
     Attributes:
         ranks: the LoRA ranks r.
         base_alpha: α0 of the baseline (default: α0 = r, the heuristic).
         base_lr: η_FFT, the baseline learning rate shared by both paths.
         multipliers: the k of Eq. 2.
+        paths: which paths to run: ``both`` (Finding II), or ``alpha`` alone (α*(r), Finding
+            III, at half the cost) or ``eta`` alone.
         steps: optimizer steps per run.
         sharpness_every: the base run of each rank (k = 1) records Adam's sharpness every N steps
             (:func:`signal_drift.edge.peft_sharpness`; 0 and ``sharpness_early`` 0: off).
@@ -75,6 +84,7 @@ class TrainSweepConfig:
     base_alpha: float | None = None
     base_lr: float = 1e-4
     multipliers: tuple[float, ...] = (1, 4, 16, 64)
+    paths: Literal["both", "alpha", "eta"] = "both"
     gamma: float = 1.0
     steps: int = 100
     batch_size: int = 16
@@ -88,6 +98,7 @@ class TrainSweepConfig:
     sharpness_lanczos: int = 80
     seeds: tuple[int, ...] = ()
     seed: int = 0
+    workers: int = 1
     out: str = "out/train_sweep"
 
     def validate(self) -> None:
@@ -104,7 +115,9 @@ class TrainSweepConfig:
             check_positive_float("base_alpha", self.base_alpha)
         check_positive_float("base_lr", self.base_lr)
         check_positive_float("gamma", self.gamma)
-        for name in ("steps", "batch_size", "seq_len", "sharpness_lanczos"):
+        if self.paths not in ("both", "alpha", "eta"):
+            raise InputError(f"paths={self.paths!r} is invalid: need both, alpha or eta", fields=["paths"])
+        for name in ("steps", "batch_size", "seq_len", "sharpness_lanczos", "workers"):
             check_positive_int(name, getattr(self, name))
         for name in ("sharpness_every", "sharpness_early"):
             if getattr(self, name) < 0:
@@ -116,6 +129,11 @@ class TrainSweepConfig:
         for name in ("micro_batch", "loss_chunk"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
+        if self.workers > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise InputError(
+                f"workers={self.workers} is invalid under torchrun: its processes already share each cell",
+                fields=["workers"],
+            )
         check_model_dir(self.model)
 
     @property
@@ -134,12 +152,14 @@ class TrainSweepConfig:
 
 
 def path_cells(cfg: TrainSweepConfig, model_dir: str) -> list[dict]:
-    """The cells of both paths of Eq. 2 for every rank, without duplicates (``k = 1`` is shared)."""
+    """The cells of Eq. 2's paths (``cfg.paths``) for every rank, without duplicates (``k = 1`` is shared)."""
     cells, seen = [], set()
     first = cfg.replicates[0]
     for seed, r, k in ((s, r, k) for s in cfg.replicates for r in cfg.ranks for k in cfg.multipliers):
         a0 = cfg.alpha0(r)
-        for alpha, lr in ((a0, k * cfg.base_lr), (k * a0, cfg.base_lr)):
+        for path, alpha, lr in (("eta", a0, k * cfg.base_lr), ("alpha", k * a0, cfg.base_lr)):
+            if cfg.paths not in ("both", path):
+                continue
             cell = {"model": model_dir, "data": cfg.data, "rank": r, "alpha": float(alpha),
                     "lr": float(lr), "gamma": cfg.gamma, "steps": cfg.steps,
                     "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": seed}  # fmt: skip
@@ -221,8 +241,11 @@ class ScalingPaths:
             break down (diverged, or held-out NLL above its value before fine-tuning) beside where
             it did (:func:`~signal_drift.edge.predict_breakdown`); ranks whose base run has no
             records are left out.
-        over_seeds: Finding II over seeds (:func:`over_seeds_paths`), with two or more seeds; the
-            other fields describe the first seed.
+        over_seeds: with two or more seeds, Finding II over seeds (:func:`over_seeds_paths`, when
+            both paths ran) and, under ``finding_3``, Finding III over seeds: α*(r) per seed on the
+            α path and the Eq. 3 fit with Student-t intervals
+            (:func:`~signal_drift.sweep.alpha_star_over_seeds`); the other fields describe the
+            first seed.
     """
 
     paths: dict[str, dict[str, list[list[float]]]]
@@ -290,8 +313,18 @@ def analyse_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> ScalingPath
         edge = _edge(records, cfg, r)
         if edge is not None:
             edges[str(r)] = edge
-    seeds = over_seeds_paths(all_records, cfg) if len(cfg.replicates) > 1 else {}
+    seeds = {}
+    if len(cfg.replicates) > 1:
+        seeds = over_seeds_paths(all_records, cfg) if cfg.paths == "both" else {"seeds": list(cfg.replicates)}
+        if cfg.paths != "eta":
+            on_alpha = [rec for rec in all_records if _on_alpha_path(rec["cell"], cfg)]
+            seeds["finding_3"] = alpha_star_over_seeds(on_alpha, cfg.replicates, metric="heldout_nll")
     return ScalingPaths(paths, best_k, analyse(alpha_recs, metric="heldout_nll"), edges, seeds)
+
+
+def _on_alpha_path(cell: dict, cfg: TrainSweepConfig) -> bool:
+    r = cell["rank"]
+    return any(_is_cell(cell, r, k * cfg.alpha0(r), cfg.base_lr) for k in cfg.multipliers)
 
 
 def over_seeds_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
@@ -426,7 +459,8 @@ def _edge(records: Sequence[dict], cfg: TrainSweepConfig, r: int) -> dict | None
 def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) -> TrainSweepResult:
     """Run (or resume) every cell; write ``sweep.jsonl``, ``sweep.json`` and ``eq2.png`` under ``cfg.out``.
 
-    Under ``torchrun`` every rank runs every cell data-parallel; rank 0 writes the files.
+    With two or more seeds on the α path also ``eq3.png`` (Finding III over seeds). Under
+    ``torchrun`` every rank runs every cell data-parallel; rank 0 writes the files.
     """
     from .figure import plot_scaling_paths  # here: importing it selects Agg
 
@@ -444,17 +478,22 @@ def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) ->
     quiet = not dist.main
     records = run_grid(
         cells,
-        lambda c: _run_cell(c, out, cfg.memory()),
+        partial(_run_cell, out=out, memory=cfg.memory()),
         out / "sweep.jsonl",
         progress=progress and not quiet,
         log=None if quiet else log,
         write=not quiet,
+        workers=cfg.workers,
     )
     result = TrainSweepResult(asdict(cfg), analyse_paths(records, cfg), records)
     if dist.main:
         summary = result.to_json()
         atomic_write_text(out / "sweep.json", json.dumps(summary, indent=1) + "\n")
         plot_scaling_paths(summary, out / "eq2.png")
+        if "finding_3" in summary.get("over_seeds", {}):
+            from .figure import plot_alpha_star_seeds
+
+            plot_alpha_star_seeds(summary, out / "eq3.png")
         if summary["edge"]:
             from .figure import plot_base_edge
 

@@ -193,3 +193,68 @@ def test_sweep_cli_with_seeds_resumes_the_first_seed(tmp_path):
     }
     assert_cli_refuses(["signal_drift.sweep", *args[:-2], "--seeds", "1", "1", "--out", str(tmp_path / "x")],
                        "--seeds", tmp_path / "x")  # fmt: skip
+
+
+def _mlp_cells():
+    base = {"dim": 4, "depth": 2, "samples": 16, "test_samples": 16, "steps": 20, "seed": 0}
+    return [
+        base | {"rank": r, "alpha": a, "lr": lr} for r in (1, 2) for a in (1.0, 4.0) for lr in (1e-3, 1e-2)
+    ]
+
+
+def test_run_grid_in_workers_equals_a_serial_run(tmp_path):
+    from signal_drift.sweep import mlp_cell
+
+    serial = run_grid(_mlp_cells(), mlp_cell, tmp_path / "serial.jsonl")
+    par = run_grid(_mlp_cells(), mlp_cell, tmp_path / "par.jsonl", workers=2)
+    assert [r["key"] for r in par] == [r["key"] for r in serial]  # in the order of the cells
+    for a, b in zip(par, serial, strict=True):
+        assert math.isclose(a["test_loss"], b["test_loss"], rel_tol=1e-9)
+        assert math.isclose(a["final_loss"], b["final_loss"], rel_tol=1e-9)
+    written = _lines(tmp_path / "par.jsonl")  # every cell once, in the order they finished
+    assert sorted(r["key"] for r in written) == sorted(r["key"] for r in serial)
+    again = run_grid(_mlp_cells(), mlp_cell, tmp_path / "par.jsonl", workers=2)  # resumes: nothing to run
+    assert again == par and len(_lines(tmp_path / "par.jsonl")) == len(written)
+
+
+def test_run_grid_in_workers_raises_a_cells_error_and_stops_the_workers(tmp_path):
+    import multiprocessing
+
+    with pytest.raises(TypeError):  # json.loads(dict): the worker's error reaches the caller
+        run_grid([{"x": 1}, {"x": 2}, {"x": 3}], json.loads, tmp_path / "g.jsonl", workers=2)
+    assert multiprocessing.active_children() == []
+    assert _lines(tmp_path / "g.jsonl") == []
+
+
+def test_alpha_star_over_seeds_uses_each_ranks_own_grid():
+    """α grids of α = k·r (the training path's): α* refined on the rank's own grid, and an optimum
+    beyond a rank's largest α is a bound (NaN), even where other ranks' grids go further."""
+    from signal_drift.replicates import refine_argmin
+    from signal_drift.sweep import alpha_star_over_seeds
+
+    ranks, ks, seeds = [1, 4, 16, 64], [2.0**i for i in range(9)], [0, 1, 2, 3]
+    shift = {s: 0.15 * math.sin(3 * s + 1) for s in seeds}
+
+    def loss(s, r, a):
+        return (math.log2(a) - math.log2(32 * r**0.5) - shift[s]) ** 2
+
+    recs = [{"cell": {"seed": s, "rank": r, "alpha": k * r, "lr": 1e-4}, "nll": loss(s, r, k * r)}
+            for s in seeds for r in ranks for k in ks]  # fmt: skip
+    recs[0]["nll"] = math.nan  # a diverged run (seed 0, r = 1, α = 1) is not a missing one
+    o = alpha_star_over_seeds(recs, seeds, metric="nll")
+    for r in ranks:
+        grid = [k * r for k in ks]
+        for i, s in enumerate(seeds):
+            want = refine_argmin(
+                grid, [loss(s, r, a) if (i, r, a) != (0, 1, 1.0) else math.nan for a in grid]
+            )
+            assert math.isclose(o["alpha_star"][str(r)][i], want)
+    k = o["fit"]["k"]
+    assert k["low"] <= 0.5 <= k["high"] and k["high"] - k["low"] < 0.2
+    assert o["verdict"].startswith("reproduced")
+    assert set(o["cells"]["1"]) == {f"{k:g}" for k in ks}  # only the α the rank ran
+    # r = 1 ran α ≤ 256 only: a loss still falling at 256 leaves α*(1) unknown above 256
+    falling = [r | {"nll": -r["cell"]["alpha"]} if r["cell"]["rank"] == 1 else r for r in recs]
+    assert all(math.isnan(v) for v in alpha_star_over_seeds(falling, seeds, "nll")["alpha_star"]["1"])
+    few = alpha_star_over_seeds([r for r in recs if r["cell"]["seed"] == 0], [0], "nll")
+    assert few["verdict"].startswith("not resolved at this budget (fit: 1 seed(s)")

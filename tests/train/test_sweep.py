@@ -220,3 +220,29 @@ def test_a_cell_frees_its_model_before_the_next_loads(tmp_path, sweep, monkeypat
     assert math.isfinite(_run_cell(cell, tmp_path)["heldout_nll"])
     assert math.isnan(_run_cell(cell | {"lr": 1e3, "steps": 30}, tmp_path)["heldout_nll"])  # diverges
     assert len(made) == 2 and all(ref() is None for ref in made)
+
+
+def test_the_alpha_path_alone_gives_finding_3_over_seeds(monkeypatch):
+    """--paths alpha: only the α-path's cells; over seeds, α*(r) and the Eq. 3 fit with an interval."""
+    cfg = TrainSweepConfig(ranks=(1, 4, 16, 64), multipliers=tuple(2.0**i for i in range(9)), base_alpha=1.0,
+                           paths="alpha", seeds=(0, 1, 2))  # fmt: skip
+    cells = path_cells(cfg, "m")
+    assert {c["lr"] for c in cells} == {cfg.base_lr} and len(cells) == 3 * 4 * 9
+    assert {
+        (c["rank"], c["alpha"])
+        for c in path_cells(TrainSweepConfig(ranks=(2,), multipliers=(1, 4), paths="eta"), "m")
+    } == {(2, 2.0)}  # noqa: E501
+    shift = {0: 0.1, 1: -0.05, 2: 0.02}
+    res = analyse_paths(
+        _records(cfg, lambda c: math.log(c["alpha"] / (8 * c["rank"] ** 0.5)) ** 2 + shift[c["seed"]]), cfg
+    )
+    o = res.over_seeds
+    assert "best_alpha_minus_best_eta" not in o  # Finding II needs both paths
+    f3 = o["finding_3"]
+    assert f3["alpha_star"]["4"] == pytest.approx([16.0] * 3)
+    assert f3["fit"]["k"]["estimate"] == pytest.approx(0.5) and f3["verdict"].startswith("reproduced")
+    with pytest.raises(InputError, match="paths"):
+        TrainSweepConfig(paths="beta").validate()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match="workers"):
+        TrainSweepConfig(workers=2).validate()
