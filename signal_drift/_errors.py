@@ -45,6 +45,9 @@ class DivergenceError(RuntimeError):
         super().__init__(message)
         self.step = step
 
+    def __reduce__(self):  # picklable, so a sweep worker's error reaches its parent
+        return type(self), (str(self), self.step)
+
 
 class DenseTooLargeError(InputError, MemoryError):
     """A dense matrix was requested that would not fit in the memory budget."""

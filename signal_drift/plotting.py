@@ -61,7 +61,7 @@ def alpha_star_panel(ax, analysis: dict, label: str) -> np.ndarray:
     return np.asarray([float(r) for r in st])
 
 
-def alpha_star_seeds_panel(ax, f3: dict) -> np.ndarray:
+def alpha_star_seeds_panel(ax, f3: dict, variant_i: bool = True) -> np.ndarray:
     """Plot Finding III over seeds; return the ranks.
 
     α*(r) per seed, their geometric mean with its 95 % interval, and the Eq. 3 fit with the
@@ -70,6 +70,7 @@ def alpha_star_seeds_panel(ax, f3: dict) -> np.ndarray:
     Args:
         ax: the axes.
         f3: :func:`~signal_drift.sweep.alpha_star_over_seeds` (or ``findings_over_seeds``) output.
+        variant_i: draw Variant I's α = 256√r for reference (where α* is of that order).
     """
     per, gm = f3["alpha_star"], f3.get("alpha_star_geometric_mean", {})
     rs = np.asarray([float(r) for r in per])
@@ -87,13 +88,14 @@ def alpha_star_seeds_panel(ax, f3: dict) -> np.ndarray:
     fit = f3.get("fit", {})
     if "k" in fit:
         k, c = fit["k"], fit["c"]
-        used = [float(r) for r, v in per.items() if np.isfinite(np.asarray(v, float)).any()]
+        used = [float(r) for r in fit["ranks"]]  # the ranks with an α* at every seed
         xx = np.geomspace(min(used), max(used), 50)
         band = f"{k['estimate']:.2f} [{k['low']:.2f}, {k['high']:.2f}]"
         ax.plot(xx, c["estimate"] * xx ** k["estimate"], "-", color="C1", label=f"fit α* = c·r^k: k = {band}")
     if len(rs):
         xx = np.geomspace(rs.min(), rs.max(), 50) if len(rs) > 1 else rs
-        ax.plot(xx, 256 * np.sqrt(xx), ":", color="C3", label="Variant I: 256√r")
+        if variant_i:
+            ax.plot(xx, 256 * np.sqrt(xx), ":", color="C3", label="Variant I: 256√r")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(rs, [f"{r:g}" for r in rs])

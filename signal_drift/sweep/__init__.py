@@ -67,7 +67,7 @@ def run_grid(
         write: append finished cells to ``path``; False on the non-writing ranks of a ``torchrun``
             job, which run every cell in step with rank 0 but leave the file to it.
         workers: run the cells in this many spawned processes, each with ``torch``'s threads
-            divided among them (``get_num_threads() // workers``, at least 1). Cells land in
+            divided among them (``get_num_threads() // processes``, at least 1). Cells land in
             ``path`` as they finish (in any order); Ctrl-C stops the workers and keeps every
             finished cell. A cell's numbers depend on its thread count only at round-off.
     """
@@ -95,23 +95,32 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _call(job: tuple[Callable[[dict], dict], dict]) -> tuple[dict, dict]:
-    fn, cell = job
-    return cell, fn(cell)
-
-
 def _in_workers(fn: Callable[[dict], dict], todo: Sequence[dict], workers: int):
-    """``(cell, fn(cell))`` as each finishes in a pool of spawned processes; terminated on any error."""
+    """``(cell, fn(cell))`` as each finishes in a pool of spawned processes.
+
+    A worker that dies (killed, out of memory) raises ``BrokenProcessPool`` here instead of
+    hanging; on any error or Ctrl-C the queued cells are cancelled and the workers terminated.
+    """
+    import concurrent.futures as cf
     import multiprocessing
 
-    threads = max(1, torch.get_num_threads() // workers)
-    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(todo)), _worker_init, (threads,))
+    n = min(workers, len(todo))
+    threads = max(1, torch.get_num_threads() // n)
+    spawn = multiprocessing.get_context("spawn")
+    pool = cf.ProcessPoolExecutor(n, mp_context=spawn, initializer=_worker_init, initargs=(threads,))
+    done = False
     try:
-        yield from pool.imap_unordered(_call, [(fn, c) for c in todo])
-        pool.close()
+        futures = {pool.submit(fn, c): c for c in todo}
+        for fut in cf.as_completed(futures):
+            yield futures[fut], fut.result()
+        done = True
     finally:
-        pool.terminate()
-        pool.join()
+        procs = list((getattr(pool, "_processes", None) or {}).values())  # no public handle before 3.14
+        pool.shutdown(wait=done, cancel_futures=True)
+        for proc in procs:  # a cell in flight would otherwise run to its end
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
 
 
 @dataclass(frozen=True)
@@ -395,68 +404,111 @@ def _verdict(
 
 
 def _best_over_lr(records: Sequence[dict], seeds: Sequence[int], metric: str):
-    """Per (seed, rank, α): the best ``metric`` over η and its η, and which cells were run.
+    """Per (seed, rank, α): the best ``metric`` over η and its η, and which cells are complete.
+
+    A (seed, rank, α) is complete when the seed ran every η that some seed ran there; an
+    incomplete one (not run yet) has NaN ``best`` and ``eta``, so it never passes for a result.
 
     Returns:
         ``ranks``, ``alphas`` (sorted), ``best`` and ``eta`` ``[S, R, A]`` (NaN where no finite
-        value: not run, or every η diverged), ``ran`` ``[S, R, A]`` (a record exists).
+        value: incomplete, or every η diverged), ``complete`` ``[S, R, A]``, ``tried`` ``[R, A]``
+        (a record exists at some seed: the rank's α grid).
     """
     seeds = list(seeds)
     ranks = sorted({rec["cell"]["rank"] for rec in records})
     alphas = sorted({rec["cell"]["alpha"] for rec in records})
     best = np.full((len(seeds), len(ranks), len(alphas)), np.nan)
     eta = np.full_like(best, np.nan)
-    ran = np.zeros(best.shape, bool)
+    ran: dict[tuple[int, int, int], set] = {}
     for rec in records:
         c = rec["cell"]
         if c["seed"] not in seeds:
             continue
         i, j, k = seeds.index(c["seed"]), ranks.index(c["rank"]), alphas.index(c["alpha"])
-        ran[i, j, k] = True
+        ran.setdefault((i, j, k), set()).add(c["lr"])
         v = rec.get(metric, math.nan)
         if math.isfinite(v) and not v >= best[i, j, k]:
             best[i, j, k], eta[i, j, k] = v, c["lr"]
-    return ranks, alphas, best, eta, ran
+    tried = np.zeros(best.shape[1:], bool)
+    lrs: dict[tuple[int, int], set] = {}
+    for (_, j, k), got in ran.items():
+        tried[j, k] = True
+        lrs.setdefault((j, k), set()).update(got)
+    complete = np.zeros(best.shape, bool)
+    for (i, j, k), got in ran.items():
+        complete[i, j, k] = got == lrs[j, k]
+    best[~complete], eta[~complete] = np.nan, np.nan
+    return ranks, alphas, best, eta, complete, tried
 
 
-def _finding_3(ranks: list, alphas: list, best: np.ndarray, ran: np.ndarray) -> dict:
+def _finding_3(ranks: list, alphas: list, best: np.ndarray, complete: np.ndarray, tried: np.ndarray) -> dict:
     """α*(r) per seed on each rank's own α grid, the Eq. 3 fit over seeds, and its verdict.
 
-    A rank's grid is every α it ran at some seed; a seed missing one of them (not run yet) has no
-    α* at that rank, while a diverged run is a cell that never wins.
+    A rank's grid is every α it ran at some seed. α* of a seed is NaN (known on one side only, or
+    not at all) where a cell of the grid is incomplete, where the argmin sits at either end of
+    the grid, or where a neighbour of the argmin diverged (the loss may still fall beyond it: the
+    last stable α is not an optimum). The fit uses only the ranks where every seed has an α*: a
+    rank kept for some seeds only would select the seeds by their α* and bias ``k``. A verdict
+    needs 3 such ranks.
     """
     from ..intervals import mean_interval
     from ..replicates import fit_power_law_seeds, refine_argmin
 
     a_star = np.full(best.shape[:2], np.nan)
     for j in range(len(ranks)):
-        on = ran[:, j].any(axis=0)
+        on = tried[j]
         grid = np.asarray(alphas)[on]
         for i in range(best.shape[0]):
-            a = refine_argmin(grid, best[i, j, on]) if ran[i, j, on].all() and grid.size else math.nan
-            inner = math.isfinite(a) and grid[0] < a < grid[-1]  # at the grid's edge: a bound only
-            a_star[i, j] = a if inner else math.nan
+            y = best[i, j, on]
+            if not complete[i, j, on].all() or not np.isfinite(y).any():
+                continue
+            m = int(np.argmin(np.where(np.isfinite(y), y, np.inf)))
+            if 0 < m < len(grid) - 1 and np.isfinite(y[m - 1]) and np.isfinite(y[m + 1]):
+                a_star[i, j] = refine_argmin(grid, y)
+    full = [j for j in range(len(ranks)) if np.isfinite(a_star[:, j]).all()]
+    left_out = [str(r) for j, r in enumerate(ranks) if j not in full]
     try:
-        fit = fit_power_law_seeds([float(r) for r in ranks], a_star.tolist())
+        fit = fit_power_law_seeds([float(ranks[j]) for j in full], a_star[:, full].tolist())
+        fit |= {"ranks": [str(ranks[j]) for j in full], "ranks_left_out": left_out}
     except InputError as err:
-        fit = {"skipped": str(err)}
+        fit = {"skipped": str(err), "ranks_left_out": left_out}
 
     def geometric(v: np.ndarray) -> dict | None:  # α* varies by factors: its interval in log space
-        v = v[np.isfinite(v)]
-        if len(v) < 2:
+        if len(v) < 2 or not np.isfinite(v).all():
             return None
         iv = mean_interval(np.log(v), 0.95, f"Student-t over {len(v)} seeds, of log α*")
         return iv.map(math.exp).to_json()
 
+    if "k" not in fit:
+        verdict = f"not resolved at this budget ({fit['skipped']})"
+    elif len(full) < 3:  # two ranks fix a line per seed exactly: nothing tests the power law itself
+        verdict = (
+            f"not resolved at this budget (an α* at every seed for r = {', '.join(fit['ranks'])} only; "
+            "a verdict needs 3 ranks)"
+        )
+    elif fit["k"]["high"] - fit["k"]["low"] <= 0:
+        verdict = "not resolved at this budget (no spread over seeds: α* sits on the same grid points)"
+    else:
+        verdict = _verdict(fit["k"], 0.0, target=(0.25, 0.75))
     return {
         "alpha_star": {str(r): [float(v) for v in a_star[:, j]] for j, r in enumerate(ranks)},
         "alpha_star_geometric_mean": {str(r): geometric(a_star[:, j]) for j, r in enumerate(ranks)},
         "fit": fit,
-        "verdict": (
-            _verdict(fit["k"], 0.0, target=(0.25, 0.75))
-            if "k" in fit
-            else f"not resolved at this budget ({fit['skipped']})"
-        ),
+        "verdict": verdict,
+    }
+
+
+def _cells_over_seeds(ranks: list, alphas: list, best: np.ndarray, complete: np.ndarray, tried: np.ndarray):
+    """Per rank and α its grid holds: the best loss over the seeds where the cell is complete."""
+    from ..replicates import over_seeds
+
+    return {
+        str(r): {
+            f"{a:g}": over_seeds([best[i, j, k] for i in range(best.shape[0]) if complete[i, j, k]])
+            for k, a in enumerate(alphas)
+            if tried[j, k]
+        }
+        for j, r in enumerate(ranks)
     }
 
 
@@ -464,12 +516,14 @@ def alpha_star_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric:
     """Finding III over seeds: α*(r) per seed and the Eq. 3 fit ``α* = c·r^k`` with intervals.
 
     Per seed and rank: the best ``metric`` over η at each α, and α* refined between that rank's
-    grid points (:func:`~signal_drift.replicates.refine_argmin`; NaN where the optimum sits at
-    either end of the rank's α grid, which bounds it on one side only). Then
-    :func:`~signal_drift.replicates.fit_power_law_seeds`: ``k`` and ``c`` per seed, Student-t over
-    seeds. "reproduced" when the interval of ``k`` lies within [¼, ¾], "not reproduced" when it
-    lies outside, else "not resolved at this budget". Ranks may have different α grids (the
-    training path's α = k·r); a diverged cell is not a missing one.
+    grid points (:func:`~signal_drift.replicates.refine_argmin`). α* is NaN where the optimum sits
+    at either end of the rank's α grid or next to a diverged run (a bound on one side only), or
+    where a cell is incomplete. Then :func:`~signal_drift.replicates.fit_power_law_seeds` over the
+    ranks where every seed has an α* (the others are listed in ``fit["ranks_left_out"]``): ``k``
+    and ``c`` per seed, Student-t over seeds. "reproduced" when the interval of ``k`` lies within
+    [¼, ¾], "not reproduced" when it lies outside, else "not resolved at this budget" (also when
+    the seeds do not differ at all). Ranks may have different α grids (the training path's
+    α = k·r); a diverged cell is not a missing one.
 
     Args:
         records: ``run_grid`` records whose ``cell`` has ``seed``, ``rank``, ``alpha``, ``lr``.
@@ -479,21 +533,14 @@ def alpha_star_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric:
     Returns:
         ``{"seeds", "metric", "cells": {r: {α: over_seeds of the best loss}}, "alpha_star": {r:
         [per seed]}, "alpha_star_geometric_mean": {r: Interval json or None}`` (Student-t over
-        seeds of ``log α*``, mapped back), ``"fit", "verdict"}``.
+        seeds of ``log α*``, mapped back; None unless every seed has an α*), ``"fit", "verdict"}``.
     """
-    from ..replicates import over_seeds
-
-    ranks, alphas, best, _, ran = _best_over_lr(records, seeds, metric)
+    ranks, alphas, best, _, complete, tried = _best_over_lr(records, seeds, metric)
     return {
         "seeds": list(seeds),
         "metric": metric,
-        "cells": {
-            str(r): {
-                f"{a:g}": over_seeds(list(best[:, j, k])) for k, a in enumerate(alphas) if ran[:, j, k].any()
-            }
-            for j, r in enumerate(ranks)
-        },
-        **_finding_3(ranks, alphas, best, ran),
+        "cells": _cells_over_seeds(ranks, alphas, best, complete, tried),
+        **_finding_3(ranks, alphas, best, complete, tried),
     }
 
 
@@ -513,10 +560,9 @@ def findings_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric: s
         "best_loss_slope", "alpha_star": {r: [per seed]}, "fit", "verdicts"}``.
     """
     from ..intervals import mean_interval
-    from ..replicates import over_seeds
 
     seeds = list(seeds)
-    ranks, alphas, best, eta, ran = _best_over_lr(records, seeds, metric)
+    ranks, alphas, best, eta, complete, tried = _best_over_lr(records, seeds, metric)
     la = np.log2(np.asarray(alphas))
     eta_slope, loss_slope = [], []
     for i in range(len(seeds)):
@@ -537,15 +583,12 @@ def findings_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric: s
             else None
         )
 
-    f3 = _finding_3(ranks, alphas, best, ran)
+    f3 = _finding_3(ranks, alphas, best, complete, tried)
     e_iv, l_iv = iv(eta_slope), iv(loss_slope)
     return {
         "seeds": seeds,
         "metric": metric,
-        "cells": {
-            str(r): {f"{a:g}": over_seeds(list(best[:, j, k])) for k, a in enumerate(alphas)}
-            for j, r in enumerate(ranks)
-        },  # fmt: skip
+        "cells": _cells_over_seeds(ranks, alphas, best, complete, tried),
         "eta_star_slope": {"per_seed": eta_slope, "interval": e_iv},
         "best_loss_slope": {"per_seed": loss_slope, "interval": l_iv},
         "alpha_star": f3["alpha_star"],

@@ -79,7 +79,7 @@ def plot_fig1(analysis: dict, records: list[dict], out_dir: str | Path) -> Path:
     ax.legend(fontsize=7)
     ax = axes[2]
     if seeds:
-        alpha_star_seeds_panel(ax, seeds)
+        alpha_star_seeds_panel(ax, seeds, variant_i=False)
         ax.set_title(f"(c) optimal α against rank (Finding III), {len(seeds['seeds'])} seeds", fontsize=9)
     else:
         rs = alpha_star_panel(ax, analysis, "α*(r) (grid argmin)")

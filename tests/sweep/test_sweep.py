@@ -226,35 +226,130 @@ def test_run_grid_in_workers_raises_a_cells_error_and_stops_the_workers(tmp_path
     assert _lines(tmp_path / "g.jsonl") == []
 
 
+def _alpha_path_records(ranks, ks, seeds, loss):
+    return [{"cell": {"seed": s, "rank": r, "alpha": k * r, "lr": 1e-4}, "nll": loss(s, r, k * r)}
+            for s in seeds for r in ranks for k in ks]  # fmt: skip
+
+
 def test_alpha_star_over_seeds_uses_each_ranks_own_grid():
-    """α grids of α = k·r (the training path's): α* refined on the rank's own grid, and an optimum
-    beyond a rank's largest α is a bound (NaN), even where other ranks' grids go further."""
+    """Grids α = k·r on different lattices (r = 3, 20 are not powers of 2): α* is refined on the
+    rank's own grid (with the union grid its neighbours would be cells never run), and the per-seed
+    fits give an interval of k that covers the truth without being degenerate."""
+    import numpy as np
+
     from signal_drift.replicates import refine_argmin
     from signal_drift.sweep import alpha_star_over_seeds
 
-    ranks, ks, seeds = [1, 4, 16, 64], [2.0**i for i in range(9)], [0, 1, 2, 3]
-    shift = {s: 0.15 * math.sin(3 * s + 1) for s in seeds}
+    ranks, ks, seeds = [1, 3, 8, 20], [2.0**i for i in range(9)], list(range(6))
+    noise = dict(np.ndenumerate(np.random.default_rng(1).normal(0, 0.15, (len(seeds), len(ranks)))))
+    true = {(s, r): 16 * r**0.5 * 2 ** noise[s, j] for s in seeds for j, r in enumerate(ranks)}
 
     def loss(s, r, a):
-        return (math.log2(a) - math.log2(32 * r**0.5) - shift[s]) ** 2
+        return (math.log2(a) - math.log2(true[s, r])) ** 2
 
-    recs = [{"cell": {"seed": s, "rank": r, "alpha": k * r, "lr": 1e-4}, "nll": loss(s, r, k * r)}
-            for s in seeds for r in ranks for k in ks]  # fmt: skip
-    recs[0]["nll"] = math.nan  # a diverged run (seed 0, r = 1, α = 1) is not a missing one
+    recs = _alpha_path_records(ranks, ks, seeds, loss)
+    recs[0]["nll"] = math.nan  # a diverged run (seed 0, r = 1, α = 1, the grid's end) is not a missing one
     o = alpha_star_over_seeds(recs, seeds, metric="nll")
     for r in ranks:
         grid = [k * r for k in ks]
-        for i, s in enumerate(seeds):
-            want = refine_argmin(
-                grid, [loss(s, r, a) if (i, r, a) != (0, 1, 1.0) else math.nan for a in grid]
-            )
-            assert math.isclose(o["alpha_star"][str(r)][i], want)
+        for s in seeds:
+            want = refine_argmin(grid, [loss(s, r, a) for a in grid])
+            assert math.isclose(o["alpha_star"][str(r)][s], want)
+            assert math.isclose(want, true[s, r], rel_tol=1e-9)  # a parabola in log α: exact
     k = o["fit"]["k"]
-    assert k["low"] <= 0.5 <= k["high"] and k["high"] - k["low"] < 0.2
-    assert o["verdict"].startswith("reproduced")
-    assert set(o["cells"]["1"]) == {f"{k:g}" for k in ks}  # only the α the rank ran
-    # r = 1 ran α ≤ 256 only: a loss still falling at 256 leaves α*(1) unknown above 256
-    falling = [r | {"nll": -r["cell"]["alpha"]} if r["cell"]["rank"] == 1 else r for r in recs]
-    assert all(math.isnan(v) for v in alpha_star_over_seeds(falling, seeds, "nll")["alpha_star"]["1"])
-    few = alpha_star_over_seeds([r for r in recs if r["cell"]["seed"] == 0], [0], "nll")
-    assert few["verdict"].startswith("not resolved at this budget (fit: 1 seed(s)")
+    assert k["low"] <= 0.5 <= k["high"] and 0.02 < k["high"] - k["low"] < 0.4
+    assert o["verdict"].startswith("reproduced") and o["fit"]["ranks_left_out"] == []
+    assert set(o["cells"]["3"]) == {f"{3 * k:g}" for k in ks}  # only the α the rank ran
+    g = o["alpha_star_geometric_mean"]["8"]
+    assert g["low"] < g["estimate"] < g["high"]
+
+
+def test_alpha_star_is_a_bound_at_a_grid_end_or_next_to_a_diverged_run():
+    """The optimum is unknown on one side there: NaN, and the rank leaves the fit for every seed."""
+    from signal_drift.sweep import alpha_star_over_seeds
+
+    ranks, ks, seeds = [1, 2, 4, 8], [2.0**i for i in range(9)], [0, 1, 2]
+
+    def wobble(s, r):
+        return 1 + 0.1 * math.sin(5 * s + r)
+
+    # the loss falls with α until training diverges above 8r: the last stable α is no optimum
+    edge = _alpha_path_records(
+        ranks, ks, seeds, lambda s, r, a: -a if a <= 8 * r * wobble(s, r) else math.nan
+    )
+    o = alpha_star_over_seeds(edge, seeds, "nll")
+    assert all(math.isnan(v) for per in o["alpha_star"].values() for v in per)
+    assert "k" not in o["fit"] and o["verdict"].startswith("not resolved at this budget")
+
+    # one seed's optimum at r = 2 beyond the grid: r = 2 leaves the fit (kept for some seeds it would
+    # select them by their α*), the others stay; with 3 ranks left a verdict is still possible
+    def loss(s, r, a):
+        target = 4096.0 if (s, r) == (1, 2) else 8 * r**0.5 * wobble(s, r)
+        return (math.log2(a) - math.log2(target)) ** 2
+
+    o = alpha_star_over_seeds(_alpha_path_records(ranks, ks, seeds, loss), seeds, "nll")
+    assert math.isnan(o["alpha_star"]["2"][1]) and math.isfinite(o["alpha_star"]["2"][0])
+    assert o["fit"]["ranks"] == ["1", "4", "8"] and o["fit"]["ranks_left_out"] == ["2"]
+    assert o["alpha_star_geometric_mean"]["2"] is None
+    two = alpha_star_over_seeds([r for r in _alpha_path_records(ranks, ks, seeds, loss) if r["cell"]["rank"] < 8],
+                                seeds, "nll")  # fmt: skip
+    assert two["verdict"].startswith("not resolved at this budget (an α* at every seed for r = 1, 4 only")
+    # every seed on the same grid points: no spread, no interval to speak of
+    flat = alpha_star_over_seeds(_alpha_path_records(ranks, ks, seeds, lambda s, r, a: abs(math.log2(a / (4 * r)))),
+                                 seeds, "nll")  # fmt: skip
+    assert flat["verdict"].startswith("not resolved at this budget (no spread over seeds")
+    few = alpha_star_over_seeds([r for r in edge if r["cell"]["seed"] == 0], [0], "nll")
+    assert few["verdict"].startswith("not resolved at this budget")
+
+
+def test_a_seed_missing_a_cell_has_no_alpha_star_and_is_not_counted_as_diverged():
+    from signal_drift.sweep import alpha_star_over_seeds, findings_over_seeds
+
+    ranks, alphas, lrs = (
+        [1, 2, 4, 8, 16],
+        [2.0**i for i in range(0, 9)],
+        [1e-2 / a for a in [2.0**i for i in range(9)]],
+    )
+    recs = _synthetic_records([0, 1, 2], ranks, alphas, lrs)
+    full = alpha_star_over_seeds(recs, [0, 1, 2])
+    key = (1, 4, 8.0, lrs[3])  # seed 1 never ran η = η*(α) at r = 4, α = 8 = α*(4)
+    gone = [r for r in recs if tuple(r["cell"][f] for f in ("seed", "rank", "alpha", "lr")) != key]
+    assert len(gone) == len(recs) - 1
+    part = alpha_star_over_seeds(gone, [0, 1, 2])
+    assert math.isnan(part["alpha_star"]["4"][1]) and part["alpha_star"]["4"][0] == full["alpha_star"]["4"][0]
+    assert part["cells"]["4"]["8"]["n"] == 2 and part["cells"]["4"]["8"]["n_failed"] == 0
+    assert findings_over_seeds(gone, [0, 1, 2])["cells"]["4"]["8"]["n"] == 2
+
+
+def test_run_grid_in_workers_raises_when_a_worker_dies(tmp_path):
+    """A killed worker (out of memory, a crash) ends the sweep with an error instead of a hang."""
+    import textwrap
+
+    script = tmp_path / "die.py"
+    script.write_text(
+        textwrap.dedent("""
+        import os, sys
+        from signal_drift.sweep import run_grid
+
+        def die(cell):
+            os._exit(3)
+
+        if __name__ == "__main__":
+            try:
+                run_grid([{"x": 1}, {"x": 2}], die, sys.argv[1], workers=2)
+            except Exception as err:
+                print(type(err).__name__)
+    """)
+    )
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "g.jsonl")], capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert "BrokenProcessPool" in r.stdout, r.stderr[-2000:]
+
+
+def test_a_divergence_error_survives_pickling():
+    import pickle
+
+    from signal_drift import DivergenceError
+
+    err = pickle.loads(pickle.dumps(DivergenceError("loss is NaN at step 7", 7)))
+    assert err.step == 7 and str(err) == "loss is NaN at step 7"

@@ -223,24 +223,27 @@ def test_a_cell_frees_its_model_before_the_next_loads(tmp_path, sweep, monkeypat
 
 
 def test_the_alpha_path_alone_gives_finding_3_over_seeds(monkeypatch):
-    """--paths alpha: only the α-path's cells; over seeds, α*(r) and the Eq. 3 fit with an interval."""
-    cfg = TrainSweepConfig(ranks=(1, 4, 16, 64), multipliers=tuple(2.0**i for i in range(9)), base_alpha=1.0,
-                           paths="alpha", seeds=(0, 1, 2))  # fmt: skip
+    """--paths alpha: only the α-path's cells; over seeds, α*(r) and the Eq. 3 fit with an interval.
+
+    α0 = r (the default), so each rank's α grid is k·r and the k = 1 cell is the base run."""
+    cfg = TrainSweepConfig(ranks=(1, 3, 8, 20), multipliers=tuple(2.0**i for i in range(9)), paths="alpha",
+                           seeds=(0, 1, 2, 3))  # fmt: skip
     cells = path_cells(cfg, "m")
-    assert {c["lr"] for c in cells} == {cfg.base_lr} and len(cells) == 3 * 4 * 9
-    assert {
-        (c["rank"], c["alpha"])
-        for c in path_cells(TrainSweepConfig(ranks=(2,), multipliers=(1, 4), paths="eta"), "m")
-    } == {(2, 2.0)}  # noqa: E501
-    shift = {0: 0.1, 1: -0.05, 2: 0.02}
-    res = analyse_paths(
-        _records(cfg, lambda c: math.log(c["alpha"] / (8 * c["rank"] ** 0.5)) ** 2 + shift[c["seed"]]), cfg
-    )
-    o = res.over_seeds
+    assert {c["lr"] for c in cells} == {cfg.base_lr} and len(cells) == 4 * 4 * 9
+    eta_only = path_cells(TrainSweepConfig(ranks=(2,), multipliers=(1, 4), paths="eta"), "m")
+    assert {(c["alpha"], c["lr"]) for c in eta_only} == {(2.0, 1e-4), (2.0, 4e-4)}
+    noise = {(s, r): 0.2 * math.sin(3 * s + 7 * r) for s in cfg.replicates for r in cfg.ranks}
+    true = {(s, r): 16 * r**0.5 * 2 ** noise[s, r] for s, r in noise}
+    recs = _records(cfg, lambda c: math.log2(c["alpha"] / true[c["seed"], c["rank"]]) ** 2)
+    o = analyse_paths(recs, cfg).over_seeds
     assert "best_alpha_minus_best_eta" not in o  # Finding II needs both paths
     f3 = o["finding_3"]
-    assert f3["alpha_star"]["4"] == pytest.approx([16.0] * 3)
-    assert f3["fit"]["k"]["estimate"] == pytest.approx(0.5) and f3["verdict"].startswith("reproduced")
+    for (s, r), a in true.items():
+        assert f3["alpha_star"][str(r)][s] == pytest.approx(a, rel=1e-9)
+    k = f3["fit"]["k"]
+    assert k["low"] < 0.5 < k["high"] and 0 < k["high"] - k["low"] < 0.5
+    assert f3["verdict"].startswith(("reproduced", "not resolved"))
+    assert set(f3["cells"]["3"]) == {f"{3 * k:g}" for k in cfg.multipliers}
     with pytest.raises(InputError, match="paths"):
         TrainSweepConfig(paths="beta").validate()
     monkeypatch.setenv("WORLD_SIZE", "2")
