@@ -449,7 +449,8 @@ def _finding_3(ranks: list, alphas: list, best: np.ndarray, complete: np.ndarray
     the grid, or where a neighbour of the argmin diverged (the loss may still fall beyond it: the
     last stable α is not an optimum). The fit uses only the ranks where every seed has an α*: a
     rank kept for some seeds only would select the seeds by their α* and bias ``k``. A verdict
-    needs 3 such ranks.
+    needs 3 such ranks. With 5 or more, ``fit["halves"]`` holds ``k`` over the lower and the upper
+    half of them (sharing the middle rank): a single power law has the same slope in both.
     """
     from ..intervals import mean_interval
     from ..replicates import fit_power_law_seeds, refine_argmin
@@ -470,6 +471,14 @@ def _finding_3(ranks: list, alphas: list, best: np.ndarray, complete: np.ndarray
     try:
         fit = fit_power_law_seeds([float(ranks[j]) for j in full], a_star[:, full].tolist())
         fit |= {"ranks": [str(ranks[j]) for j in full], "ranks_left_out": left_out}
+        if len(full) >= 5:  # is it one power law? the slope over the lower and the upper half of the ranks
+            half = (len(full) + 1) // 2
+            fit["halves"] = {
+                f"{ranks[part[0]]}-{ranks[part[-1]]}": fit_power_law_seeds(
+                    [float(ranks[j]) for j in part], a_star[:, part].tolist()
+                )["k"]
+                for part in (full[:half], full[half - 1 :])
+            }
     except InputError as err:
         fit = {"skipped": str(err), "ranks_left_out": left_out}
 
@@ -490,6 +499,12 @@ def _finding_3(ranks: list, alphas: list, best: np.ndarray, complete: np.ndarray
         verdict = "not resolved at this budget (no spread over seeds: α* sits on the same grid points)"
     else:
         verdict = _verdict(fit["k"], 0.0, target=(0.25, 0.75))
+        (lo_r, lo), (hi_r, hi) = fit["halves"].items() if "halves" in fit else ((None, None), (None, None))
+        if lo and (lo["high"] < hi["low"] or hi["high"] < lo["low"]):  # the halves' intervals are disjoint
+            verdict += (
+                f"; but not one power law: k = {lo['estimate']:.2f} [{lo['low']:.2f}, {lo['high']:.2f}] "
+                f"over r = {lo_r}, {hi['estimate']:.2f} [{hi['low']:.2f}, {hi['high']:.2f}] over r = {hi_r}"
+            )
     return {
         "alpha_star": {str(r): [float(v) for v in a_star[:, j]] for j, r in enumerate(ranks)},
         "alpha_star_geometric_mean": {str(r): geometric(a_star[:, j]) for j, r in enumerate(ranks)},

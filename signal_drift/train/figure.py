@@ -6,6 +6,7 @@ matplotlib.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -100,7 +101,7 @@ def plot_scaling_paths(result: dict, path: str | Path) -> Path:
         color = colors(i / max(len(ranks), 1))
         for p, style, name in (("eta", "o-", "η-scaling (α0, kη)"), ("alpha", "s--", "α-scaling (kα0, η)")):
             rows = np.asarray(result["paths"][r][p], dtype=float).reshape(-1, 3)
-            if not len(rows):
+            if len(rows) < 2:  # not run (--paths), or only the shared base run
                 continue
             axes[0].semilogx(rows[:, 0], rows[:, 1], style, color=color, label=f"r={r}: {name}")
             bad = ~np.isfinite(rows[:, 1])
@@ -171,7 +172,7 @@ def plot_alpha_star_seeds(summary: dict, path: str | Path) -> Path:
     alpha_star_seeds_panel(ax, f3)
     ax.set_xlabel("rank r")
     ax.set_ylabel("α*")
-    ax.set_title(f"(b) Eq. 3 over seeds: {f3['verdict']}", fontsize=8)
+    ax.set_title("\n".join(textwrap.wrap(f"(b) Eq. 3 over seeds: {f3['verdict']}", 90)), fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)

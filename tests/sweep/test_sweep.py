@@ -353,3 +353,28 @@ def test_a_divergence_error_survives_pickling():
 
     err = pickle.loads(pickle.dumps(DivergenceError("loss is NaN at step 7", 7)))
     assert err.step == 7 and str(err) == "loss is NaN at step 7"
+
+
+def test_a_bent_power_law_is_reported_as_such():
+    """α* ∝ r^0.8 up to r = 8 and ∝ r^0.2 above: the overall k may look like ½, the halves tell."""
+    import numpy as np
+
+    from signal_drift.sweep import alpha_star_over_seeds
+
+    ranks, ks, seeds = [1, 2, 4, 8, 16, 32, 64], [2.0**i for i in range(12)], list(range(5))
+    noise = np.random.default_rng(0).normal(0, 0.1, (len(seeds), len(ranks)))  # independent per (seed, rank)
+
+    def records(k_lo, k_hi):
+        def loss(s, r, a):
+            j = ranks.index(r)
+            log_star = k_lo * math.log2(min(r, 8)) + k_hi * math.log2(max(r, 8) / 8) + noise[s, j]
+            return (math.log2(a) - log_star - 4) ** 2
+
+        return _alpha_path_records(ranks, ks, seeds, loss)
+
+    bent = alpha_star_over_seeds(records(0.8, 0.2), seeds, "nll")
+    assert set(bent["fit"]["halves"]) == {"1-8", "8-64"}
+    assert bent["fit"]["halves"]["1-8"]["low"] > 0.6 and bent["fit"]["halves"]["8-64"]["high"] < 0.4
+    assert "; but not one power law: k = 0.8" in bent["verdict"] and "over r = 8-64" in bent["verdict"]
+    straight = alpha_star_over_seeds(records(0.5, 0.5), seeds, "nll")
+    assert straight["verdict"].startswith("reproduced") and "not one power law" not in straight["verdict"]
