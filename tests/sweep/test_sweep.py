@@ -378,3 +378,29 @@ def test_a_bent_power_law_is_reported_as_such():
     assert "; but not one power law: k = 0.8" in bent["verdict"] and "over r = 8-64" in bent["verdict"]
     straight = alpha_star_over_seeds(records(0.5, 0.5), seeds, "nll")
     assert straight["verdict"].startswith("reproduced") and "not one power law" not in straight["verdict"]
+
+
+def test_the_interval_of_k_covers_the_truth_when_some_seeds_fall_off_the_grid():
+    """95 % coverage of the Eq. 3 exponent over repeated studies, five seeds each, with α* scattered
+    per (seed, rank) and a grid whose top cuts the largest rank at some seeds (that rank leaves the
+    fit: kept for the seeds inside, the seeds with the smaller α* would pull k down)."""
+    import numpy as np
+
+    from signal_drift.sweep import alpha_star_over_seeds
+
+    ranks, seeds, k_true = [1, 2, 4, 8, 16, 32, 64], list(range(5)), 0.5
+    alphas = [2.0**i for i in range(9)]  # 1 … 256, the same grid for every rank; α*(64) = 2^7 on average
+    rng = np.random.default_rng(0)
+    hits, left_out = 0, 0
+    reps = 200
+    for _ in range(reps):
+        u = rng.normal(0, 0.4, (len(seeds), len(ranks)))  # log2 scatter of α* per (seed, rank)
+        log_star = {(s, r): 4 + k_true * math.log2(r) + u[s, j] for s in seeds for j, r in enumerate(ranks)}
+        recs = [{"cell": {"seed": s, "rank": r, "alpha": a, "lr": 1e-3}, "nll": (math.log2(a) - log_star[s, r]) ** 2}
+                for s in seeds for r in ranks for a in alphas]  # fmt: skip
+        o = alpha_star_over_seeds(recs, seeds, "nll")
+        k = o["fit"]["k"]
+        hits += k["low"] <= k_true <= k["high"]
+        left_out += "64" in o["fit"]["ranks_left_out"]
+    assert left_out > 0.2 * reps  # the top of the grid does cut r = 64 at some seed in many studies
+    assert hits >= 0.9 * reps, hits  # nominal 95 %; 200 reps: 0.90 is > 3 standard errors below
