@@ -363,9 +363,48 @@ def train_sweep_eq3(root: Path) -> str:
         f"- **Eq. 3 is not identifiable here.** α*(r) = {', '.join(f'{v:,.0f}' for v in star.values())} for"
         f" r = {', '.join(star)} ({where}): {min(ratios):.0f}–{max(ratios):.0f}× Variant I's 256√r; the fit gives"
         f" k = {fit['k']:.2f}, and with each α* known only to its grid cell the cells allow any k in"
-        f" [{fit['k_grid_range'][0]:.2f}, {fit['k_grid_range'][1]:.2f}]. The paper's k ≈ ½ needs more ranks"
-        " and a finer α grid than a CPU session affords.\n"
+        f" [{fit['k_grid_range'][0]:.2f}, {fit['k_grid_range'][1]:.2f}]. Three ranks on a ×4 grid cannot decide"
+        " k ≈ ½: the study in [Finding III on the offline Llama](#finding-iii-on-the-offline-llama) takes"
+        " ranks 1–64 on a ×2 grid over five seeds.\n"
     )
+
+
+def llama_alpha_star(root: Path) -> str:
+    """Finding III on the offline Llama over seeds: α*(r) per rank with intervals, and the fit."""
+    path = root / "experiments" / "train_alpha_star" / "sweep.json"
+    if not path.exists():
+        return f"Not finished ({_progress(root, 'train_alpha_star/sweep.jsonl', [0, 1, 2, 3, 4])}).\n"
+    t = json.loads(path.read_text())
+    f3 = t["over_seeds"]["finding_3"]
+    rows = [
+        "| r | α grid | α* per seed | α* over seeds (geometric mean, 95 %) | ÷ 256√r | lowest mean NLL on the grid |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r, per in f3["alpha_star"].items():
+        cells = f3["cells"][r]
+        grid = [float(a) for a in cells]
+        g = f3["alpha_star_geometric_mean"].get(r)
+        each = ", ".join(f"{v:,.0f}" if math.isfinite(v) else "at an end" for v in per)
+        gm = "n/a" if g is None else f"{g['estimate']:,.0f} [{g['low']:,.0f}, {g['high']:,.0f}]"
+        ratio = "n/a" if g is None else f"{g['estimate'] / (256 * math.sqrt(float(r))):.2f}"
+        a, best = min(
+            cells.items(), key=lambda kv: kv[1]["mean"] if math.isfinite(kv[1]["mean"]) else math.inf
+        )
+        rows.append(
+            f"| {r} | {grid[0]:,.0f} – {grid[-1]:,.0f} (×2) | {each} | {gm} | {ratio} | "
+            f"{best['mean']:.3f} at α = {float(a):,.0f} |"
+        )
+    fit = f3["fit"]
+    tail = (
+        f"\nEq. 3 over {len(f3['seeds'])} seeds (a log–log fit per seed, Student-t over seeds): "
+        + (
+            f"k = {_iv(fit['k'], '.3f')}, c = {_iv(fit['c'], ',.0f')} (pooled k = {fit['k_pooled']:.3f}). "
+            if "k" in fit
+            else f"no fit ({fit['skipped']}). "
+        )
+        + f"Verdict on k ≈ ½: **{f3['verdict']}**.\n"
+    )
+    return "\n".join(rows) + "\n" + tail
 
 
 def lm_fig8_table(root: Path) -> str:
@@ -522,50 +561,73 @@ def _progress(root: Path, rel: str, seeds: list[int]) -> str:
     return ", ".join(f"seed {s}: {counts.get(s, 0)} cells" for s in seeds)
 
 
+def _fit3(f: dict, c_spec: str) -> str:
+    """The Eq. 3 fit over seeds in a table cell: k and c, and the ranks left out of it."""
+    if "k" not in f:
+        return f"no fit: {f['skipped']}"
+    out = f"k = {_iv(f['k'])}, c = {_iv(f['c'], c_spec)}"
+    if f.get("ranks_left_out"):
+        out += f"; fitted over r = {', '.join(f['ranks'])} (r = {', '.join(f['ranks_left_out'])}: no α* at some seed, at a grid end or next to a diverged run)"
+    return out
+
+
 def findings_seeds(root: Path) -> str:
     """Findings I–III over seeds, with intervals and verdicts (or the study's progress)."""
     rows = ["| finding | model | measured over seeds (95 % interval) | verdict |", "|---|---|---|---|"]
     notes = []
-    m = _load(root, "sweep_dim32/sweep.json")
-    o = m.get("over_seeds")
-    if o:
-        n = len(o["seeds"])
+    for dim in (32, 64):
+        if not (root / "experiments" / f"sweep_dim{dim}" / "sweep.jsonl").exists():
+            continue
+        rel = f"sweep_dim{dim}/sweep.json"
+        o = _load(root, rel).get("over_seeds") if (root / "experiments" / rel).exists() else None
+        if not o:
+            notes.append(
+                f"MLP d = {dim} study not finished ({_progress(root, f'sweep_dim{dim}/sweep.jsonl', [0])})"
+            )
+            continue
+        n, model = len(o["seeds"]), f"MLP d = {dim}"
         rows.append(
-            f"| I: η* falls as α grows | MLP d = 32 | log–log slope of η* vs α, mean over ranks: "
+            f"| I: η* falls as α grows | {model} | log–log slope of η* vs α, mean over ranks: "
             f"{_iv(o['eta_star_slope']['interval'])} ({n} seeds) | {o['verdicts']['finding_1_eta_star_falls']} |"
         )
         rows.append(
-            f"| I: the best loss improves with α | MLP d = 32 | slope of the best held-out loss vs log₂ α: "
+            f"| I: the best loss improves with α | {model} | slope of the best held-out loss vs log₂ α: "
             f"{_iv(o['best_loss_slope']['interval'], '+.4f')} | "
             f"{o['verdicts']['finding_1_loss_improves_with_alpha']} |"
         )
-        f = o["fit"]
-        if "k" in f:
-            rows.append(
-                f"| III: α* = c·r^k with k ≈ ½ | MLP d = 32, r = {', '.join(m['over_seeds']['alpha_star'])} | "
-                f"k = {_iv(f['k'])}, c = {_iv(f['c'], '.3g')} | {o['verdicts']['finding_3_k_is_half']} |"
-            )
-        else:
-            rows.append(
-                f"| III: α* = c·r^k with k ≈ ½ | MLP d = 32 | no fit: {f['skipped']} | not resolved |"
-            )
-    else:
-        notes.append(
-            f"MLP seeds study not finished ({_progress(root, 'sweep_dim32/sweep.jsonl', [0, 1, 2])})"
-        )
-    dyn = _load(root, "dynamics_dim64/dynamics.json").get("over_seeds")
-    if dyn:
-        later = dyn["alpha_breaks_later"]
         rows.append(
-            f"| II: α-scaling reaches a lower loss | MLP d = 64 (`dynamics`) | best α-path − best η-path final "
+            f"| III: α* = c·r^k with k ≈ ½ | {model}, r = {', '.join(o['alpha_star'])} | {_fit3(o['fit'], '.3g')} "
+            f"({n} seeds) | {o['verdicts']['finding_3_k_is_half']} |"
+        )
+    for dim in (64, 256):  # the five-seed study where it exists, else Figure 2's run with its seeds
+        rel = next(
+            (r for r in (f"dynamics_dim{dim}_seeds", f"dynamics_dim{dim}")
+             if (root / "experiments" / r / "dynamics.json").exists()),
+            None,
+        )  # fmt: skip
+        d = _load(root, f"{rel}/dynamics.json") if rel else {}
+        dyn = d.get("over_seeds")
+        if not dyn:
+            continue
+        ks = d["config"]["multipliers"]
+        model = f"MLP d = {dim}, k = {ks[0]:g}–{ks[-1]:g}"
+        fmt = lambda v: "–" if v is None else f"{v:g}"  # noqa: E731
+        rows.append(
+            f"| II: α-scaling reaches a lower loss | {model} (`dynamics`) | best α-path − best η-path final "
             f"loss: {_iv(dyn['best_alpha_minus_best_eta'], '+.4f')} ({len(dyn['seeds'])} seeds) | "
             f"{dyn['verdicts']['finding_2_alpha_reaches_lower_loss']} |"
         )
         rows.append(
-            f"| II: α-scaling tolerates larger k | MLP d = 64 | breakdown k per seed: η-path "
-            f"{dyn['breakdown_k']['eta']}, α-path {dyn['breakdown_k']['alpha']} | "
+            f"| II: α-scaling tolerates larger k | {model} | first k that broke down per seed (–: none): η-path "
+            f"{', '.join(map(fmt, dyn['breakdown_k']['eta']))}; α-path "
+            f"{', '.join(map(fmt, dyn['breakdown_k']['alpha']))} | "
             f"{dyn['verdicts']['finding_2_alpha_tolerates_larger_k']} |"
         )
+    rows.append(
+        "| I: η* falls as α grows; the best loss improves with α | offline Llama | not measured: each "
+        "Llama sweep fixes η (the α path) or α (the η path); Finding I needs an (α, η) grid | not resolved at "
+        "this budget (not measured) |"
+    )
     t = _load(root, "train_sweep/sweep.json")
     o = t.get("over_seeds")
     if o:
@@ -584,6 +646,18 @@ def findings_seeds(root: Path) -> str:
         notes.append(
             f"Llama seeds study not finished ({_progress(root, 'train_sweep/sweep.jsonl', [0, 1, 2])})"
         )
+    path = root / "experiments" / "train_alpha_star" / "sweep.json"
+    if path.exists():
+        t3 = json.loads(path.read_text())
+        f3 = t3["over_seeds"]["finding_3"]
+        rows.append(
+            f"| III: α* = c·r^k with k ≈ ½ | offline Llama, r = {', '.join(f3['alpha_star'])}, "
+            f"η = {t3['config']['base_lr']:g} | {_fit3(f3['fit'], ',.0f')} ({len(f3['seeds'])} seeds) | "
+            f"{f3['verdict']} |"
+        )
+    else:
+        progress = _progress(root, "train_alpha_star/sweep.jsonl", [0, 1, 2, 3, 4])
+        notes.append(f"Llama α*(r) study not finished ({progress})")
     out = "\n".join(rows) + "\n"
     if notes:
         out += "\nStill running (resumable; rerun the command to continue): " + "; ".join(notes) + ".\n"
@@ -592,6 +666,7 @@ def findings_seeds(root: Path) -> str:
 
 FRAGMENTS: dict[str, Callable[[Path], str]] = {
     "findings-seeds": findings_seeds,
+    "llama-alpha-star": llama_alpha_star,
     "edge-table": edge_table,
     "lm-fig8-table": lm_fig8_table,
     "train-sweep-eq3": train_sweep_eq3,

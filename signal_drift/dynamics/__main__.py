@@ -82,10 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  over seeds {summary['over_seeds']['seeds']}: {name}: {v}")
     te, ta = summary["trajectory_sdr_slope_eta"], summary["trajectory_sdr_slope_alpha"]
     print(f"  trajectory SDR slopes (findings, no exact prediction): η-path {te}, α-path {ta}")
-    print(
-        f"  written: {out}/dynamics.json, dynamics_curves.json"
-        + ("" if a.no_plot else ", fig2.png, edge.png")
-    )
+    figures = [n for n in ("fig2.png", "edge.png") if not a.no_plot and (out / n).exists()]
+    print(f"  written: {out}/" + ", ".join(["dynamics.json", "dynamics_curves.json", *figures]))
     for w in summary["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     return 0

@@ -47,6 +47,10 @@ def _fig2_curvature(ax, summary: dict, ks: list, cmap) -> None:
     ax.set_xlabel("step")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6, ncol=2)
+    if not lc.get("measured"):
+        ax.text(0.5, 0.5, "λ_max not recorded\n(--curvature-every 0 --curvature-early 0)", ha="center",
+                va="center", transform=ax.transAxes, fontsize=10, color="0.3",
+                bbox={"facecolor": "white", "edgecolor": "0.7"})  # fmt: skip
 
 
 def _fig2_probes(ax, summary: dict) -> None:
