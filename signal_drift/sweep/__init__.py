@@ -565,7 +565,9 @@ def findings_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric: s
     Per seed: the best loss over η at each (r, α) and ``η*``. Then, Student-t over seeds:
 
     - Finding I(a), ``η*`` falls as α grows: per seed the mean over ranks of the log–log slope of
-      ``η*`` against α; reproduced when the interval is below 0.
+      ``η*`` against α; reproduced when the interval is below 0. Cells whose ``η*`` is the
+      smallest or largest η run there are left out of both slopes (the optimum may lie beyond
+      the grid, so ``η*`` and the best loss are bounds); ``eta_star_at_grid_end`` counts them.
     - Finding I(b), the best loss improves with α: per seed the mean over ranks of the slope of the
       best loss against ``log₂ α``; reproduced when the interval is below 0.
     - Finding III, ``α* = c·r^k`` with ``k ≈ ½``: as :func:`alpha_star_over_seeds`.
@@ -578,12 +580,20 @@ def findings_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric: s
 
     seeds = list(seeds)
     ranks, alphas, best, eta, complete, tried = _best_over_lr(records, seeds, metric)
+    lo, hi = np.full(tried.shape, np.inf), np.full(tried.shape, -np.inf)  # the η range run at each (r, α)
+    for rec in records:
+        c = rec["cell"]
+        if c["seed"] in seeds:
+            j, k = ranks.index(c["rank"]), alphas.index(c["alpha"])
+            lo[j, k], hi[j, k] = min(lo[j, k], c["lr"]), max(hi[j, k], c["lr"])
+    found = np.isfinite(best)
+    inner = found & (eta > lo) & (eta < hi)  # η* at an end of the η grid: a bound, and so is its loss
     la = np.log2(np.asarray(alphas))
     eta_slope, loss_slope = [], []
     for i in range(len(seeds)):
         es, ls = [], []
         for j in range(len(ranks)):
-            ok = np.isfinite(best[i, j])
+            ok = inner[i, j]
             if ok.sum() >= 2:
                 es.append(np.polyfit(np.log(np.asarray(alphas)[ok]), np.log(eta[i, j, ok]), 1)[0])
                 ls.append(np.polyfit(la[ok], best[i, j, ok], 1)[0])
@@ -605,6 +615,7 @@ def findings_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric: s
         "metric": metric,
         "cells": _cells_over_seeds(ranks, alphas, best, complete, tried),
         "eta_star_slope": {"per_seed": eta_slope, "interval": e_iv},
+        "eta_star_at_grid_end": {"cells": int((found & ~inner).sum()), "of": int(found.sum())},
         "best_loss_slope": {"per_seed": loss_slope, "interval": l_iv},
         "alpha_star": f3["alpha_star"],
         "alpha_star_geometric_mean": f3["alpha_star_geometric_mean"],

@@ -88,6 +88,14 @@ def sweep_main(argv: Sequence[str]) -> int:
         )
         for name, v in o["verdicts"].items():
             print(f"    {name}: {v}")
+    if "finding_1" in o:
+        f1 = o["finding_1"]
+        for name in ("eta_star_slope", "best_loss_slope"):
+            iv = f1[name]["interval"]
+            band = "n/a" if iv is None else f"{iv['estimate']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}]"
+            print(f"  over {len(o['seeds'])} seeds, the α path's (α, η) grid: {name} {band}")
+        for name, v in f1["verdicts"].items():
+            print(f"    {name}: {v}")
     if "finding_3" in o:
         f3 = o["finding_3"]
         k = f3["fit"].get("k")

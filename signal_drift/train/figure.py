@@ -23,6 +23,7 @@ __all__ = [
     "plot_update_norms",
     "plot_scaling_paths",
     "plot_alpha_star_seeds",
+    "plot_alpha_eta_grid",
     "plot_base_edge",
 ]
 
@@ -173,6 +174,72 @@ def plot_alpha_star_seeds(summary: dict, path: str | Path) -> Path:
     ax.set_xlabel("rank r")
     ax.set_ylabel("α*")
     ax.set_title("\n".join(textwrap.wrap(f"(b) Eq. 3 over seeds: {f3['verdict']}", 90)), fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return path
+
+
+def _at(cell: dict, rank: int, alpha: float, lr: float) -> bool:
+    return cell["rank"] == rank and cell["alpha"] == alpha and cell["lr"] == lr
+
+
+def plot_alpha_eta_grid(summary: dict, records: list[dict], path: str | Path) -> Path:
+    """Finding I on the α path's (α, η) grid (``eq1.png``, with ``alpha_path_lrs`` and seeds).
+
+    (a) held-out NLL against η per α, mean and 95 % interval over seeds (the first rank);
+    (b) the best NLL over η against α per rank, mean and 95 % interval over seeds.
+
+    Args:
+        summary: the ``sweep.json`` content; uses ``config`` and ``over_seeds.finding_1``.
+        records: the sweep's records (``sweep.jsonl``).
+        path: the PNG to write.
+    """
+    from ..replicates import over_seeds
+
+    path = Path(path)
+    cfg, f1 = summary["config"], summary["over_seeds"]["finding_1"]
+    r0, lrs = cfg["ranks"][0], f1["lrs"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    ax = axes[0]
+    alphas = sorted({rec["cell"]["alpha"] for rec in records if rec["cell"]["rank"] == r0})
+    for i, a in enumerate(alphas):
+        cells = [
+            over_seeds([rec["heldout_nll"] for rec in records if _at(rec["cell"], r0, a, lr)]) for lr in lrs
+        ]
+        m = np.asarray([c["mean"] for c in cells], float)
+        lo = np.asarray([c["interval"]["low"] if c["interval"] else np.nan for c in cells])
+        hi = np.asarray([c["interval"]["high"] if c["interval"] else np.nan for c in cells])
+        ax.errorbar(lrs, m, yerr=[m - lo, hi - m], fmt="o-", ms=4, capsize=2,
+                    color=plt.get_cmap("viridis")(i / max(len(alphas) - 1, 1)), label=f"α={a:g}")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate η")
+    ax.set_ylabel("held-out NLL (nats/token)")
+    ax.set_title(f"(a) r={r0}: NLL against η per α, mean and 95 % interval over seeds", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for i, (r, cells) in enumerate(f1["cells"].items()):
+        x = np.asarray([float(a) for a in cells])
+        m = np.asarray([c["mean"] for c in cells.values()], float)
+        lo = np.asarray([c["interval"]["low"] if c["interval"] else np.nan for c in cells.values()])
+        hi = np.asarray([c["interval"]["high"] if c["interval"] else np.nan for c in cells.values()])
+        ax.errorbar(x, m, yerr=[m - lo, hi - m], fmt="o-", capsize=2, color=f"C{i}", label=f"r={r}")
+    ax.set_xscale("log")
+    ax.set_xlabel("α")
+    ax.set_ylabel("best held-out NLL over η")
+    e, b = f1["eta_star_slope"]["interval"], f1["best_loss_slope"]["interval"]
+    title = "(b) Finding I"
+    if e and b:
+        title += (
+            f": slope of log η* vs log α {e['estimate']:+.2f} [{e['low']:+.2f}, {e['high']:+.2f}]; best NLL "
+            f"per doubling of α {b['estimate']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}] (95 %, seeds)"
+        )
+    edge = f1.get("eta_star_at_grid_end")
+    if edge:
+        title += f"; left out of both: {edge['cells']} of {edge['of']} (seed, α) with η* at a grid end"
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
+    for a in axes:
+        a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)

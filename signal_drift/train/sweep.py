@@ -34,7 +34,7 @@ from .._errors import DivergenceError, InputError, check_positive_float, check_p
 from ..edge import columns, from_json, observed_breakdown, predict_breakdown
 from ..io import atomic_write_text
 from ..lm import build_base_model, check_model_dir
-from ..sweep import SweepAnalysis, alpha_star_over_seeds, analyse, cell_key, run_grid
+from ..sweep import SweepAnalysis, alpha_star_over_seeds, analyse, cell_key, findings_over_seeds, run_grid
 from . import TrainConfig, train
 from ._dist import setup
 
@@ -64,6 +64,9 @@ class TrainSweepConfig:
         multipliers: the k of Eq. 2.
         paths: which paths to run: ``both`` (Finding II), or ``alpha`` alone (α*(r), Finding
             III, at half the cost) or ``eta`` alone.
+        alpha_path_lrs: more learning rates for the α path: every α of it is also trained at each
+            of these, an (α, η) grid for Finding I over seeds (η* and the best NLL against α);
+            α*(r) (Finding III) stays the one at ``base_lr``.
         steps: optimizer steps per run.
         sharpness_every: the base run of each rank (k = 1) records Adam's sharpness every N steps
             (:func:`signal_drift.edge.peft_sharpness`; 0 and ``sharpness_early`` 0: off).
@@ -85,6 +88,7 @@ class TrainSweepConfig:
     base_lr: float = 1e-4
     multipliers: tuple[float, ...] = (1, 4, 16, 64)
     paths: Literal["both", "alpha", "eta"] = "both"
+    alpha_path_lrs: tuple[float, ...] = ()
     gamma: float = 1.0
     steps: int = 100
     batch_size: int = 16
@@ -111,6 +115,12 @@ class TrainSweepConfig:
             check_positive_int("ranks", r)
         for k in self.multipliers:
             check_positive_float("multipliers", k)
+        for lr in self.alpha_path_lrs:
+            check_positive_float("alpha_path_lrs", lr)
+        if self.alpha_path_lrs and self.paths == "eta":
+            raise InputError(
+                "alpha_path_lrs needs the α path (paths both or alpha)", fields=["alpha_path_lrs"]
+            )
         if self.base_alpha is not None:
             check_positive_float("base_alpha", self.base_alpha)
         check_positive_float("base_lr", self.base_lr)
@@ -157,13 +167,16 @@ def path_cells(cfg: TrainSweepConfig, model_dir: str) -> list[dict]:
     first = cfg.replicates[0]
     for seed, r, k in ((s, r, k) for s in cfg.replicates for r in cfg.ranks for k in cfg.multipliers):
         a0 = cfg.alpha0(r)
-        for path, alpha, lr in (("eta", a0, k * cfg.base_lr), ("alpha", k * a0, cfg.base_lr)):
+        grid = [("eta", a0, k * cfg.base_lr), ("alpha", k * a0, cfg.base_lr)]
+        grid += [("alpha", k * a0, lr) for lr in cfg.alpha_path_lrs]  # Finding I's (α, η) grid
+        for path, alpha, lr in grid:
             if cfg.paths not in ("both", path):
                 continue
             cell = {"model": model_dir, "data": cfg.data, "rank": r, "alpha": float(alpha),
                     "lr": float(lr), "gamma": cfg.gamma, "steps": cfg.steps,
                     "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": seed}  # fmt: skip
-            if k == 1 and seed == first and (cfg.sharpness_every or cfg.sharpness_early):  # the base run
+            base = k == 1 and lr == cfg.base_lr and seed == first
+            if base and (cfg.sharpness_every or cfg.sharpness_early):  # the base run
                 cell |= {"sharpness_every": cfg.sharpness_every, "sharpness_early": cfg.sharpness_early,
                          "sharpness_lanczos": cfg.sharpness_lanczos}  # fmt: skip
             if cell_key(cell) not in seen:
@@ -244,7 +257,9 @@ class ScalingPaths:
         over_seeds: with two or more seeds, Finding II over seeds (:func:`over_seeds_paths`, when
             both paths ran) and, under ``finding_3``, Finding III over seeds: α*(r) per seed on the
             α path and the Eq. 3 fit with Student-t intervals
-            (:func:`~signal_drift.sweep.alpha_star_over_seeds`); the other fields describe the
+            (:func:`~signal_drift.sweep.alpha_star_over_seeds`), and with ``alpha_path_lrs`` under
+            ``finding_1`` Finding I over seeds on the (α, η) grid of the α path
+            (:func:`~signal_drift.sweep.findings_over_seeds`); the other fields describe the
             first seed.
     """
 
@@ -319,12 +334,25 @@ def analyse_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> ScalingPath
         if cfg.paths != "eta":
             on_alpha = [rec for rec in all_records if _on_alpha_path(rec["cell"], cfg)]
             seeds["finding_3"] = alpha_star_over_seeds(on_alpha, cfg.replicates, metric="heldout_nll")
+        if cfg.alpha_path_lrs:
+            lrs = [cfg.base_lr, *cfg.alpha_path_lrs]
+            grid = [rec for rec in all_records if _on_alpha_path(rec["cell"], cfg, lrs)]
+            f1 = findings_over_seeds(grid, cfg.replicates, metric="heldout_nll")
+            seeds["finding_1"] = {
+                "lrs": sorted(lrs),
+                "eta_star_slope": f1["eta_star_slope"],
+                "best_loss_slope": f1["best_loss_slope"],
+                "eta_star_at_grid_end": f1["eta_star_at_grid_end"],
+                "cells": f1["cells"],
+                "verdicts": {k: v for k, v in f1["verdicts"].items() if k.startswith("finding_1")},
+            }
     return ScalingPaths(paths, best_k, analyse(alpha_recs, metric="heldout_nll"), edges, seeds)
 
 
-def _on_alpha_path(cell: dict, cfg: TrainSweepConfig) -> bool:
+def _on_alpha_path(cell: dict, cfg: TrainSweepConfig, lrs: Sequence[float] | None = None) -> bool:
     r = cell["rank"]
-    return any(_is_cell(cell, r, k * cfg.alpha0(r), cfg.base_lr) for k in cfg.multipliers)
+    lrs = [cfg.base_lr] if lrs is None else lrs
+    return any(_is_cell(cell, r, k * cfg.alpha0(r), lr) for k in cfg.multipliers for lr in lrs)
 
 
 def over_seeds_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> dict:
@@ -459,7 +487,8 @@ def _edge(records: Sequence[dict], cfg: TrainSweepConfig, r: int) -> dict | None
 def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) -> TrainSweepResult:
     """Run (or resume) every cell; write ``sweep.jsonl``, ``sweep.json`` and ``eq2.png`` under ``cfg.out``.
 
-    With two or more seeds on the α path also ``eq3.png`` (Finding III over seeds). Under
+    With two or more seeds on the α path also ``eq3.png`` (Finding III over seeds), and with
+    ``alpha_path_lrs`` ``eq1.png`` (Finding I). Under
     ``torchrun`` every rank runs every cell data-parallel; rank 0 writes the files.
     """
     from .figure import plot_scaling_paths  # here: importing it selects Agg
@@ -494,6 +523,10 @@ def run_train_sweep(cfg: TrainSweepConfig, progress: bool = False, log=print) ->
             from .figure import plot_alpha_star_seeds
 
             plot_alpha_star_seeds(summary, out / "eq3.png")
+        if "finding_1" in summary.get("over_seeds", {}):
+            from .figure import plot_alpha_eta_grid
+
+            plot_alpha_eta_grid(summary, records, out / "eq1.png")
         if summary["edge"]:
             from .figure import plot_base_edge
 

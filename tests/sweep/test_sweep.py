@@ -404,3 +404,14 @@ def test_the_interval_of_k_covers_the_truth_when_some_seeds_fall_off_the_grid():
         left_out += "64" in o["fit"]["ranks_left_out"]
     assert left_out > 0.2 * reps  # the top of the grid does cut r = 64 at some seed in many studies
     assert hits >= 0.9 * reps, hits  # nominal 95 %; 200 reps: 0.90 is > 3 standard errors below
+
+
+def test_finding_1_leaves_out_cells_whose_best_eta_is_at_an_end_of_the_eta_grid():
+    from signal_drift.sweep import findings_over_seeds
+
+    alphas, lrs = [2.0**i for i in range(9)], [1e-4, 1e-3, 1e-2]  # η*(α) = 1e-2/α runs off both ends
+    o = findings_over_seeds(_synthetic_records([0, 1, 2], [1, 2], alphas, lrs, noise=0.0), [0, 1, 2])
+    # per (seed, rank) the nearest grid η is 1e-2 for α ≤ 2 and 1e-4 for α ≥ 32: 6 of 9 cells are bounds
+    assert o["eta_star_at_grid_end"] == {"cells": 6 * 3 * 2, "of": 9 * 3 * 2}
+    # the three inner cells (α = 4, 8, 16: η* = 1e-3 at each) give a flat η*, not the edges' steep one
+    assert o["eta_star_slope"]["per_seed"] == pytest.approx([0.0] * 3, abs=1e-12)

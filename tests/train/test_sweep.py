@@ -249,3 +249,40 @@ def test_the_alpha_path_alone_gives_finding_3_over_seeds(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(InputError, match="workers"):
         TrainSweepConfig(workers=2).validate()
+
+
+def test_alpha_path_lrs_give_finding_1_on_the_alpha_paths_grid(tmp_path):
+    """--alpha-path-lrs: the α path at several η (no sharpness on the extra base cells); η* ∝ 1/α."""
+    cfg = TrainSweepConfig(ranks=(4,), multipliers=(1, 2, 4, 8, 16), base_alpha=8.0, base_lr=1e-3,
+                           alpha_path_lrs=(2.5e-4, 4e-3), paths="alpha", seeds=(0, 1, 2))  # fmt: skip
+    cells = path_cells(cfg, "m")
+    assert len(cells) == 3 * 5 * 3
+    assert [c["lr"] for c in cells if "sharpness_every" in c] == [1e-3]  # the base run only
+    shift = {0: 0.0, 1: 0.03, 2: -0.02}
+
+    def nll(c):  # the best η halves as α doubles; the best loss at each α rises slowly with α
+        log_eta_star = math.log2(1e-3) - math.log2(c["alpha"] / 8)
+        return (
+            2.0
+            + 0.01 * math.log2(c["alpha"])
+            + 0.05 * (math.log2(c["lr"]) - log_eta_star) ** 2
+            + shift[c["seed"]]
+        )
+
+    f1 = analyse_paths(_records(cfg, nll), cfg).over_seeds["finding_1"]
+    assert f1["lrs"] == [2.5e-4, 1e-3, 4e-3]
+    assert f1["verdicts"]["finding_1_eta_star_falls"] == "reproduced"
+    assert f1["eta_star_slope"]["interval"]["high"] < 0
+    assert f1["verdicts"]["finding_1_loss_improves_with_alpha"] == "not reproduced (the opposite holds)"
+    res = analyse_paths(_records(cfg, nll), cfg)
+    assert all(row[0] in cfg.multipliers for row in res.paths["4"]["alpha"])  # Eq. 2's path stays at base_lr
+    assert len(res.paths["4"]["alpha"]) == 5
+    with pytest.raises(InputError, match="alpha_path_lrs"):
+        TrainSweepConfig(alpha_path_lrs=(1e-3,), paths="eta").validate()
+    from dataclasses import asdict
+
+    from signal_drift.train.figure import plot_alpha_eta_grid, plot_alpha_star_seeds
+
+    summary = {"config": asdict(cfg)} | res.to_json()
+    assert plot_alpha_eta_grid(summary, _records(cfg, nll), tmp_path / "eq1.png").stat().st_size > 10_000
+    assert plot_alpha_star_seeds(summary, tmp_path / "eq3.png").stat().st_size > 10_000
