@@ -561,6 +561,25 @@ def _progress(root: Path, rel: str, seeds: list[int]) -> str:
     return ", ".join(f"seed {s}: {counts.get(s, 0)} cells" for s in seeds)
 
 
+def _finding_1_rows(o: dict, model: str, loss: str, over: str = "") -> list[str]:
+    """Finding I's two rows: the slopes over seeds (the verdict is on their sign) and what they leave out."""
+    e, b = o["eta_star_slope"], o["best_loss_slope"]
+    n = sum(math.isfinite(v) for v in e["per_seed"])
+    left = o.get("eta_star_bounds")
+    note = (
+        f"; left out: {left['cells']} of {left['of']} cells whose η* is a bound"
+        if left and left["cells"]
+        else ""
+    )
+    over = f", {over}" if over else ""
+    return [
+        f"| I: η* falls as α grows | {model} | log–log slope of η* vs α{over}: {_iv(e['interval'])} ({n} seeds"
+        f"{note}) | {o['verdicts']['finding_1_eta_star_falls']} (the sign) |",
+        f"| I: the best {loss} improves with α | {model} | slope of the best held-out {loss} vs log₂ α: "
+        f"{_iv(b['interval'], '+.4f')} | {o['verdicts']['finding_1_loss_improves_with_alpha']} |",
+    ]
+
+
 def _fit3(f: dict, c_spec: str) -> str:
     """The Eq. 3 fit over seeds in a table cell: k and c, and the ranks left out of it."""
     if "k" not in f:
@@ -586,15 +605,7 @@ def findings_seeds(root: Path) -> str:
             )
             continue
         n, model = len(o["seeds"]), f"MLP d = {dim}"
-        rows.append(
-            f"| I: η* falls as α grows | {model} | log–log slope of η* vs α, mean over ranks: "
-            f"{_iv(o['eta_star_slope']['interval'])} ({n} seeds) | {o['verdicts']['finding_1_eta_star_falls']} |"
-        )
-        rows.append(
-            f"| I: the best loss improves with α | {model} | slope of the best held-out loss vs log₂ α: "
-            f"{_iv(o['best_loss_slope']['interval'], '+.4f')} | "
-            f"{o['verdicts']['finding_1_loss_improves_with_alpha']} |"
-        )
+        rows += _finding_1_rows(o, model, "loss", "mean over ranks")
         rows.append(
             f"| III: α* = c·r^k with k ≈ ½ | {model}, r = {', '.join(o['alpha_star'])} | {_fit3(o['fit'], '.3g')} "
             f"({n} seeds) | {o['verdicts']['finding_3_k_is_half']} |"
@@ -627,15 +638,9 @@ def findings_seeds(root: Path) -> str:
     f1 = json.loads(path.read_text())["over_seeds"].get("finding_1") if path.exists() else None
     if f1:
         cfg = json.loads(path.read_text())["config"]
-        model = f"offline Llama, r = {', '.join(map(str, cfg['ranks']))}, η ∈ {{{', '.join(f'{x:g}' for x in f1['lrs'])}}}"
-        rows.append(
-            f"| I: η* falls as α grows | {model} | log–log slope of η* vs α: "
-            f"{_iv(f1['eta_star_slope']['interval'])} ({len(cfg['seeds'])} seeds) | "
-            f"{f1['verdicts']['finding_1_eta_star_falls']} |"
-        )
-        rows.append(
-            f"| I: the best loss improves with α | offline Llama | slope of the best held-out NLL vs log₂ α: "
-            f"{_iv(f1['best_loss_slope']['interval'], '+.4f')} | {f1['verdicts']['finding_1_loss_improves_with_alpha']} |"
+        etas = ", ".join(f"{x:g}" for x in f1["lrs"])
+        rows += _finding_1_rows(
+            f1, f"offline Llama, r = {', '.join(map(str, cfg['ranks']))}, η ∈ {{{etas}}}", "NLL"
         )
     else:
         notes.append("Finding I on the Llama not measured yet (experiments/train_eta_alpha)")

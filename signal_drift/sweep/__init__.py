@@ -441,6 +441,10 @@ def _best_over_lr(records: Sequence[dict], seeds: Sequence[int], metric: str):
     return ranks, alphas, best, eta, complete, tried
 
 
+def _band3(iv: dict) -> str:
+    return f"{iv['estimate']:.2f} [{iv['low']:.2f}, {iv['high']:.2f}]"
+
+
 def _finding_3(ranks: list, alphas: list, best: np.ndarray, complete: np.ndarray, tried: np.ndarray) -> dict:
     """α*(r) per seed on each rank's own α grid, the Eq. 3 fit over seeds, and its verdict.
 
@@ -449,13 +453,18 @@ def _finding_3(ranks: list, alphas: list, best: np.ndarray, complete: np.ndarray
     the grid, or where a neighbour of the argmin diverged (the loss may still fall beyond it: the
     last stable α is not an optimum). The fit uses only the ranks where every seed has an α*: a
     rank kept for some seeds only would select the seeds by their α* and bias ``k``. A verdict
-    needs 3 such ranks. With 5 or more, ``fit["halves"]`` holds ``k`` over the lower and the upper
-    half of them (sharing the middle rank): a single power law has the same slope in both.
+    needs 3 such ranks and an α grid no coarser than ×2 around every α* (a parabola through
+    coarser points is biased by the loss's asymmetry, which no interval over seeds shows). With 5 or
+    more, ``fit["halves"]`` holds ``k`` over the lower and the upper
+    half of them (sharing the middle rank) and ``fit["halves_difference"]`` their difference,
+    paired over seeds: a single power law has the same slope in both, and where the interval of
+    the difference excludes 0 the verdict is "not reproduced as one power law".
     """
     from ..intervals import mean_interval
     from ..replicates import fit_power_law_seeds, refine_argmin
 
     a_star = np.full(best.shape[:2], np.nan)
+    step = np.full(best.shape[:2], np.nan)  # the grid's spacing around each α*: the refinement's reach
     for j in range(len(ranks)):
         on = tried[j]
         grid = np.asarray(alphas)[on]
@@ -466,6 +475,7 @@ def _finding_3(ranks: list, alphas: list, best: np.ndarray, complete: np.ndarray
             m = int(np.argmin(np.where(np.isfinite(y), y, np.inf)))
             if 0 < m < len(grid) - 1 and np.isfinite(y[m - 1]) and np.isfinite(y[m + 1]):
                 a_star[i, j] = refine_argmin(grid, y)
+                step[i, j] = max(grid[m] / grid[m - 1], grid[m + 1] / grid[m])
     full = [j for j in range(len(ranks)) if np.isfinite(a_star[:, j]).all()]
     left_out = [str(r) for j, r in enumerate(ranks) if j not in full]
     try:
@@ -473,12 +483,18 @@ def _finding_3(ranks: list, alphas: list, best: np.ndarray, complete: np.ndarray
         fit |= {"ranks": [str(ranks[j]) for j in full], "ranks_left_out": left_out}
         if len(full) >= 5:  # is it one power law? the slope over the lower and the upper half of the ranks
             half = (len(full) + 1) // 2
-            fit["halves"] = {
+            parts = {
                 f"{ranks[part[0]]}-{ranks[part[-1]]}": fit_power_law_seeds(
                     [float(ranks[j]) for j in part], a_star[:, part].tolist()
-                )["k"]
+                )
                 for part in (full[:half], full[half - 1 :])
             }
+            (lo_r, lo), (hi_r, hi) = parts.items()
+            diff = np.asarray(lo["k_per_seed"]) - np.asarray(hi["k_per_seed"])  # paired: the same seeds
+            fit["halves"] = {lo_r: lo["k"], hi_r: hi["k"]}
+            fit["halves_difference"] = mean_interval(
+                diff, 0.95, f"Student-t over {len(diff)} seeds of k(r = {lo_r}) − k(r = {hi_r})"
+            ).to_json()
     except InputError as err:
         fit = {"skipped": str(err), "ranks_left_out": left_out}
 
@@ -495,15 +511,29 @@ def _finding_3(ranks: list, alphas: list, best: np.ndarray, complete: np.ndarray
             f"not resolved at this budget (an α* at every seed for r = {', '.join(fit['ranks'])} only; "
             "a verdict needs 3 ranks)"
         )
+    elif coarse := [str(ranks[j]) for j in full if np.nanmax(step[:, j]) > 2 * (1 + 1e-9)]:
+        verdict = (  # a parabola through points ×4 apart is biased by the loss's asymmetry, not in the band
+            f"not resolved at this budget (the α grid is coarser than ×2 around α* at "
+            f"r = {', '.join(coarse)}; k = {_band3(fit['k'])} there)"
+        )
     elif fit["k"]["high"] - fit["k"]["low"] <= 0:
         verdict = "not resolved at this budget (no spread over seeds: α* sits on the same grid points)"
     else:
         verdict = _verdict(fit["k"], 0.0, target=(0.25, 0.75))
-        (lo_r, lo), (hi_r, hi) = fit["halves"].items() if "halves" in fit else ((None, None), (None, None))
-        if lo and (lo["high"] < hi["low"] or hi["high"] < lo["low"]):  # the halves' intervals are disjoint
-            verdict += (
-                f"; but not one power law: k = {lo['estimate']:.2f} [{lo['low']:.2f}, {lo['high']:.2f}] "
-                f"over r = {lo_r}, {hi['estimate']:.2f} [{hi['low']:.2f}, {hi['high']:.2f}] over r = {hi_r}"
+        d = fit.get("halves_difference")
+        if d is None and verdict.startswith("reproduced"):
+            verdict += " (with fewer than 5 ranks, nothing checks that α* follows one power law)"
+        elif d is not None and (
+            d["low"] > 0 or d["high"] < 0
+        ):  # the halves' slopes differ, paired over seeds
+            (lo_r, lo), (hi_r, hi) = fit["halves"].items()
+            k = fit["k"]
+            verdict = (
+                f"not reproduced as one power law: the log–log slope goes from {_band3(lo)} over r = {lo_r} "
+                f"to {_band3(hi)} over r = {hi_r} (difference {_band3(d)}, paired over seeds); over r = "
+                f"{fit['ranks'][0]}–{fit['ranks'][-1]} its mean is {_band3(k)}, "
+                + ("within" if 0.25 <= k["low"] and k["high"] <= 0.75 else "not within")
+                + " [0.25, 0.75]"
             )
     return {
         "alpha_star": {str(r): [float(v) for v in a_star[:, j]] for j, r in enumerate(ranks)},
@@ -566,8 +596,9 @@ def findings_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric: s
 
     - Finding I(a), ``η*`` falls as α grows: per seed the mean over ranks of the log–log slope of
       ``η*`` against α; reproduced when the interval is below 0. Cells whose ``η*`` is the
-      smallest or largest η run there are left out of both slopes (the optimum may lie beyond
-      the grid, so ``η*`` and the best loss are bounds); ``eta_star_at_grid_end`` counts them.
+      smallest or largest η run there, or next to an η that diverged, are left out of both slopes
+      (the optimum may lie beyond, so ``η*`` and the best loss are bounds), as α* is treated in
+      Finding III; ``eta_star_bounds`` counts them. No spread over seeds: not resolved.
     - Finding I(b), the best loss improves with α: per seed the mean over ranks of the slope of the
       best loss against ``log₂ α``; reproduced when the interval is below 0.
     - Finding III, ``α* = c·r^k`` with ``k ≈ ½``: as :func:`alpha_star_over_seeds`.
@@ -580,14 +611,19 @@ def findings_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric: s
 
     seeds = list(seeds)
     ranks, alphas, best, eta, complete, tried = _best_over_lr(records, seeds, metric)
-    lo, hi = np.full(tried.shape, np.inf), np.full(tried.shape, -np.inf)  # the η range run at each (r, α)
+    profile: dict[tuple[int, int, int], dict[float, float]] = {}  # the loss against η per (seed, r, α)
     for rec in records:
         c = rec["cell"]
         if c["seed"] in seeds:
-            j, k = ranks.index(c["rank"]), alphas.index(c["alpha"])
-            lo[j, k], hi[j, k] = min(lo[j, k], c["lr"]), max(hi[j, k], c["lr"])
+            key = (seeds.index(c["seed"]), ranks.index(c["rank"]), alphas.index(c["alpha"]))
+            profile.setdefault(key, {})[c["lr"]] = rec.get(metric, math.nan)
     found = np.isfinite(best)
-    inner = found & (eta > lo) & (eta < hi)  # η* at an end of the η grid: a bound, and so is its loss
+    inner = np.zeros_like(found)  # η* with a finite loss on either side: else a bound, and so is its loss
+    for (i, j, k), prof in profile.items():
+        if found[i, j, k]:
+            lrs = sorted(prof)
+            m = lrs.index(eta[i, j, k])
+            inner[i, j, k] = 0 < m < len(lrs) - 1 and all(math.isfinite(prof[lrs[n]]) for n in (m - 1, m + 1))
     la = np.log2(np.asarray(alphas))
     eta_slope, loss_slope = [], []
     for i in range(len(seeds)):
@@ -608,6 +644,11 @@ def findings_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric: s
             else None
         )
 
+    def verdict(iv: dict | None) -> str:
+        if iv is not None and iv["high"] - iv["low"] <= 0:  # η* quantised on the grid alike at every seed
+            return "not resolved at this budget (no spread over seeds: η* sits on the same grid points)"
+        return _verdict(iv, 0.0, -1)
+
     f3 = _finding_3(ranks, alphas, best, complete, tried)
     e_iv, l_iv = iv(eta_slope), iv(loss_slope)
     return {
@@ -615,14 +656,14 @@ def findings_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric: s
         "metric": metric,
         "cells": _cells_over_seeds(ranks, alphas, best, complete, tried),
         "eta_star_slope": {"per_seed": eta_slope, "interval": e_iv},
-        "eta_star_at_grid_end": {"cells": int((found & ~inner).sum()), "of": int(found.sum())},
+        "eta_star_bounds": {"cells": int((found & ~inner).sum()), "of": int(found.sum())},
         "best_loss_slope": {"per_seed": loss_slope, "interval": l_iv},
         "alpha_star": f3["alpha_star"],
         "alpha_star_geometric_mean": f3["alpha_star_geometric_mean"],
         "fit": f3["fit"],
         "verdicts": {
-            "finding_1_eta_star_falls": _verdict(e_iv, 0.0, -1),
-            "finding_1_loss_improves_with_alpha": _verdict(l_iv, 0.0, -1),
+            "finding_1_eta_star_falls": verdict(e_iv),
+            "finding_1_loss_improves_with_alpha": verdict(l_iv),
             "finding_3_k_is_half": f3["verdict"],
         },
     }

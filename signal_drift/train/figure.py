@@ -234,9 +234,9 @@ def plot_alpha_eta_grid(summary: dict, records: list[dict], path: str | Path) ->
             f": slope of log η* vs log α {e['estimate']:+.2f} [{e['low']:+.2f}, {e['high']:+.2f}]; best NLL "
             f"per doubling of α {b['estimate']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}] (95 %, seeds)"
         )
-    edge = f1.get("eta_star_at_grid_end")
+    edge = f1.get("eta_star_bounds")
     if edge:
-        title += f"; left out of both: {edge['cells']} of {edge['of']} (seed, α) with η* at a grid end"
+        title += f"; left out of both: {edge['cells']} of {edge['of']} (seed, α) whose η* is a bound"
     ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
     for a in axes:
         a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

@@ -342,7 +342,7 @@ def analyse_paths(records: Sequence[dict], cfg: TrainSweepConfig) -> ScalingPath
                 "lrs": sorted(lrs),
                 "eta_star_slope": f1["eta_star_slope"],
                 "best_loss_slope": f1["best_loss_slope"],
-                "eta_star_at_grid_end": f1["eta_star_at_grid_end"],
+                "eta_star_bounds": f1["eta_star_bounds"],
                 "cells": f1["cells"],
                 "verdicts": {k: v for k, v in f1["verdicts"].items() if k.startswith("finding_1")},
             }
