@@ -116,11 +116,11 @@ def _in_workers(fn: Callable[[dict], dict], todo: Sequence[dict], workers: int):
         done = True
     finally:
         procs = list((getattr(pool, "_processes", None) or {}).values())  # no public handle before 3.14
-        pool.shutdown(wait=done, cancel_futures=True)
-        for proc in procs:  # a cell in flight would otherwise run to its end
-            if proc.is_alive():
-                proc.terminate()
-            proc.join()
+        if not done:  # a cell in flight would otherwise run to its end
+            for proc in procs:
+                proc.terminate()  # a no-op on one that already exited
+        # then let the pool's own thread reap them: joining them here as well races its waitpid
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass(frozen=True)
