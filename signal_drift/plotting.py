@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["save_figure", "alpha_star_panel", "alpha_star_seeds_panel", "plot_edge"]
+__all__ = ["save_figure", "errorbar_over_seeds", "alpha_star_panel", "alpha_star_seeds_panel", "plot_edge"]
 
 
 def save_figure(fig, path: Path) -> None:
@@ -59,6 +59,23 @@ def alpha_star_panel(ax, analysis: dict, label: str) -> np.ndarray:
     ax.set_xscale("log")
     ax.set_yscale("log")
     return np.asarray([float(r) for r in st])
+
+
+def errorbar_over_seeds(ax, x, cells, **kw) -> None:
+    """Plot the mean over seeds of each cell with its 95 % interval as an error bar.
+
+    Args:
+        ax: the axes.
+        x: ``[n]`` abscissae.
+        cells: ``[n]`` :func:`~signal_drift.replicates.over_seeds` results (``mean``, ``interval``
+            or None where fewer than two seeds are finite).
+        **kw: passed to ``ax.errorbar`` (``fmt`` defaults to ``"o-"``, ``capsize`` to 2).
+    """
+    cells = list(cells)
+    m = np.asarray([c["mean"] for c in cells], float)
+    lo = np.asarray([c["interval"]["low"] if c["interval"] else np.nan for c in cells], float)
+    hi = np.asarray([c["interval"]["high"] if c["interval"] else np.nan for c in cells], float)
+    ax.errorbar(np.asarray(x, float), m, yerr=[m - lo, hi - m], **({"fmt": "o-", "capsize": 2} | kw))
 
 
 def alpha_star_seeds_panel(ax, f3: dict, variant_i: bool = True) -> np.ndarray:

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..plotting import alpha_star_panel, alpha_star_seeds_panel, save_figure  # noqa: E402
+from ..plotting import alpha_star_panel, alpha_star_seeds_panel, errorbar_over_seeds, save_figure  # noqa: E402
 
 __all__ = ["plot_fig1"]
 
@@ -59,11 +59,7 @@ def plot_fig1(analysis: dict, records: list[dict], out_dir: str | Path) -> Path:
         color = plt.get_cmap("plasma")(i / max(len(ranks) - 1, 1))
         if seeds:  # mean over seeds with its 95 % Student-t interval
             cells = seeds["cells"].get(str(r), {})
-            xs = [float(a) for a in cells]
-            m = np.array([c["mean"] for c in cells.values()])
-            lo = np.array([c["interval"]["low"] if c["interval"] else np.nan for c in cells.values()])
-            hi = np.array([c["interval"]["high"] if c["interval"] else np.nan for c in cells.values()])
-            ax.errorbar(xs, m, yerr=[m - lo, hi - m], fmt="o-", color=color, capsize=2, label=f"r={r}")
+            errorbar_over_seeds(ax, [float(a) for a in cells], cells.values(), color=color, label=f"r={r}")
             ax.set_xscale("log")
         else:
             best = analysis["best_loss"].get(str(r), {})

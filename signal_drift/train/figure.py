@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..plotting import alpha_star_panel, alpha_star_seeds_panel, save_figure  # noqa: E402
+from ..plotting import alpha_star_panel, alpha_star_seeds_panel, errorbar_over_seeds, save_figure  # noqa: E402
 
 __all__ = [
     "plot_train_loss",
@@ -158,12 +158,8 @@ def plot_alpha_star_seeds(summary: dict, path: str | Path) -> Path:
     ranks = list(f3["cells"])
     for i, r in enumerate(ranks):
         cells = f3["cells"][r]
-        x = np.asarray([float(a) for a in cells])
-        m = np.asarray([c["mean"] for c in cells.values()], float)
-        lo = np.asarray([c["interval"]["low"] if c["interval"] else np.nan for c in cells.values()])
-        hi = np.asarray([c["interval"]["high"] if c["interval"] else np.nan for c in cells.values()])
-        ax.errorbar(x, m, yerr=[m - lo, hi - m], fmt="o-", ms=4, capsize=2,
-                    color=plt.get_cmap("plasma")(i / max(len(ranks), 1)), label=f"r={r}")  # fmt: skip
+        errorbar_over_seeds(ax, [float(a) for a in cells], cells.values(), ms=4,
+                            color=plt.get_cmap("plasma")(i / max(len(ranks), 1)), label=f"r={r}")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("α (η fixed)")
     ax.set_ylabel("held-out NLL (nats/token)")
@@ -207,11 +203,8 @@ def plot_alpha_eta_grid(summary: dict, records: list[dict], path: str | Path) ->
         cells = [
             over_seeds([rec["heldout_nll"] for rec in records if _at(rec["cell"], r0, a, lr)]) for lr in lrs
         ]
-        m = np.asarray([c["mean"] for c in cells], float)
-        lo = np.asarray([c["interval"]["low"] if c["interval"] else np.nan for c in cells])
-        hi = np.asarray([c["interval"]["high"] if c["interval"] else np.nan for c in cells])
-        ax.errorbar(lrs, m, yerr=[m - lo, hi - m], fmt="o-", ms=4, capsize=2,
-                    color=plt.get_cmap("viridis")(i / max(len(alphas) - 1, 1)), label=f"α={a:g}")  # fmt: skip
+        color = plt.get_cmap("viridis")(i / max(len(alphas) - 1, 1))
+        errorbar_over_seeds(ax, lrs, cells, ms=4, color=color, label=f"α={a:g}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate η")
     ax.set_ylabel("held-out NLL (nats/token)")
@@ -219,11 +212,7 @@ def plot_alpha_eta_grid(summary: dict, records: list[dict], path: str | Path) ->
     ax.legend(fontsize=7)
     ax = axes[1]
     for i, (r, cells) in enumerate(f1["cells"].items()):
-        x = np.asarray([float(a) for a in cells])
-        m = np.asarray([c["mean"] for c in cells.values()], float)
-        lo = np.asarray([c["interval"]["low"] if c["interval"] else np.nan for c in cells.values()])
-        hi = np.asarray([c["interval"]["high"] if c["interval"] else np.nan for c in cells.values()])
-        ax.errorbar(x, m, yerr=[m - lo, hi - m], fmt="o-", capsize=2, color=f"C{i}", label=f"r={r}")
+        errorbar_over_seeds(ax, [float(a) for a in cells], cells.values(), color=f"C{i}", label=f"r={r}")
     ax.set_xscale("log")
     ax.set_xlabel("α")
     ax.set_ylabel("best held-out NLL over η")
