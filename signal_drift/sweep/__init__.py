@@ -412,33 +412,38 @@ def _best_over_lr(records: Sequence[dict], seeds: Sequence[int], metric: str):
     Returns:
         ``ranks``, ``alphas`` (sorted), ``best`` and ``eta`` ``[S, R, A]`` (NaN where no finite
         value: incomplete, or every η diverged), ``complete`` ``[S, R, A]``, ``tried`` ``[R, A]``
-        (a record exists at some seed: the rank's α grid).
+        (a record exists at some seed: the rank's α grid), ``profile`` ``{(s, r, α) indices: {η:
+        loss}}``.
     """
     seeds = list(seeds)
     ranks = sorted({rec["cell"]["rank"] for rec in records})
     alphas = sorted({rec["cell"]["alpha"] for rec in records})
     best = np.full((len(seeds), len(ranks), len(alphas)), np.nan)
     eta = np.full_like(best, np.nan)
-    ran: dict[tuple[int, int, int], set] = {}
+    profile: dict[tuple[int, int, int], dict[float, float]] = {}  # the loss against η per cell
     for rec in records:
         c = rec["cell"]
         if c["seed"] not in seeds:
             continue
         i, j, k = seeds.index(c["seed"]), ranks.index(c["rank"]), alphas.index(c["alpha"])
-        ran.setdefault((i, j, k), set()).add(c["lr"])
-        v = rec.get(metric, math.nan)
+        v = profile.setdefault((i, j, k), {})[c["lr"]] = rec.get(metric, math.nan)
         if math.isfinite(v) and not v >= best[i, j, k]:
             best[i, j, k], eta[i, j, k] = v, c["lr"]
     tried = np.zeros(best.shape[1:], bool)
     lrs: dict[tuple[int, int], set] = {}
-    for (_, j, k), got in ran.items():
+    for (_, j, k), got in profile.items():
         tried[j, k] = True
         lrs.setdefault((j, k), set()).update(got)
     complete = np.zeros(best.shape, bool)
-    for (i, j, k), got in ran.items():
-        complete[i, j, k] = got == lrs[j, k]
+    for (i, j, k), got in profile.items():
+        complete[i, j, k] = set(got) == lrs[j, k]
     best[~complete], eta[~complete] = np.nan, np.nan
-    return ranks, alphas, best, eta, complete, tried
+    return ranks, alphas, best, eta, complete, tried, profile
+
+
+def _inner(y: Sequence[float], m: int) -> bool:
+    """The optimum ``y[m]`` of a grid is measured, not bounded: not at an end, and finite on both sides."""
+    return 0 < m < len(y) - 1 and math.isfinite(y[m - 1]) and math.isfinite(y[m + 1])
 
 
 def _band3(iv: dict) -> str:
@@ -473,7 +478,7 @@ def _finding_3(ranks: list, alphas: list, best: np.ndarray, complete: np.ndarray
             if not complete[i, j, on].all() or not np.isfinite(y).any():
                 continue
             m = int(np.argmin(np.where(np.isfinite(y), y, np.inf)))
-            if 0 < m < len(grid) - 1 and np.isfinite(y[m - 1]) and np.isfinite(y[m + 1]):
+            if _inner(y, m):
                 a_star[i, j] = refine_argmin(grid, y)
                 step[i, j] = max(grid[m] / grid[m - 1], grid[m + 1] / grid[m])
     full = [j for j in range(len(ranks)) if np.isfinite(a_star[:, j]).all()]
@@ -580,7 +585,7 @@ def alpha_star_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric:
         [per seed]}, "alpha_star_geometric_mean": {r: Interval json or None}`` (Student-t over
         seeds of ``log α*``, mapped back; None unless every seed has an α*), ``"fit", "verdict"}``.
     """
-    ranks, alphas, best, _, complete, tried = _best_over_lr(records, seeds, metric)
+    ranks, alphas, best, _, complete, tried, _ = _best_over_lr(records, seeds, metric)
     return {
         "seeds": list(seeds),
         "metric": metric,
@@ -610,20 +615,13 @@ def findings_over_seeds(records: Sequence[dict], seeds: Sequence[int], metric: s
     from ..intervals import mean_interval
 
     seeds = list(seeds)
-    ranks, alphas, best, eta, complete, tried = _best_over_lr(records, seeds, metric)
-    profile: dict[tuple[int, int, int], dict[float, float]] = {}  # the loss against η per (seed, r, α)
-    for rec in records:
-        c = rec["cell"]
-        if c["seed"] in seeds:
-            key = (seeds.index(c["seed"]), ranks.index(c["rank"]), alphas.index(c["alpha"]))
-            profile.setdefault(key, {})[c["lr"]] = rec.get(metric, math.nan)
+    ranks, alphas, best, eta, complete, tried, profile = _best_over_lr(records, seeds, metric)
     found = np.isfinite(best)
     inner = np.zeros_like(found)  # η* with a finite loss on either side: else a bound, and so is its loss
     for (i, j, k), prof in profile.items():
         if found[i, j, k]:
             lrs = sorted(prof)
-            m = lrs.index(eta[i, j, k])
-            inner[i, j, k] = 0 < m < len(lrs) - 1 and all(math.isfinite(prof[lrs[n]]) for n in (m - 1, m + 1))
+            inner[i, j, k] = _inner([prof[lr] for lr in lrs], lrs.index(eta[i, j, k]))
     la = np.log2(np.asarray(alphas))
     eta_slope, loss_slope = [], []
     for i in range(len(seeds)):
